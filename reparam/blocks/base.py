@@ -1,0 +1,53 @@
+"""The protocol every reparam block follows, and the fuser that serves all of them.
+
+A block is built in its training form (several branches, BatchNorms) or, with
+``deploy=True``, directly in its deploy form, so that fused checkpoints load with strict
+keys. ``switch_to_deploy()`` converts the training form in place and deletes the branches;
+calling it again does nothing. ``reparameterize()`` is the same method under the name timm
+and MobileOne use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reparam.convert import FuseOutcome, register_fuser
+
+__all__ = ["ReparamBlock"]
+
+
+class ReparamBlock(nn.Module):
+    """Base class of the blocks in :mod:`reparam.blocks`.
+
+    Subclasses set ``self.deploy`` in ``__init__`` and implement :meth:`_reparameterize`,
+    which builds the deploy form from the training branches (in eval-mode semantics: BN
+    running statistics) and deletes the branches. They may set ``self.fuse_detail`` to say
+    what they chose, for the fuse report.
+    """
+
+    deploy: bool = False
+    fuse_detail: str = ""
+
+    def _reparameterize(self) -> None:
+        raise NotImplementedError
+
+    def switch_to_deploy(self) -> None:
+        """Convert to the deploy form in place; a no-op when already deployed."""
+        if self.deploy:
+            return
+        with torch.no_grad():
+            self._reparameterize()
+        self.deploy = True
+
+    def reparameterize(self) -> None:
+        """Alias of :meth:`switch_to_deploy` (the timm / MobileOne name)."""
+        self.switch_to_deploy()
+
+
+@register_fuser(ReparamBlock)
+def _fuse_reparam_block(block: ReparamBlock) -> FuseOutcome | None:
+    if block.deploy:
+        return None
+    block.switch_to_deploy()
+    return FuseOutcome(block, block.fuse_detail)
