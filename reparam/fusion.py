@@ -142,8 +142,10 @@ def add_branches(*branches: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             raise FusionError(
                 f"cannot add kernels of shapes {tuple(shape)} and {tuple(kernel.shape)}"
             )
-    kernel = torch.stack([k for k, _ in branches]).sum(0)
-    bias = torch.stack([b for _, b in branches]).sum(0)
+    kernel, bias = branches[0][0].clone(), branches[0][1].clone()
+    for other_kernel, other_bias in branches[1:]:
+        kernel += other_kernel
+        bias += other_bias
     return kernel, bias
 
 

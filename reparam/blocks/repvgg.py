@@ -1,0 +1,217 @@
+"""RepVGG's block (Ding et al., CVPR 2021).
+
+Training form: y = ReLU(SE(BN_d(W_d ⋆ x) + BN_1(W_1 ⋆ x) + BN_id(x))) with a KxK kernel W_d, a
+1x1 kernel W_1, an identity branch where the shapes allow it, and an optional
+squeeze-excitation SE. The three branches are linear, so the deploy form is one KxK conv
+(REFERENCE.md §1.1–1.4):
+
+    W = W_d' + centre(W_1') + centre(I'),   b = b_d' + b_1' + b_id'
+
+where ' marks BN-folded kernels and I is the identity kernel (built in the weight's dtype
+and on its device). SE and ReLU act on the sum, so they stay after the fused conv.
+
+Alignment: with padding p and dilation d the KxK conv reads its centre tap at offset
+d·(K//2) − p, so the 1x1 branch is padded p − d·(K//2); when that is negative the 1x1
+branch's input is cropped by d·(K//2) − p instead, as ACBlock does. The identity branch
+exists only when in_channels == out_channels, stride == 1 and p == d·(K//2) (otherwise the
+output has another shape than the input). Dilation is kept in the fused conv; the published
+code drops it.
+
+Low-precision models (bfloat16, float16) are fused in float32 and rounded once, so the
+deploy conv keeps the model's dtype.
+
+State-dict keys follow the published ``repvgg.py``: rbr_dense.{conv,bn}, rbr_1x1.{conv,bn},
+rbr_identity (a BatchNorm2d, absent when the shapes do not allow it), se.{down,up} with
+``use_se``; rbr_reparam in deploy form.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from reparam.blocks.base import ReparamBlock
+from reparam.errors import FusionError
+from reparam.fusion import add_branches, centre_kernel, centred_padding, identity_kernel
+from reparam.module_fusion import conv_bn_kernel, make_conv
+
+__all__ = ["RepVGGBlock", "SEBlock"]
+
+
+class SEBlock(nn.Module):
+    """Squeeze-excitation as in RepVGG: x·sigmoid(up(ReLU(down(mean_hw(x))))).
+
+    The published block pools with ``avg_pool2d(kernel_size=W)``, which is only global for
+    square inputs; this one averages over both spatial axes, whatever their sizes.
+    """
+
+    def __init__(self, input_channels: int, internal_neurons: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(input_channels, internal_neurons, kernel_size=1, bias=True)
+        self.up = nn.Conv2d(internal_neurons, input_channels, kernel_size=1, bias=True)
+        self.input_channels = input_channels
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        scale = self.up(torch.relu(self.down(inputs.mean((2, 3), keepdim=True))))
+        return inputs * torch.sigmoid(scale)
+
+
+def _conv_bn(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+) -> nn.Sequential:
+    """Conv (no bias) followed by BatchNorm, named ``conv`` and ``bn`` as RepVGG names them."""
+    branch = nn.Sequential()
+    branch.add_module(
+        "conv",
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        ),
+    )
+    branch.add_module("bn", nn.BatchNorm2d(out_channels))
+    return branch
+
+
+def _crop(x: Tensor, pixels: int) -> Tensor:
+    return x[:, :, pixels:-pixels, pixels:-pixels] if pixels > 0 else x
+
+
+class RepVGGBlock(ReparamBlock):
+    """KxK conv-BN + 1x1 conv-BN + BN identity, summed, then SE (optional) and ReLU.
+
+    Fuses into one KxK conv followed by the SE and the ReLU.
+
+    Args:
+        in_channels, out_channels: channel counts (divisible by ``groups``).
+        kernel_size: odd K.
+        stride, dilation, groups: as for ``nn.Conv2d``, shared by all branches.
+        padding: the KxK conv's padding; None means dilation·(K//2) ("same" at stride 1).
+            A smaller padding crops the 1x1 branch's input and drops the identity branch.
+        deploy: build the fused conv directly (to load fused checkpoints).
+        use_se: squeeze-excitation on the summed branches, before the ReLU, with
+            max(1, out_channels // 16) hidden channels (the published code has
+            out_channels // 16, which is 0 below 16 channels).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        deploy: bool = False,
+        use_se: bool = False,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise FusionError(
+                f"RepVGGBlock needs an odd kernel_size (its 1x1 and identity branches align on "
+                f"the centre tap), got {kernel_size}"
+            )
+        if in_channels % groups or out_channels % groups:
+            raise FusionError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+                f"divisible by groups ({groups})"
+            )
+        padding = dilation * (kernel_size // 2) if padding is None else padding
+        if padding < 0:
+            raise FusionError(f"padding must be >= 0, got {padding}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.groups = dilation, groups
+        self.deploy = deploy
+
+        self.nonlinearity = nn.ReLU()
+        self.se = SEBlock(out_channels, max(1, out_channels // 16)) if use_se else nn.Identity()
+
+        if deploy:
+            self.rbr_reparam = nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, bias=True,
+            )  # fmt: skip
+            return
+
+        same = padding == dilation * (kernel_size // 2)
+        has_identity = in_channels == out_channels and stride == 1 and same
+        self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
+        shared = dict(stride=stride, dilation=dilation, groups=groups)
+        self.rbr_dense = _conv_bn(in_channels, out_channels, kernel_size, padding=padding, **shared)
+        padding_1x1 = centred_padding(padding, kernel_size, 1, dilation)
+        self.crop_1x1 = max(0, -padding_1x1)
+        self.rbr_1x1 = _conv_bn(in_channels, out_channels, 1, padding=max(0, padding_1x1), **shared)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.deploy:
+            return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
+        out = self.rbr_dense(inputs) + self.rbr_1x1(_crop(inputs, self.crop_1x1))
+        if self.rbr_identity is not None:
+            out = out + self.rbr_identity(inputs)
+        return self.nonlinearity(self.se(out))
+
+    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The fused KxK ``(kernel, bias)`` of the training branches, in the weight's dtype.
+
+        Uses the BatchNorms' running statistics (eval-mode semantics).
+        """
+        if self.deploy:
+            return self.rbr_reparam.weight.detach(), self.rbr_reparam.bias.detach()
+        dtype = self.rbr_dense.conv.weight.dtype
+        source = self
+        if torch.promote_types(dtype, torch.float32) != dtype:
+            # Fold every branch in float32 and round the sum once.
+            source = copy.deepcopy(self).float()
+        size = (self.kernel_size, self.kernel_size)
+        dense = conv_bn_kernel(source.rbr_dense.conv, source.rbr_dense.bn)
+        kernel_1x1, bias_1x1 = conv_bn_kernel(source.rbr_1x1.conv, source.rbr_1x1.bn)
+        branches = [dense, (centre_kernel(kernel_1x1, size), bias_1x1)]
+        if source.rbr_identity is not None:
+            weight = source.rbr_dense.conv.weight
+            identity = identity_kernel(
+                self.in_channels,
+                self.kernel_size,
+                groups=self.groups,
+                dtype=weight.dtype,
+                device=weight.device,
+            )
+            identity_conv = make_conv(identity, None, groups=self.groups)
+            branches.append(conv_bn_kernel(identity_conv, source.rbr_identity))
+        kernel, bias = add_branches(*branches)
+        return kernel.to(dtype), bias.to(dtype)
+
+    def _reparameterize(self) -> None:
+        kernel, bias = self.get_equivalent_kernel_bias()
+        self.rbr_reparam = make_conv(
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+        for name in ("rbr_dense", "rbr_1x1", "rbr_identity", "crop_1x1"):
+            delattr(self, name)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, deploy={self.deploy}"
+        )

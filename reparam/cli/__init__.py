@@ -1,0 +1,5 @@
+"""The ``reparam`` command line (typer)."""
+
+from reparam.cli.app import app, main
+
+__all__ = ["app", "main"]
