@@ -34,13 +34,16 @@ from reparam.errors import FusionError
 from reparam.module_fusion import check_foldable, fold_bn_into_conv
 
 __all__ = [
+    "ConvBNPair",
     "FuseOutcome",
     "FuseReport",
+    "find_conv_bn_pairs",
     "fuse",
     "fuse_with_report",
     "get_fuser",
     "list_fusers",
     "register_fuser",
+    "replace_module",
 ]
 
 THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
@@ -139,9 +142,7 @@ def fuse_with_report(
     report = FuseReport()
     with torch.no_grad():
         target = _fuse_blocks(target, "", report)
-        _fold_sequential_pairs(target, report)
-        if trace:
-            _fold_traced_pairs(target, report)
+        _fold_pairs(target, report, trace)
     return target.eval(), report
 
 
@@ -210,28 +211,42 @@ def _foldable_pair(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
-def _fold_sequential_pairs(model: nn.Module, report: FuseReport) -> None:
-    for path, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for first, second in itertools.pairwise(names):
-            conv, bn = seq._modules[first], seq._modules[second]
-            if not _foldable_pair(conv, bn) or _is_shared(model, conv) or _is_shared(model, bn):
-                continue
-            _fold_pair(conv, bn, f"{path}.{second}" if path else second)
-            seq._modules[second] = nn.Identity()
-            report.record(CONV_BN)
+@dataclass(frozen=True)
+class ConvBNPair:
+    """A conv whose output feeds only a BatchNorm: ``bn(conv(x))``, by module path."""
+
+    conv: str
+    bn: str
 
 
-def _fold_traced_pairs(model: nn.Module, report: FuseReport) -> None:
+def find_conv_bn_pairs(model: nn.Module, *, trace: bool = True) -> tuple[list[ConvBNPair], str]:
+    """Conv→BatchNorm pairs that can be changed without changing any other computation.
+
+    Found as adjacent children of an ``nn.Sequential`` and, with ``trace``, through
+    ``torch.fx``: a conv whose only consumer is a BatchNorm. Modules reachable under two names
+    or called twice are skipped: changing them would change another call site too.
+
+    Returns:
+        The pairs, and why tracing failed ("" when it succeeded or was not asked for).
+    """
+    pairs: dict[str, ConvBNPair] = {}
+
+    def add(conv_path: str, bn_path: str) -> None:
+        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+        if _foldable_pair(conv, bn) and not _is_shared(model, conv) and not _is_shared(model, bn):
+            pairs.setdefault(bn_path, ConvBNPair(conv_path, bn_path))
+
+    for path, seq in model.named_modules():
+        if isinstance(seq, nn.Sequential):
+            prefix = f"{path}." if path else ""
+            for first, second in itertools.pairwise(seq._modules):
+                add(prefix + first, prefix + second)
+    if not trace:
+        return list(pairs.values()), ""
     try:
         graph = fx.symbolic_trace(model).graph
-    except Exception as error:  # any tracing failure only skips this pass
-        report.traced = False
-        report.trace_error = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        return
-    report.traced = True
+    except Exception as error:  # any tracing failure only skips the traced pairs
+        return list(pairs.values()), f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -239,17 +254,24 @@ def _fold_traced_pairs(model: nn.Module, report: FuseReport) -> None:
         source = node.args[0]
         if source.op != "call_module" or len(source.users) != 1:
             continue
-        if calls[node.target] != 1 or calls[source.target] != 1:
-            continue  # a module called twice cannot be changed for one call site only
-        conv, bn = model.get_submodule(source.target), model.get_submodule(node.target)
-        if not _foldable_pair(conv, bn) or _is_shared(model, conv) or _is_shared(model, bn):
-            continue
-        _fold_pair(conv, bn, node.target)
-        parent_name, _, child_name = node.target.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, nn.Identity())
+        if calls[node.target] == 1 and calls[source.target] == 1:
+            add(source.target, node.target)
+    return list(pairs.values()), ""
+
+
+def replace_module(model: nn.Module, path: str, replacement: nn.Module) -> None:
+    """Put ``replacement`` at dotted ``path`` inside ``model``."""
+    parent_name, _, child_name = path.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, replacement)
+
+
+def _fold_pairs(model: nn.Module, report: FuseReport, trace: bool) -> None:
+    pairs, trace_error = find_conv_bn_pairs(model, trace=trace)
+    if trace:
+        report.traced, report.trace_error = not trace_error, trace_error
+    for pair in pairs:
+        bn = model.get_submodule(pair.bn)
+        check_foldable(bn, pair.bn)
+        fold_bn_into_conv(model.get_submodule(pair.conv), bn)
+        replace_module(model, pair.bn, nn.Identity())
         report.record(CONV_BN)
-
-
-def _fold_pair(conv: nn.Module, bn: _BatchNorm, where: str) -> None:
-    check_foldable(bn, where)
-    fold_bn_into_conv(conv, bn)
