@@ -2,6 +2,7 @@
 
 from reparam import blocks
 from reparam._version import __version__
+from reparam.checkpoint import load, save_fused
 from reparam.convert import (
     FuseOutcome,
     FuseReport,
@@ -25,5 +26,7 @@ __all__ = [
     "fuse_with_report",
     "get_fuser",
     "list_fusers",
+    "load",
     "register_fuser",
+    "save_fused",
 ]

@@ -22,12 +22,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         raise UserInputError(f"output directory '{target.parent}' does not exist")
     if target.is_dir():
         raise UserInputError(f"output path '{target}' is a directory")
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        handle, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
+    except OSError as error:  # read-only or full file system, no permission
+        raise UserInputError(f"cannot write to '{target.parent}': {error.strerror}") from None
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         write(tmp)
         os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserInputError(f"writing '{target}' failed: {error}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from reparam._io import atomic_write
 from reparam._version import __version__
-from reparam.errors import UserInputError
+from reparam.errors import ReparamError, UserInputError
 
 __all__ = [
     "ModelSpec",
@@ -78,6 +77,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
             module = importlib.import_module(module_name)
         except ImportError as error:
             raise UserInputError(f"cannot import module '{module_name}': {error}") from None
+        except Exception as error:  # the module itself is broken (SyntaxError, its own raise)
+            raise UserInputError(
+                f"cannot import module '{module_name}': {_reason(error)}"
+            ) from None
         factory = module
         for part in attribute.split("."):
             factory = getattr(factory, part, None)
@@ -90,6 +93,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = factory(**spec.kwargs)
     except TypeError as error:
         raise UserInputError(f"{label} rejected its arguments {spec.kwargs}: {error}") from None
+    except ReparamError:
+        raise
+    except Exception as error:  # e.g. a negative width reaching torch.empty
+        raise UserInputError(
+            f"{label} failed with arguments {spec.kwargs}: {_reason(error)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise UserInputError(f"{label} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -103,16 +112,25 @@ def _read(path: Path, *, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error) or "weights_only" in str(error):
+        # Only a disallowed global means "pickled objects"; torch wraps every other unpickling
+        # failure of a corrupt file in a message that also talks about weights_only.
+        if "Unsupported global" in str(error):
             raise UserInputError(
                 f"'{path}' holds pickled Python objects (a whole model?), which can run code "
                 "when loaded; save a state_dict instead, or pass --trust-pickle if you trust "
                 "the file"
             ) from None
-        raise UserInputError(f"'{path}' is not a PyTorch checkpoint ({error})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserInputError(f"'{path}' is not a PyTorch checkpoint ({first_line})") from None
+        raise UserInputError(f"'{path}' is not a PyTorch checkpoint ({_reason(error)})") from None
+    except Exception as error:  # a corrupt file fails in many ways (KeyError, EOFError, ...)
+        raise UserInputError(f"'{path}' is not a PyTorch checkpoint ({_reason(error)})") from None
+
+
+def _reason(error: BaseException) -> str:
+    """``TypeName: first line`` of an exception, preferring torch's WeightsUnpickler detail."""
+    text = str(error)
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -187,11 +205,26 @@ def save_fused(
             "kwargs": dict(spec.kwargs),
             "input_shapes": [list(shape) for shape in input_shapes or []],
             "trace": trace,
-            "dtype": str(next(iter(fused.state_dict().values())).dtype).removeprefix("torch."),
+            "dtype": _float_dtype_name(fused),
         },
         "state_dict": {key: value.detach().cpu() for key, value in fused.state_dict().items()},
     }
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as error:  # torch reports a failed write (disk full) this way
+            raise OSError(f"torch.save failed ({_reason(error)})") from None
+
+    return atomic_write(path, write)
+
+
+def _float_dtype_name(model: nn.Module) -> str:
+    """The dtype of the first floating-point tensor of ``model`` ("float32" if none)."""
+    for value in model.state_dict().values():
+        if value.is_floating_point():
+            return str(value.dtype).removeprefix("torch.")
+    return "float32"
 
 
 def is_fused_checkpoint(path: str | os.PathLike) -> bool:
@@ -232,7 +265,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
     if isinstance(dtype, torch.dtype):
         model.to(dtype)
-    apply_state_dict(model, obj["state_dict"], str(path))
+    state_dict = obj.get("state_dict")
+    if not isinstance(state_dict, Mapping):
+        raise UserInputError(f"'{path}' has reparam metadata but no state_dict")
+    apply_state_dict(model, state_dict, str(path))
     model.reparam_spec = spec
     model.reparam_input_shapes = [tuple(shape) for shape in meta.get("input_shapes", [])]
     return model.to(map_location).eval()

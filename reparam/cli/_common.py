@@ -142,6 +142,8 @@ def load_model(
             raise UserInputError(f"model file '{path}' does not exist")
         if weights is not None:
             raise UserInputError("a fused checkpoint carries its weights: drop --weights")
+        if kwargs:
+            raise UserInputError("a fused checkpoint records its factory arguments: drop --kwarg")
         if not is_fused_checkpoint(path):
             raise UserInputError(
                 f"'{path}' is not a fused checkpoint; name the model and pass this file "

@@ -20,7 +20,7 @@ from reparam.cli._common import (
     load_model,
     user_errors,
 )
-from reparam.errors import UserInputError
+from reparam.errors import ReparamError, UserInputError
 from reparam.summary import FuseRun, fuse_and_check
 
 
@@ -57,11 +57,14 @@ def fuse(
             seed=seed,
         )
         target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + "-fused.pt")
-        if weights is not None and target.resolve() == weights.resolve():
-            raise UserInputError("--output would overwrite the input weights; choose another path")
+        inputs = [weights] if weights is not None else [Path(model)] if loaded.fused else []
+        if any(target.resolve() == path.resolve() for path in inputs):
+            raise UserInputError("--output would overwrite the input file; choose another path")
         try:
             run = fuse_and_check(loaded.model, loaded.probe_inputs(seed), trace=trace)
-        except RuntimeError as error:  # the probe shape does not fit the model
+        except ReparamError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # probe does not fit
             first_line = str(error).splitlines()[0]
             raise UserInputError(
                 f"running {loaded.spec.name} on input shape(s) {loaded.input_shapes} failed: "

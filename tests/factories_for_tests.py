@@ -1,0 +1,45 @@
+"""Model factories the CLI tests name as ``MODULE:callable`` (imported in-process by the CLI).
+
+pytest's default "prepend" import mode puts ``tests/`` on ``sys.path``, so this module is
+importable as ``factories_for_tests``; use :data:`MODULE` to name it on a command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from reparam.blocks.acb import ACBlock
+
+__all__ = ["MODULE", "small_net", "small_net_with_shapes"]
+
+MODULE = __name__
+"""The name under which this module was imported (what ``MODULE:callable`` must say)."""
+
+
+def small_net(
+    widths: Sequence[int] = (4,), num_classes: int = 3, kernel_size: int = 3
+) -> nn.Module:
+    """ACBlock per width, then a Conv-BN pair, pooled into a linear classifier."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in widths:
+        layers += [ACBlock(channels, width, kernel_size), nn.ReLU()]
+        channels = width
+    layers += [
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def small_net_with_shapes(num_classes: int = 3) -> nn.Module:
+    """:func:`small_net` announcing its probe input shape, so the CLI needs no ``-s``."""
+    model = small_net(num_classes=num_classes)
+    model.example_input_shapes = [(1, 3, 9, 7)]
+    return model
