@@ -1,9 +1,25 @@
 """Training-time blocks with exact deploy forms; importing this registers their fusers."""
 
 from reparam.blocks.acb import ACBlock
+from reparam.blocks.asff import ASFF
 from reparam.blocks.base import ReparamBlock
+from reparam.blocks.conv import Conv, autopad
 from reparam.blocks.dbb import DiverseBranchBlock
+from reparam.blocks.hetconv import HetConv
 from reparam.blocks.mobileone import MobileOneBlock
+from reparam.blocks.octave import OctaveConv, OctaveConvBN
 from reparam.blocks.repvgg import RepVGGBlock
 
-__all__ = ["ACBlock", "DiverseBranchBlock", "MobileOneBlock", "RepVGGBlock", "ReparamBlock"]
+__all__ = [
+    "ASFF",
+    "ACBlock",
+    "Conv",
+    "DiverseBranchBlock",
+    "HetConv",
+    "MobileOneBlock",
+    "OctaveConv",
+    "OctaveConvBN",
+    "RepVGGBlock",
+    "ReparamBlock",
+    "autopad",
+]

@@ -47,9 +47,11 @@ FUSE_MODES = ("auto", "dense", "separate")
 # The timed trial of fuse_mode="auto": the dense candidate may cost at most this many
 # multiply-adds per run, on a square input of at least MIN_TRIAL_SIZE pixels a side;
 # larger layers are decided by the cost model (where compute dominates, MACs predict well).
-TRIAL_MACS = 2e7
+TRIAL_MACS = 1e7
 MIN_TRIAL_SIZE = 8
 TRIAL_RUNS = 3
+TRIAL_SECONDS = 0.03  # stop timing (and use what was measured) past this
+DENSE_MARGIN = 0.9  # fuse only if the dense conv is >10% faster: ties go to fewer MACs
 
 
 class HetConv(ReparamBlock):
@@ -117,7 +119,7 @@ class HetConv(ReparamBlock):
         self.deploy_form: str | None = fuse_mode if deploy else None
         side = centred_padding(padding, kernel_size, 1, dilation)
         self.pwc_padding, self.crop = max(side, 0), max(-side, 0)
-        if exact:
+        if exact and not deploy:
             # mask[o, i] = 0 where input channel i lies in output channel o's own group.
             out_group = torch.arange(out_channels) // (out_channels // p)
             in_group = torch.arange(in_channels) // (in_channels // p)
@@ -131,7 +133,12 @@ class HetConv(ReparamBlock):
             return
         self.gwc = self._gwc(bias=bias or deploy, groups=p)
         self.pwc = nn.Conv2d(
-            in_channels, out_channels, 1, stride=stride, padding=self.pwc_padding, bias=bias
+            in_channels,
+            out_channels,
+            1,
+            stride=stride,
+            padding=self.pwc_padding,
+            bias=bias and not deploy,  # deployed: the summed bias sits on gwc
         )
         if use_bn and not deploy:
             self.gwc_bn = nn.BatchNorm2d(out_channels)
@@ -163,7 +170,13 @@ class HetConv(ReparamBlock):
                 return self.fused_conv(x)
             return self.gwc(x) + self.pwc(self._pwc_input(x))
         grouped = self.gwc(x)
-        pointwise = self.pwc._conv_forward(self._pwc_input(x), self._pwc_weight(), self.pwc.bias)
+        pointwise = F.conv2d(
+            self._pwc_input(x),
+            self._pwc_weight(),
+            self.pwc.bias,
+            stride=self.stride,
+            padding=self.pwc_padding,
+        )
         if self.use_bn:
             grouped, pointwise = self.gwc_bn(grouped), self.pwc_bn(pointwise)
         return grouped + pointwise
@@ -190,11 +203,11 @@ class HetConv(ReparamBlock):
             )
             self.fused_conv = make_conv(kernel, bias, **shared)
             del self.gwc, self.pwc
-            self.fuse_detail = self.fuse_detail or f"fused to dense {self._k}"
+            self.fuse_detail = self.fuse_detail or f"fused to dense {self._k} (fuse_mode='dense')"
         else:
             self.gwc = make_conv(gwc_kernel, gwc_bias + pwc_bias, groups=self.p, **shared)
             self.pwc = make_conv(pwc_kernel, None, stride=self.stride, padding=self.pwc_padding)
-            self.fuse_detail = self.fuse_detail or "kept 2 convs (BN folded)"
+            self.fuse_detail = self.fuse_detail or "kept 2 convs, BN folded (fuse_mode='separate')"
         if self.use_bn:
             del self.gwc_bn, self.pwc_bn
         self.pwc_mask = None  # folded into the kernels
@@ -223,10 +236,11 @@ def choose_form(block: HetConv, *, measure: bool = True) -> tuple[str, str]:
 
     1. If the dense KxK needs no more multiply-adds than the two convs (p = 1), fuse.
     2. Else, if ``measure`` and the layer is small enough for a trial on a square input of
-       ≥ 8 pixels a side within 2e7 multiply-adds, time both forms (random weights of the
-       deploy shapes, on the block's device and dtype, best of 3 after a warm-up; a few ms)
-       and keep the faster: at small sizes launch overheads and grouped-conv kernels
-       decide, which a MAC count cannot see.
+       ≥ 8 pixels a side within 1e7 multiply-adds, time both forms (random weights of the
+       deploy shapes, on the block's device and dtype; a warm-up, then up to 3 interleaved
+       runs each within about 30 ms, best of each) and fuse if the dense conv is more than
+       10% faster: at small sizes launch overheads and grouped-conv kernels decide, which
+       a MAC count cannot see; within the noise, the fewer multiply-adds win.
     3. Else keep the two convs (they need fewer multiply-adds).
 
     The timed result can differ between machines and runs; force ``fuse_mode`` for a
@@ -241,7 +255,7 @@ def choose_form(block: HetConv, *, measure: bool = True) -> tuple[str, str]:
         timed = _time_forms(block)
         if timed is not None:
             t_dense, t_separate, size = timed
-            form = "dense" if t_dense < t_separate else "separate"
+            form = "dense" if t_dense < DENSE_MARGIN * t_separate else "separate"
             verdict = f"fused to dense {k}" if form == "dense" else "kept 2 convs"
             return form, (
                 f"{verdict}: measured {t_dense * 1e3:.3f} ms dense vs "
@@ -285,17 +299,24 @@ def _time_forms(block: HetConv) -> tuple[float, float, int] | None:
             point_input, w_point, None, stride=block.stride, padding=block.pwc_padding
         )
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(TRIAL_RUNS + 1):  # the first run warms up
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
+    deadline = time.perf_counter() + TRIAL_SECONDS
+    dense_times, separate_times = [], []
     with torch.no_grad():
-        return best(run_dense), best(run_separate), size
+        timed(run_dense), timed(run_separate)  # warm-up: kernel selection, allocations
+        for _ in range(TRIAL_RUNS):  # interleaved, so drifting load hits both forms alike
+            if time.perf_counter() > deadline:
+                break
+            dense_times.append(timed(run_dense))
+            separate_times.append(timed(run_separate))
+    if not dense_times:
+        return None
+    return min(dense_times), min(separate_times), size
