@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from reparam._version import __version__
-from reparam.cli import fuse_cmd
+from reparam.cli import demo_cmd, fuse_cmd
 
 app = typer.Typer(
     name="reparam",
@@ -35,6 +35,8 @@ def _root(
 
 
 app.command("fuse")(fuse_cmd.fuse)
+app.command("demo")(demo_cmd.demo)
+from reparam.cli import export_cmd  # noqa: E402, F401  (registers export, verify, run)
 
 
 def main() -> None:

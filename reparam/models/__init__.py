@@ -1,6 +1,6 @@
 """Bundled models, built by name: ``reparam.models.create_model("acnet_resnet18")``."""
 
-from reparam.models import resnet  # noqa: F401  (registers its models)
+from reparam.models import digits, resnet, yolo  # noqa: F401  (registers their models)
 from reparam.models.registry import (
     ModelInfo,
     create_model,
