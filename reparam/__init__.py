@@ -13,15 +13,20 @@ from reparam.convert import (
     register_fuser,
 )
 from reparam.errors import FusionError, ReparamError, UserInputError
+from reparam.export import ExportError, ExportReport, VerifyReport, export_onnx, verify_onnx
 
 __all__ = [
+    "ExportError",
+    "ExportReport",
     "FuseOutcome",
     "FuseReport",
     "FusionError",
     "ReparamError",
     "UserInputError",
+    "VerifyReport",
     "__version__",
     "blocks",
+    "export_onnx",
     "fuse",
     "fuse_with_report",
     "get_fuser",
@@ -29,4 +34,5 @@ __all__ = [
     "load",
     "register_fuser",
     "save_fused",
+    "verify_onnx",
 ]

@@ -159,6 +159,9 @@ def load_model(
         )
 
     spec = ModelSpec(name, parse_kwargs(kwargs))
+    # Seeded so that a model without --weights gets the same initial weights in every
+    # command: `reparam export` now and `reparam verify` later agree.
+    torch.manual_seed(seed)
     model = build_model(spec)
     if weights is not None:
         apply_state_dict(model, load_state_dict_file(weights, trust_pickle=trust_pickle), weights)
