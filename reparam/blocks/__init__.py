@@ -5,21 +5,27 @@ from reparam.blocks.asff import ASFF
 from reparam.blocks.base import ReparamBlock
 from reparam.blocks.conv import Conv, autopad
 from reparam.blocks.dbb import DiverseBranchBlock
+from reparam.blocks.drconv import DRConv2d
 from reparam.blocks.hetconv import HetConv
+from reparam.blocks.involution import Involution
 from reparam.blocks.mobileone import MobileOneBlock
 from reparam.blocks.octave import OctaveConv, OctaveConvBN
 from reparam.blocks.repvgg import RepVGGBlock
+from reparam.blocks.t2t import T2TModule
 
 __all__ = [
     "ASFF",
     "ACBlock",
     "Conv",
+    "DRConv2d",
     "DiverseBranchBlock",
     "HetConv",
+    "Involution",
     "MobileOneBlock",
     "OctaveConv",
     "OctaveConvBN",
     "RepVGGBlock",
     "ReparamBlock",
+    "T2TModule",
     "autopad",
 ]

@@ -97,11 +97,15 @@ def _check_args(
             f"corr: kernel has {kernel.shape[2]} input channels per group, the input "
             f"{channels} channels in {groups} groups need {channels // groups}"
         )
-    # torch._check instead of `!=`: the batch is symbolic under torch.export.
-    torch._check(
-        kernel.shape[0] == x.shape[0],
-        lambda: f"corr: kernel batch {kernel.shape[0]} differs from input batch {x.shape[0]}",
-    )
+    if torch.jit.is_tracing():
+        return  # the TorchScript tracer gives sizes as tensors; nothing to check at trace time
+    batch, kernel_batch = x.shape[0], kernel.shape[0]
+    message = f"corr: kernel batch {kernel_batch} differs from input batch {batch}"
+    if isinstance(batch, int) and isinstance(kernel_batch, int):
+        if batch != kernel_batch:
+            raise ValueError(message)
+    else:  # symbolic batch under torch.export: a runtime assertion, not a guard
+        torch._check(batch == kernel_batch, lambda: message)
 
 
 def corr_reference(

@@ -1,0 +1,189 @@
+"""Benchmark the dynamic operators against their reference formulations (CPU).
+
+Involution: our shift-and-accumulate vs the published unfold formulation — the whole module
+(kernel generation included) and the operator alone, time and peak extra memory.
+DRConv: inference (``torch.no_grad``, eval) of our forward vs the reference formulation that
+computes all r region outputs and keeps one per pixel. Corr: the custom op vs the
+standard-op (im2col + matmul) form vs a per-sample loop.
+
+Timing: the compared functions run interleaved, ``--repeats`` times each after a warm-up;
+the table gives medians (and the ratio of medians). Peak extra memory: every CPU allocation
+and free made by ATen during one call, recorded by ``torch.profiler`` with
+``profile_memory=True``; the running sum of their sizes in time order, maximised, is the peak
+memory allocated by the call beyond what existed before it (inputs and parameters excluded,
+the returned output included).
+
+Usage: ``python benchmarks/bench_dynamic.py [--quick] [--threads N] [--output FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from reparam.blocks.drconv import DRConv2d
+from reparam.blocks.involution import Involution, involution_shift, involution_unfold
+from reparam.ops.corr import corr_reference, corr_standard
+
+MIB = 2**20
+
+
+def interleaved_medians(functions: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds per call of each function, run in turn so load drifts hit all alike."""
+    for fn in functions:
+        fn()
+    samples: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for fn, times in zip(functions, samples, strict=True):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by ATen during ``fn()`` beyond what was live before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def bench_involution(shapes, repeats: int) -> list[str]:
+    rows = [
+        "| shape (B, C, H=W, K, s) | input MiB | module ours ms | module unfold ms | "
+        "speed-up | op ours ms | op unfold ms | op speed-up | op peak extra MiB ours / "
+        "unfold | module peak extra MiB ours / unfold |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for batch, channels, size, kernel, stride in shapes:
+        torch.manual_seed(0)
+        block = Involution(channels, kernel, stride).eval()
+        x = torch.randn(batch, channels, size, size)
+        with torch.no_grad():
+            weight = block.kernels(x)
+            module_fns = [partial(block, x), partial(block.forward_unfold, x)]
+            op_fns = [
+                partial(involution_shift, x, weight, kernel, stride, 16),
+                partial(involution_unfold, x, weight, kernel, stride, 16),
+            ]
+            ours, unfold = interleaved_medians(module_fns, repeats)
+            op_ours, op_unfold = interleaved_medians(op_fns, repeats)
+            op_mem = [peak_extra_bytes(fn) for fn in op_fns]
+            module_mem = [peak_extra_bytes(fn) for fn in module_fns]
+        input_mib = x.numel() * x.element_size() / MIB
+        rows.append(
+            f"| {batch}, {channels}, {size}, {kernel}, {stride} | {input_mib:.1f} | "
+            f"{ours * 1e3:.1f} | {unfold * 1e3:.1f} | {unfold / ours:.1f}× | "
+            f"{op_ours * 1e3:.1f} | {op_unfold * 1e3:.1f} | {op_unfold / op_ours:.1f}× | "
+            f"{op_mem[0] / MIB:.1f} / {op_mem[1] / MIB:.1f} | "
+            f"{module_mem[0] / MIB:.1f} / {module_mem[1] / MIB:.1f} |"
+        )
+    return rows
+
+
+def bench_drconv(shape, regions: list[int], repeats: int) -> list[str]:
+    batch, c_in, c_out, size, kernel = shape
+    rows = [
+        f"| r | reference ms | forward ms (path) | speed-up | 1/r path forced ms | "
+        f"forced speed-up |  (B{batch}, C{c_in}→{c_out}, {size}², K={kernel})",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in regions:
+        torch.manual_seed(0)
+        block = DRConv2d(c_in, c_out, kernel, region_num=r, padding=kernel // 2).eval()
+        x = torch.randn(batch, c_in, size, size)
+        with torch.no_grad():
+            path = "1/r" if block.uses_fast_path(x) else "reference"
+            functions = [
+                partial(block.forward_reference, x),
+                partial(block, x),
+                partial(block._forward_fast, x),
+            ]
+            reference, forward, forced = interleaved_medians(functions, repeats)
+            error = (block._forward_fast(x) - block.forward_reference(x)).abs().max()
+            scale = block.forward_reference(x).abs().max()
+        assert error <= 1e-5 * scale, f"fast path differs: {error / scale:.3g}"
+        rows.append(
+            f"| {r} | {reference * 1e3:.1f} | {forward * 1e3:.1f} ({path}) | "
+            f"{reference / forward:.2f}× | {forced * 1e3:.1f} | {reference / forced:.2f}× |"
+        )
+    return rows
+
+
+def bench_corr(shape, repeats: int) -> list[str]:
+    batch, channels, out_channels, size, kernel = shape
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size)
+    weights = torch.randn(batch, out_channels, channels, kernel, kernel)
+    pad = kernel // 2
+    with torch.no_grad():
+        op, standard, loop = interleaved_medians(
+            [
+                lambda: torch.ops.reparam.corr(x, weights, 1, 1, pad, 1),
+                lambda: corr_standard(x, weights, 1, 1, pad, 1),
+                lambda: corr_reference(x, weights, 1, 1, pad, 1),
+            ],
+            repeats,
+        )
+    return [
+        f"| Corr (B{batch}, C{channels}→{out_channels}, {size}², K={kernel}) | ms |",
+        "|---|---|",
+        f"| torch.ops.reparam.corr (grouped conv, groups = B) | {op * 1e3:.1f} |",
+        f"| corr_standard (one-hot depthwise im2col + matmul) | {standard * 1e3:.1f} |",
+        f"| per-sample F.conv2d loop | {loop * 1e3:.1f} |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per function")
+    parser.add_argument("--output", type=Path, default=None, help="also write the tables here")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        repeats = args.repeats or 3
+        involution_shapes = [(2, 32, 28, 7, 1), (2, 32, 28, 3, 2)]
+        drconv_shape, regions = (2, 16, 16, 16, 3), [2, 8]
+        corr_shape = (2, 16, 64, 16, 3)
+    else:
+        repeats = args.repeats or 11
+        involution_shapes = [(8, 64, 56, 7, 1), (8, 128, 28, 7, 1), (8, 64, 56, 3, 2)]
+        drconv_shape, regions = (8, 64, 64, 32, 3), [2, 4, 8]
+        corr_shape = (4, 64, 512, 32, 3)
+    header = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, medians of {repeats} interleaved runs"
+    )
+    lines = [header, "", "### Involution (eval, no grad)", ""]
+    lines += bench_involution(involution_shapes, repeats)
+    lines += ["", "### DRConv inference (eval, no grad)", ""]
+    lines += bench_drconv(drconv_shape, regions, repeats)
+    lines += ["", "### Corr", ""]
+    lines += bench_corr(corr_shape, repeats)
+    text = "\n".join(lines)
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Dynamic Region-Aware Convolution, DRConv (Chen et al., CVPR 2021), as in the seed.
+
+For input x (B, C, H, W) and r regions:
+
+1. kernel generator: adaptive average pool to KxK → 1x1 conv (C → r²) → sigmoid → grouped
+   1x1 conv (r² → r·C·O, r groups); reshaped, every sample gets r kernels (O, C, K, K);
+2. guide: a KxK conv (C → r) with the block's stride, padding and dilation gives r region
+   maps;
+3. per-sample correlation of x with its r·O kernels (:func:`reparam.ops.corr`), then at
+   every output pixel the output of the region whose guide map is largest.
+
+Region assignment (the seed's ``asign_index``) is an argmax, so it has no gradient; the seed
+trains with a straight-through estimator: forward the hard choice, backward as if the output
+were the softmax mixture Σ_ρ softmax(guide)_ρ · out_ρ for the guide, and through the hard
+mask for the kernels. :func:`assign_region` implements that; :func:`assign_region_reference`
+is the same in plain autograd, ``hard + soft − soft.detach()`` with soft computed from
+detached outputs.
+
+The reference forward computes all r region outputs and keeps one per pixel. When no
+autograd graph is needed (``torch.no_grad()`` / ``torch.inference_mode()``, or no input or
+parameter requiring grad), :meth:`DRConv2d.forward` takes the guide's argmax first, sorts
+every sample's pixels by region and multiplies each region's pixel columns (im2col) with
+that region's kernels only: 1/r of the correlation work, same outputs up to rounding. While
+tracing (``torch.export``, ONNX export) or under ``corr_mode("standard")`` it always uses
+the reference formulation, which exports with a dynamic batch.
+
+State-dict keys follow the seed: ``conv_kernel.{1,3}.*`` (index 0 is the pool, 2 the
+sigmoid) and ``conv_guide.*``. Index 0 is :class:`~reparam.ops.AdaptiveAvgPool2dExact`, which
+exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reparam.errors import UserInputError
+from reparam.ops.corr import corr, get_corr_mode
+from reparam.ops.pooling import AdaptiveAvgPool2dExact
+
+__all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
+
+# Below 3 regions the 1/r path saves too little to pay for its im2col gather (measured on
+# 2 CPU cores: equal speed at r = 2, B8 C64→64 32² K3).
+_FAST_MIN_REGIONS = 3
+
+
+def _hard_index(guide: Tensor, channels: int) -> Tensor:
+    index = guide.argmax(dim=1, keepdim=True).unsqueeze(2)  # B x 1 x 1 x H x W
+    return index.expand(-1, -1, channels, -1, -1)
+
+
+def _hard_select(outputs: Tensor, guide: Tensor) -> Tensor:
+    return torch.gather(outputs, 1, _hard_index(guide, outputs.shape[2])).squeeze(1)
+
+
+class _AssignRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, outputs: Tensor, guide: Tensor) -> Tensor:
+        ctx.save_for_backward(outputs, guide)
+        return _hard_select(outputs, guide)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        outputs, guide = ctx.saved_tensors
+        grad_outputs = grad_guide = None
+        if ctx.needs_input_grad[0]:
+            index = _hard_index(guide, outputs.shape[2])
+            grad_outputs = torch.zeros_like(outputs).scatter_(1, index, grad.unsqueeze(1))
+        if ctx.needs_input_grad[1]:
+            # Softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ.
+            mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)  # B x r x H x W
+            soft = torch.softmax(guide, dim=1)
+            grad_guide = soft * (mixed - (soft * mixed).sum(dim=1, keepdim=True))
+        return grad_outputs, grad_guide
+
+
+def assign_region(outputs: Tensor, guide: Tensor) -> Tensor:
+    """Pick, per pixel, the region output whose guide value is largest (straight-through).
+
+    Args:
+        outputs: per-region outputs (B, r, O, H, W).
+        guide: region maps (B, r, H, W).
+
+    Returns:
+        (B, O, H, W). Backward: ``outputs`` gets the gradient through the hard mask,
+        ``guide`` that of the softmax mixture Σ_ρ softmax(guide)_ρ · outputs_ρ.
+    """
+    if outputs.dim() != 5 or guide.dim() != 4 or outputs.shape[:2] != guide.shape[:2]:
+        raise ValueError(
+            f"assign_region: outputs must be (B, r, O, H, W) and guide (B, r, H, W), got "
+            f"{tuple(outputs.shape)} and {tuple(guide.shape)}"
+        )
+    needs_grad = torch.is_grad_enabled() and (outputs.requires_grad or guide.requires_grad)
+    if torch.compiler.is_compiling() or not needs_grad:
+        return _hard_select(outputs, guide)
+    return _AssignRegion.apply(outputs, guide)
+
+
+def assign_region_reference(outputs: Tensor, guide: Tensor) -> Tensor:
+    """:func:`assign_region` in plain autograd: hard + soft − soft.detach()."""
+    hard = _hard_select(outputs, guide)
+    soft = (torch.softmax(guide, dim=1).unsqueeze(2) * outputs.detach()).sum(dim=1)
+    return hard + soft - soft.detach()
+
+
+class DRConv2d(nn.Module):
+    """Dynamic region-aware convolution with the seed's layout and straight-through training.
+
+    Args:
+        in_channels, out_channels: channel counts (>= 1).
+        kernel_size: odd K.
+        region_num: r >= 1 regions (r kernels per sample).
+        stride, padding, dilation: of the correlation and of the guide conv (the seed's
+            ``**kwargs``).
+
+    Attributes:
+        fast_inference: use the 1/r inference path when no autograd graph is needed and
+            region_num >= 3 (default True); the outputs are the same either way.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        region_num: int = 8,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+    ) -> None:
+        super().__init__()
+        if region_num < 1:
+            raise UserInputError(f"DRConv2d: region_num must be >= 1, got {region_num}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise UserInputError(
+                f"DRConv2d needs an odd kernel_size (the generated kernels and the guide "
+                f"conv are centred on the output pixel), got {kernel_size}"
+            )
+        if in_channels < 1 or out_channels < 1:
+            raise UserInputError(
+                f"DRConv2d: in_channels and out_channels must be >= 1, got {in_channels} "
+                f"and {out_channels}"
+            )
+        if stride < 1 or dilation < 1 or padding < 0:
+            raise UserInputError(
+                f"DRConv2d: need stride, dilation >= 1 and padding >= 0, got stride={stride}, "
+                f"padding={padding}, dilation={dilation}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.region_num = kernel_size, region_num
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.fast_inference = True
+        self.conv_kernel = nn.Sequential(
+            AdaptiveAvgPool2dExact((kernel_size, kernel_size)),
+            nn.Conv2d(in_channels, region_num * region_num, kernel_size=1),
+            nn.Sigmoid(),
+            nn.Conv2d(
+                region_num * region_num,
+                region_num * in_channels * out_channels,
+                kernel_size=1,
+                groups=region_num,
+            ),
+        )
+        self.conv_guide = nn.Conv2d(
+            in_channels, region_num, kernel_size, stride=stride, padding=padding, dilation=dilation
+        )
+
+    def _generated(self, x: Tensor) -> Tensor:
+        """``conv_kernel(x)`` as a (r, O, C, B, K, K) view, region-major as in the seed.
+
+        The last, grouped 1x1 conv of ``conv_kernel`` (r² → r·C·O on KxK pixels) runs as one
+        batched matmul over the r groups, several times faster on CPU than the grouped
+        convolution; :meth:`_kernels` gets the seed's layout from it with one copy.
+        """
+        regions, k = self.region_num, self.kernel_size
+        batch = x.shape[0]
+        features = self.conv_kernel[2](self.conv_kernel[1](self.conv_kernel[0](x)))
+        features = features.reshape(batch, regions, regions, k * k).permute(1, 2, 0, 3)
+        generator = self.conv_kernel[3]
+        weight = generator.weight.reshape(regions, -1, regions)
+        kernel = torch.baddbmm(
+            generator.bias.reshape(regions, -1, 1), weight, features.reshape(regions, regions, -1)
+        )
+        return kernel.reshape(regions, self.out_channels, self.in_channels, batch, k, k)
+
+    def _kernels(self, x: Tensor) -> Tensor:
+        """Per-sample kernels (B, r·O, C, K, K): ``conv_kernel(x)`` reshaped, as in the seed."""
+        kernel = self._generated(x).permute(3, 0, 1, 2, 4, 5)
+        k = self.kernel_size
+        return kernel.reshape(x.shape[0], -1, self.in_channels, k, k)
+
+    def _tap_major_kernels(self, x: Tensor) -> Tensor:
+        """``conv_kernel(x)`` laid out (r, O, B, K·K·C): taps outer, channels inner.
+
+        Computed as one matmul over the (region, output channel) pairs, so that the matrix
+        of sample b, region ρ, ``[ρ, :, b]`` (O, K·K·C), is a strided view: no copy of the
+        B·r·O·C·K² kernel values.
+        """
+        regions, k = self.region_num, self.kernel_size
+        batch = x.shape[0]
+        features = self.conv_kernel[2](self.conv_kernel[1](self.conv_kernel[0](x)))
+        features = features.reshape(batch, regions, regions, k * k).permute(1, 0, 3, 2)
+        features = features.reshape(regions, 1, batch * k * k, regions)
+        generator = self.conv_kernel[3]
+        # Bias folded into the matmul: a column of ones after the features, the bias as
+        # one more weight row.
+        features = torch.cat([features, features.new_ones((*features.shape[:-1], 1))], -1)
+        weight = generator.weight.reshape(regions, self.out_channels, self.in_channels, regions)
+        bias = generator.bias.reshape(regions, self.out_channels, self.in_channels, 1)
+        weight = torch.cat([weight, bias], -1).transpose(2, 3)
+        kernel = torch.matmul(features, weight)  # (r, O, B·K·K, C)
+        return kernel.reshape(regions, self.out_channels, batch, -1)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise UserInputError(
+                f"DRConv2d expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.uses_fast_path(x):
+            return self._forward_fast(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        """The seed's formulation: all r region outputs, then one kept per pixel."""
+        self._check_input(x)
+        outputs = corr(x, self._kernels(x), 1, self.stride, self.padding, self.dilation)
+        batch, _, height, width = outputs.shape
+        outputs = outputs.reshape(batch, self.region_num, self.out_channels, height, width)
+        return assign_region(outputs, self.conv_guide(x))
+
+    def uses_fast_path(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` takes the 1/r inference path for this input now."""
+        return (
+            self.fast_inference
+            and self.region_num >= _FAST_MIN_REGIONS
+            and not self._tracing_or_standard()
+            and not self._needs_grad(x)
+        )
+
+    @staticmethod
+    def _tracing_or_standard() -> bool:
+        return (
+            torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export()
+            or get_corr_mode() == "standard"
+        )
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        """Region first, then each pixel's own region's kernels only (no autograd)."""
+        regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
+        stride, dilation, pad = self.stride, self.dilation, self.padding
+        batch = x.shape[0]
+        guide = self.conv_guide(x)
+        out_h, out_w = guide.shape[2], guide.shape[3]
+        pixels = out_h * out_w
+        kernels = self._tap_major_kernels(x)
+        # Global pixel order sorted by (sample, region): every region's pixels form a slice.
+        # argmax over the last, contiguous axis is several times faster than over dim 1.
+        key = guide.permute(0, 2, 3, 1).contiguous().argmax(dim=-1).reshape(batch, pixels)
+        key = key + regions * torch.arange(batch, device=x.device).unsqueeze(1)
+        key = key.reshape(-1)
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=batch * regions).tolist()
+        # im2col and the sort in one gather: the padded input channels-last, seen as one
+        # (K, K, C) patch per flat position b·Hp·Wp + y·Wp + x (a strided view), indexed
+        # at the sorted pixels' top-left corners.
+        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).contiguous()
+        padded_h, padded_w, channels = padded.shape[1], padded.shape[2], padded.shape[3]
+        reach = (k - 1) * dilation
+        positions = padded.numel() // channels - reach * (padded_w + 1)
+        patches = padded.as_strided(
+            (positions, k, k, channels),
+            (channels, dilation * padded_w * channels, dilation * channels, 1),
+        )
+        sample, pixel = order // pixels, order % pixels
+        corner = sample * (padded_h * padded_w) + stride * (
+            (pixel // out_w) * padded_w + pixel % out_w
+        )
+        sorted_out = x.new_empty((order.numel(), out_channels))
+        start = 0
+        for segment, count in enumerate(counts):
+            if count == 0:
+                continue
+            stop = start + count
+            b, rho = divmod(segment, regions)
+            # Gathered per segment so the im2col rows are still in cache for the matmul.
+            rows = patches[corner[start:stop]].reshape(count, -1)
+            torch.mm(rows, kernels[rho, :, b].t(), out=sorted_out[start:stop])
+            start = stop
+        out = torch.empty_like(sorted_out)
+        out.index_copy_(0, order, sorted_out)
+        out = out.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+        return out.contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"region_num={self.region_num}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}"
+        )

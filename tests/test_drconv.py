@@ -1,0 +1,205 @@
+"""DRConv2d: seed layout, straight-through region assignment, the 1/r inference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+from reparam.blocks.drconv import DRConv2d, assign_region, assign_region_reference
+from reparam.errors import UserInputError
+from reparam.ops.corr import corr_mode, corr_reference
+
+# (in, out, kernel, regions, stride, padding, dilation, height, width)
+CONFIGS = [
+    (4, 6, 3, 3, 1, 1, 1, 11, 9),
+    (4, 4, 3, 4, 2, 0, 1, 11, 9),
+    (3, 5, 5, 8, 1, 2, 2, 12, 10),
+    (6, 2, 1, 4, 1, 0, 1, 7, 8),
+    (4, 4, 3, 2, 1, 1, 1, 9, 9),
+    (4, 4, 3, 1, 1, 1, 1, 9, 9),
+]
+IDS = [f"{i}to{o}-k{k}-r{r}-s{s}-p{p}-d{d}-{h}x{w}" for i, o, k, r, s, p, d, h, w in CONFIGS]
+TOLERANCES = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _block(config, dtype=torch.float32, seed=0) -> DRConv2d:
+    c_in, c_out, k, r, s, p, d, _, _ = config
+    torch.manual_seed(seed)
+    return DRConv2d(c_in, c_out, k, region_num=r, stride=s, padding=p, dilation=d).to(dtype)
+
+
+def _input(config, dtype=torch.float32, batch=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, config[0], config[7], config[8], generator=generator, dtype=dtype)
+
+
+def _seed_module(config) -> nn.Module:
+    """The seed's layout with nn.AdaptiveAvgPool2d, to load its weights and recompute."""
+    c_in, c_out, k, r, s, p, d, _, _ = config
+    module = nn.Module()
+    module.conv_kernel = nn.Sequential(
+        nn.AdaptiveAvgPool2d((k, k)),
+        nn.Conv2d(c_in, r * r, 1),
+        nn.Sigmoid(),
+        nn.Conv2d(r * r, r * c_in * c_out, 1, groups=r),
+    )
+    module.conv_guide = nn.Conv2d(c_in, r, k, stride=s, padding=p, dilation=d)
+    return module
+
+
+def _seed_forward(module: nn.Module, x: torch.Tensor, config) -> torch.Tensor:
+    """The seed's eval computation: grouped-conv Corr, then the scatter mask of asign_index."""
+    c_in, c_out, k, r, s, p, d, _, _ = config
+    batch = x.shape[0]
+    kernel = module.conv_kernel(x).view(batch, r * c_out, c_in, k, k)
+    out = corr_reference(x, kernel, 1, s, p, d)
+    out = out.view(batch, r, c_out, out.shape[2], out.shape[3])
+    guide = module.conv_guide(x)
+    mask = torch.zeros_like(guide).scatter_(1, guide.argmax(dim=1, keepdim=True), 1)
+    return (out * mask.unsqueeze(2)).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", TOLERANCES, ids=["float32", "float64"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_seed_weights_load_and_outputs_match_the_seed(config, dtype, tol):
+    seed = _seed_module(config).to(dtype)
+    block = _block(config, dtype, seed=5)
+    block.load_state_dict(seed.state_dict(), strict=True)
+    x = _input(config, dtype)
+    with torch.no_grad():
+        expected = _seed_forward(seed, x, config)
+        fast, reference = block(x), block.forward_reference(x)
+        with corr_mode("standard"):
+            standard = block(x)
+    assert fast.shape == expected.shape
+    for got in (fast, reference, standard):
+        assert _rel(got, expected) <= tol
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_fast_path_selection(config):
+    block = _block(config).eval()
+    x = _input(config)
+    expected_fast = config[3] >= 3
+    with torch.no_grad():
+        assert block.uses_fast_path(x) == expected_fast
+        with corr_mode("standard"):
+            assert not block.uses_fast_path(x)
+    assert not block.uses_fast_path(x)  # parameters require grad: straight-through path
+    block.fast_inference = False
+    with torch.no_grad():
+        assert not block.uses_fast_path(x)
+
+
+def test_fast_path_many_regions_larger_batch():
+    config = (8, 8, 3, 8, 1, 1, 1, 16, 16)
+    block = _block(config, torch.float64).eval()
+    x = _input(config, torch.float64, batch=5)
+    with torch.no_grad():
+        assert _rel(block(x), block.forward_reference(x)) <= 1e-10
+
+
+def _assignment_inputs(dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    outputs = torch.randn(2, 4, 3, 5, 6, generator=generator, dtype=dtype)
+    guide = torch.randn(2, 4, 5, 6, generator=generator, dtype=dtype)
+    weights = torch.randn(2, 3, 5, 6, generator=generator, dtype=dtype)
+    return outputs.requires_grad_(), guide.requires_grad_(), weights
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_assign_region_matches_pure_autograd_reference(dtype, tol):
+    outputs, guide, weights = _assignment_inputs(dtype)
+    ours = assign_region(outputs, guide)
+    reference = assign_region_reference(outputs, guide)
+    assert _rel(ours, reference) <= tol
+    grads = torch.autograd.grad((ours * weights).sum(), (outputs, guide))
+    expected = torch.autograd.grad((reference * weights).sum(), (outputs, guide))
+    for got, want in zip(grads, expected, strict=True):
+        assert _rel(got, want) <= tol
+
+
+def test_assign_region_gradients_are_the_seeds():
+    outputs, guide, weights = _assignment_inputs()
+    grad_outputs, grad_guide = torch.autograd.grad(
+        (assign_region(outputs, guide) * weights).sum(), (outputs, guide)
+    )
+    mask = torch.zeros_like(guide).scatter_(1, guide.argmax(dim=1, keepdim=True), 1)
+    torch.testing.assert_close(grad_outputs, weights.unsqueeze(1) * mask.unsqueeze(2))
+    mixed = (weights.unsqueeze(1) * outputs).sum(dim=2)
+    soft = torch.softmax(guide, dim=1)
+    torch.testing.assert_close(grad_guide, soft * (mixed - (soft * mixed).sum(1, keepdim=True)))
+
+
+def test_block_gradients_match_pure_autograd_reference():
+    config = CONFIGS[0]
+    block = _block(config, torch.float64).train()
+    x = _input(config, torch.float64).requires_grad_()
+    inputs = [x, *block.parameters()]
+    weights = torch.randn(block(x).shape, dtype=torch.float64)
+    ours = torch.autograd.grad((block(x) * weights).sum(), inputs)
+
+    def reference(x):
+        batch, (_, c_out, k, r, s, p, d, _, _) = x.shape[0], config
+        kernel = block.conv_kernel(x).view(batch, r * c_out, -1, k, k)
+        out = corr_reference(x, kernel, 1, s, p, d)
+        out = out.view(batch, r, c_out, out.shape[2], out.shape[3])
+        return assign_region_reference(out, block.conv_guide(x))
+
+    expected = torch.autograd.grad((reference(x) * weights).sum(), inputs)
+    for got, want in zip(ours, expected, strict=True):
+        assert _rel(got, want) <= 1e-10
+
+
+def test_training_step_changes_weights():
+    config = CONFIGS[0]
+    block = _block(config).train()
+    before = {name: p.detach().clone() for name, p in block.named_parameters()}
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.5)
+    block(_input(config)).square().mean().backward()
+    optimizer.step()
+    for name, p in block.named_parameters():
+        assert not torch.equal(p, before[name]), name
+
+
+def test_state_dict_keys_are_the_seeds():
+    assert set(_block(CONFIGS[0]).state_dict()) == set(_seed_module(CONFIGS[0]).state_dict())
+
+
+@pytest.mark.parametrize("mode", ["op", "standard"])
+def test_export_with_dynamic_shapes(mode):
+    config = CONFIGS[0]
+    block = _block(config).eval()
+    dims = {
+        0: Dim("batch", min=1, max=64),
+        2: Dim("h", min=8, max=512),
+        3: Dim("w", min=8, max=512),
+    }
+    with corr_mode(mode):
+        program = torch.export.export(block, (_input(config),), dynamic_shapes=(dims,))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert ("reparam.corr.default" in targets) == (mode == "op")
+    x = torch.randn(3, 4, 21, 17)
+    with torch.no_grad():
+        assert _rel(program.module()(x), block.forward_reference(x)) <= 1e-5
+
+
+def test_errors():
+    with pytest.raises(UserInputError, match="region_num"):
+        DRConv2d(4, 4, 3, region_num=0)
+    with pytest.raises(UserInputError, match="odd kernel_size"):
+        DRConv2d(4, 4, 2)
+    with pytest.raises(UserInputError, match="in_channels and out_channels"):
+        DRConv2d(0, 4, 3)
+    with pytest.raises(UserInputError, match="stride"):
+        DRConv2d(4, 4, 3, stride=0)
+    with pytest.raises(UserInputError, match=r"\(B, 4, H, W\)"):
+        DRConv2d(4, 4, 3)(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="assign_region"):
+        assign_region(torch.randn(2, 3, 4, 5, 5), torch.randn(2, 2, 5, 5))

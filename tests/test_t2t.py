@@ -1,0 +1,112 @@
+"""T2T module: published structure and keys, sizes from the unfold formula, dynamic export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.export import Dim
+
+from reparam.blocks.t2t import T2TModule
+from reparam.errors import UserInputError
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _module(dtype=torch.float32, **kwargs) -> T2TModule:
+    torch.manual_seed(0)
+    options = dict(img_size=32, in_chans=3, embed_dim=24, token_dim=8) | kwargs
+    return T2TModule(**options).to(dtype)
+
+
+def _published_forward(module: T2TModule, x: torch.Tensor) -> torch.Tensor:
+    """The published forward (square inputs): folds tokens back with int(sqrt(N))."""
+
+    def attention(layer, tokens):
+        normed = layer.norm1(tokens)
+        q, k, v = layer.attn.qkv(normed).chunk(3, dim=-1)
+        scale = normed.shape[-1] ** -0.5  # published: head_dim of the *input* width
+        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        tokens = v + layer.attn.proj(attn @ v)
+        hidden = layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(layer.norm2(tokens))))
+        return tokens + hidden
+
+    def fold(tokens):
+        batch, count, channels = tokens.shape
+        side = int(math.sqrt(count))
+        return tokens.transpose(1, 2).reshape(batch, channels, side, side)
+
+    tokens = attention(module.attention1, module.soft_split0(x).transpose(1, 2))
+    tokens = attention(module.attention2, module.soft_split1(fold(tokens)).transpose(1, 2))
+    return module.project(module.soft_split2(fold(tokens)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("size", [32, 45, 64])
+def test_matches_published_forward_on_square_inputs(size, dtype, tol):
+    module = _module(dtype).eval()
+    x = torch.randn(2, 3, size, size, dtype=dtype)
+    with torch.no_grad():
+        assert _rel(module(x), _published_forward(module, x)) <= tol
+
+
+@pytest.mark.parametrize("size", [(32, 48), (45, 61), (19, 100)])
+def test_non_square_sizes_follow_the_unfold_formula(size):
+    module = _module().eval()
+    height, width = size
+    with torch.no_grad():
+        out = module(torch.randn(2, 3, height, width))
+    for kernel, stride, padding in ((7, 4, 2), (3, 2, 1), (3, 2, 1)):
+        height = (height + 2 * padding - kernel) // stride + 1
+        width = (width + 2 * padding - kernel) // stride + 1
+    assert out.shape == (2, height * width, 24)
+    assert module.grid_size(*size) == (height, width)
+
+
+def test_num_patches():
+    assert T2TModule(img_size=224, embed_dim=16, token_dim=8).num_patches == 14 * 14
+    assert T2TModule(img_size=100, embed_dim=16, token_dim=8).num_patches == 7 * 7
+
+
+def test_published_state_dict_keys():
+    keys = set(_module().state_dict())
+    for layer in ("attention1", "attention2"):
+        for name in ("norm1", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            assert {f"{layer}.{name}.weight", f"{layer}.{name}.bias"} <= keys
+        assert f"{layer}.attn.qkv.weight" in keys and f"{layer}.attn.qkv.bias" not in keys
+    assert {"project.weight", "project.bias"} <= keys
+    assert _module().attention1.attn.qkv.in_features == 3 * 7 * 7
+
+
+def test_training_step_changes_weights():
+    module = _module().train()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    module(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    for name, p in module.named_parameters():
+        assert not torch.equal(p, before[name]), name
+
+
+def test_export_keeps_sizes_dynamic():
+    module = _module().eval()
+    dims = {
+        0: Dim("batch", min=1, max=64),
+        2: Dim("h", min=32, max=512),
+        3: Dim("w", min=32, max=512),
+    }
+    program = torch.export.export(module, (torch.randn(2, 3, 32, 32),), dynamic_shapes=(dims,))
+    for size in [(45, 61), (64, 64), (33, 97)]:
+        x = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            assert _rel(program.module()(x), module(x)) <= 1e-6
+
+
+def test_errors():
+    with pytest.raises(UserInputError, match="token_dim"):
+        T2TModule(token_dim=0)
+    with pytest.raises(UserInputError, match=r"\(B, 3, H, W\)"):
+        _module()(torch.randn(1, 4, 32, 32))
