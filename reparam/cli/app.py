@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from reparam._version import __version__
-from reparam.cli import demo_cmd, fuse_cmd
+from reparam.cli import bench_cmd, demo_cmd, fuse_cmd
 
 app = typer.Typer(
     name="reparam",
@@ -36,6 +36,7 @@ def _root(
 
 app.command("fuse")(fuse_cmd.fuse)
 app.command("demo")(demo_cmd.demo)
+app.command("bench")(bench_cmd.bench)
 from reparam.cli import export_cmd  # noqa: E402, F401  (registers export, verify, run)
 
 
