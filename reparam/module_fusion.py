@@ -14,9 +14,16 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from reparam.errors import FusionError
-from reparam.fusion import fold_batchnorm
+from reparam.fusion import fold_batchnorm, identity_kernel
 
-__all__ = ["conv_bn_kernel", "fold_bn_into_conv", "fuse_conv_bn_eval", "make_conv"]
+__all__ = [
+    "conv_bn_kernel",
+    "fold_bn_into_conv",
+    "fold_bn_module",
+    "fuse_conv_bn_eval",
+    "identity_bn_kernel",
+    "make_conv",
+]
 
 ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d
 
@@ -32,24 +39,52 @@ def check_foldable(bn: _BatchNorm, where: str = "") -> None:
         )
 
 
-def conv_bn_kernel(conv: nn.Module, bn: _BatchNorm | None) -> tuple[Tensor, Tensor]:
-    """The ``(kernel, bias)`` of ``bn(conv(x))`` in eval mode; ``bn=None`` means conv alone."""
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else None
-    if bn is None:
-        return weight, bias if bias is not None else weight.new_zeros(weight.shape[0])
+def fold_bn_module(
+    kernel: Tensor,
+    bias: Tensor | None,
+    bn: _BatchNorm,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~reparam.fusion.fold_batchnorm` with the statistics and affine of ``bn``."""
     check_foldable(bn)
     return fold_batchnorm(
-        weight,
+        kernel,
         bias,
         bn.running_mean,
         bn.running_var,
         bn.eps,
         bn.weight.detach() if bn.affine else None,
         bn.bias.detach() if bn.affine else None,
-        transposed=isinstance(conv, nn.modules.conv._ConvTransposeNd),
-        groups=conv.groups,
+        transposed=transposed,
+        groups=groups,
     )
+
+
+def conv_bn_kernel(conv: nn.Module, bn: _BatchNorm | None) -> tuple[Tensor, Tensor]:
+    """The ``(kernel, bias)`` of ``bn(conv(x))`` in eval mode; ``bn=None`` means conv alone."""
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else None
+    if bn is None:
+        return weight, bias if bias is not None else weight.new_zeros(weight.shape[0])
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    return fold_bn_module(weight, bias, bn, transposed=transposed, groups=conv.groups)
+
+
+def identity_bn_kernel(
+    bn: _BatchNorm,
+    kernel_size: int,
+    *,
+    groups: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A BatchNorm skip branch, BN(x), as the ``(kernel, bias)`` of a KxK conv (K odd)."""
+    identity = identity_kernel(
+        bn.num_features, kernel_size, groups=groups, dtype=dtype, device=device
+    )
+    return fold_bn_module(identity, None, bn)
 
 
 def make_conv(

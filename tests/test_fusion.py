@@ -197,3 +197,13 @@ def test_avgpool_kernel_refuses_count_include_pad_false():
     with pytest.raises(FusionError, match="count_include_pad"):
         avgpool_kernel(4, 3, padding=1, count_include_pad=False)
     avgpool_kernel(4, 3, padding=0, count_include_pad=False)  # no padding: nothing to exclude
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_identity_bn_kernel_is_the_batchnorm_as_a_conv(groups):
+    from reparam.module_fusion import identity_bn_kernel
+
+    bn = randomize_batchnorm(nn.BatchNorm2d(6).double()).eval()
+    kernel, bias = identity_bn_kernel(bn, 3, groups=groups, dtype=F64)
+    x = rand(2, 6, 5, 4)
+    close64(F.conv2d(x, kernel, bias, padding=1, groups=groups), bn(x))

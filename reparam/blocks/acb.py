@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from reparam.blocks.base import ReparamBlock
 from reparam.errors import FusionError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
-from reparam.module_fusion import conv_bn_kernel, make_conv
+from reparam.module_fusion import conv_bn_kernel
 
 __all__ = ["ACBlock"]
 
@@ -130,15 +130,7 @@ class ACBlock(ReparamBlock):
             (centre_kernel(ver_kernel, size), ver_bias),
             (centre_kernel(hor_kernel, size), hor_bias),
         )
-        self.fused_conv = make_conv(
-            kernel,
-            bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            padding_mode=self.padding_mode,
-        )
+        self.fused_conv = self._deploy_conv(kernel, bias)
         for name in ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"):
             delattr(self, name)
         del self.crop

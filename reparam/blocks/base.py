@@ -10,9 +10,10 @@ and MobileOne use.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from reparam.convert import FuseOutcome, register_fuser
+from reparam.module_fusion import make_conv
 
 __all__ = ["ReparamBlock"]
 
@@ -43,6 +44,19 @@ class ReparamBlock(nn.Module):
     def reparameterize(self) -> None:
         """Alias of :meth:`switch_to_deploy` (the timm / MobileOne name)."""
         self.switch_to_deploy()
+
+    def _deploy_conv(self, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
+        """The single conv of the deploy form, with the block's own conv geometry
+        (its ``stride``, ``padding``, ``dilation``, ``groups`` and ``padding_mode``)."""
+        return make_conv(
+            kernel,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=getattr(self, "padding_mode", "zeros"),
+        )
 
 
 @register_fuser(ReparamBlock)

@@ -52,7 +52,7 @@ from reparam.fusion import (
     identity_kernel,
     merge_1x1_kxk,
 )
-from reparam.module_fusion import conv_bn_kernel, make_conv
+from reparam.module_fusion import conv_bn_kernel, fold_bn_module
 
 __all__ = ["BNAndPadLayer", "DilatedAvgPool2d", "DiverseBranchBlock", "IdentityBasedConv1x1"]
 
@@ -317,10 +317,9 @@ class DiverseBranchBlock(ReparamBlock):
 
         seq = source.dbb_1x1_kxk
         if hasattr(seq, "idconv1"):
-            first_conv = make_conv(seq.idconv1.get_actual_kernel().detach(), None, groups=groups)
+            first = fold_bn_module(seq.idconv1.get_actual_kernel().detach(), None, seq.bn1.bn)
         else:
-            first_conv = seq.conv1
-        first = conv_bn_kernel(first_conv, seq.bn1.bn)
+            first = conv_bn_kernel(seq.conv1, seq.bn1.bn)
         second = conv_bn_kernel(seq.conv2, seq.bn2)
         branches.append(merge_1x1_kxk(*first, *second, groups=groups))
 
@@ -329,7 +328,7 @@ class DiverseBranchBlock(ReparamBlock):
         pool = avgpool_kernel(
             self.out_channels, size, groups=avg_groups, dtype=weight.dtype, device=weight.device
         )
-        pooled = conv_bn_kernel(make_conv(pool, None, groups=avg_groups), avg.avgbn)
+        pooled = fold_bn_module(pool, None, avg.avgbn)
         if hasattr(avg, "conv"):
             pooled = merge_1x1_kxk(*conv_bn_kernel(avg.conv, avg.bn.bn), *pooled, groups=groups)
         branches.append(pooled)
@@ -339,14 +338,7 @@ class DiverseBranchBlock(ReparamBlock):
 
     def _reparameterize(self) -> None:
         kernel, bias = self.get_equivalent_kernel_bias()
-        self.dbb_reparam = make_conv(
-            kernel,
-            bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-        )
+        self.dbb_reparam = self._deploy_conv(kernel, bias)
         for name in ("dbb_origin", "dbb_avg", "dbb_1x1_kxk", "crop_1x1"):
             delattr(self, name)
         if hasattr(self, "dbb_1x1"):

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from reparam.blocks.base import ReparamBlock
 from reparam.errors import FusionError
-from reparam.fusion import add_branches, centre_kernel, centred_padding, identity_kernel
-from reparam.module_fusion import conv_bn_kernel, make_conv
+from reparam.fusion import add_branches, centre_kernel, centred_padding
+from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
 
 __all__ = ["MobileOneBlock", "MobileOneSE"]
 
@@ -199,28 +199,21 @@ class MobileOneBlock(ReparamBlock):
             kernel, bias = conv_bn_kernel(source.rbr_scale.conv, source.rbr_scale.bn)
             branches.append((centre_kernel(kernel, size), bias))
         if source.rbr_skip is not None:
-            identity = identity_kernel(
-                self.in_channels,
-                size,
-                groups=self.groups,
-                dtype=torch.promote_types(dtype, torch.float32),
-                device=device,
+            branches.append(
+                identity_bn_kernel(
+                    source.rbr_skip,
+                    size,
+                    groups=self.groups,
+                    dtype=torch.promote_types(dtype, torch.float32),
+                    device=device,
+                )
             )
-            identity_conv = make_conv(identity, None, groups=self.groups)
-            branches.append(conv_bn_kernel(identity_conv, source.rbr_skip))
         kernel, bias = add_branches(*branches)
         return kernel.to(dtype), bias.to(dtype)
 
     def _reparameterize(self) -> None:
         kernel, bias = self.get_equivalent_kernel_bias()
-        self.reparam_conv = make_conv(
-            kernel,
-            bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-        )
+        self.reparam_conv = self._deploy_conv(kernel, bias)
         for name in ("rbr_conv", "rbr_scale", "rbr_skip", "crop_scale"):
             delattr(self, name)
 

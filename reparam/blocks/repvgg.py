@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from reparam.blocks.base import ReparamBlock
 from reparam.errors import FusionError
-from reparam.fusion import add_branches, centre_kernel, centred_padding, identity_kernel
-from reparam.module_fusion import conv_bn_kernel, make_conv
+from reparam.fusion import add_branches, centre_kernel, centred_padding
+from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
 
 __all__ = ["RepVGGBlock", "SEBlock"]
 
@@ -184,28 +184,21 @@ class RepVGGBlock(ReparamBlock):
         branches = [dense, (centre_kernel(kernel_1x1, size), bias_1x1)]
         if source.rbr_identity is not None:
             weight = source.rbr_dense.conv.weight
-            identity = identity_kernel(
-                self.in_channels,
-                self.kernel_size,
-                groups=self.groups,
-                dtype=weight.dtype,
-                device=weight.device,
+            branches.append(
+                identity_bn_kernel(
+                    source.rbr_identity,
+                    self.kernel_size,
+                    groups=self.groups,
+                    dtype=weight.dtype,
+                    device=weight.device,
+                )
             )
-            identity_conv = make_conv(identity, None, groups=self.groups)
-            branches.append(conv_bn_kernel(identity_conv, source.rbr_identity))
         kernel, bias = add_branches(*branches)
         return kernel.to(dtype), bias.to(dtype)
 
     def _reparameterize(self) -> None:
         kernel, bias = self.get_equivalent_kernel_bias()
-        self.rbr_reparam = make_conv(
-            kernel,
-            bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-        )
+        self.rbr_reparam = self._deploy_conv(kernel, bias)
         for name in ("rbr_dense", "rbr_1x1", "rbr_identity", "crop_1x1"):
             delattr(self, name)
 
