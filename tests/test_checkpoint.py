@@ -34,15 +34,6 @@ except ImportError:  # tests/ became a package
 TINY_SHAPE = (1, 3, 32, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs: threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> nn.Module:
     """acnet_tiny (width 8) with seeded weights and randomised BN statistics."""

@@ -83,15 +83,6 @@ def assert_user_error(result, *fragments: str) -> str:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs: threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> nn.Module:
     """acnet_tiny with seeded weights and randomised BN statistics, in eval mode."""

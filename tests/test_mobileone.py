@@ -18,15 +18,6 @@ CHANNELS = 4
 INPUT_HW = (11, 9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is ~20x faster than two on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _configs() -> list:
     configs = []
     for kernel in (1, 3, 5):

@@ -50,15 +50,6 @@ def _configs() -> list:
 CONFIGS = _configs()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is ~20x faster than two on a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 DTYPES = [
     pytest.param(torch.float32, 1e-5, id="fp32"),
     pytest.param(torch.float64, 1e-10, id="fp64"),
