@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock
+from reparam.blocks.base import ReparamBlock, check_branch_geometry
 from reparam.errors import FusionError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel
@@ -59,16 +59,10 @@ class ACBlock(ReparamBlock):
         gamma_init: float | None = None,
     ) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise FusionError(
-                f"ACBlock needs an odd kernel_size (its Kx1 and 1xK branches align on the "
-                f"centre tap), got {kernel_size}"
-            )
-        if in_channels % groups or out_channels % groups:
-            raise FusionError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
+        check_branch_geometry(
+            "ACBlock", in_channels, out_channels, kernel_size, groups,
+            "its Kx1 and 1xK branches align on the centre tap",
+        )  # fmt: skip
         if reduce_gamma and gamma_init is not None:
             raise FusionError("give reduce_gamma or gamma_init, not both")
         padding = dilation * (kernel_size // 2) if padding is None else padding

@@ -9,13 +9,30 @@ and MobileOne use.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
 from reparam.convert import FuseOutcome, register_fuser
+from reparam.errors import FusionError
 from reparam.module_fusion import make_conv
 
-__all__ = ["ReparamBlock"]
+__all__ = ["ReparamBlock", "check_branch_geometry"]
+
+
+def check_branch_geometry(
+    block: str, in_channels: int, out_channels: int, kernel_size: int, groups: int, why: str
+) -> None:
+    """Refuse what no KxK multi-branch block can fuse: an even kernel (no centre tap for the
+    smaller branches to align on, ``why`` says which) or channels not divisible by groups."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise FusionError(f"{block} needs an odd kernel_size ({why}), got {kernel_size}")
+    if in_channels % groups or out_channels % groups:
+        raise FusionError(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
+            f"divisible by groups ({groups})"
+        )
 
 
 class ReparamBlock(nn.Module):
@@ -44,6 +61,14 @@ class ReparamBlock(nn.Module):
     def reparameterize(self) -> None:
         """Alias of :meth:`switch_to_deploy` (the timm / MobileOne name)."""
         self.switch_to_deploy()
+
+    def _float32_source(self, dtype: torch.dtype) -> ReparamBlock:
+        """The block to read branch parameters from when folding: itself, or for bfloat16 /
+        float16 weights a float32 copy, so every branch is folded in float32 and the sum is
+        rounded to ``dtype`` once."""
+        if torch.promote_types(dtype, torch.float32) == dtype:
+            return self
+        return copy.deepcopy(self).float()
 
     def _deploy_conv(self, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
         """The single conv of the deploy form, with the block's own conv geometry

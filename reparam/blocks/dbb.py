@@ -36,13 +36,11 @@ dbb_avg.{conv, bn.bn, avgbn}; dbb_reparam in deploy form.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock
+from reparam.blocks.base import ReparamBlock, check_branch_geometry
 from reparam.errors import FusionError
 from reparam.fusion import (
     add_branches,
@@ -202,16 +200,10 @@ class DiverseBranchBlock(ReparamBlock):
         single_init: bool = False,
     ) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise FusionError(
-                f"DiverseBranchBlock needs an odd kernel_size (its 1x1 branch aligns on the "
-                f"centre tap), got {kernel_size}"
-            )
-        if in_channels % groups or out_channels % groups:
-            raise FusionError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
+        check_branch_geometry(
+            "DiverseBranchBlock", in_channels, out_channels, kernel_size, groups,
+            "its 1x1 branch aligns on the centre tap",
+        )  # fmt: skip
         depthwise = groups == out_channels
         if depthwise and in_channels != out_channels:
             raise FusionError(
@@ -303,10 +295,7 @@ class DiverseBranchBlock(ReparamBlock):
         if self.deploy:
             return self.dbb_reparam.weight.detach(), self.dbb_reparam.bias.detach()
         dtype = self.dbb_origin.conv.weight.dtype
-        source = self
-        if torch.promote_types(dtype, torch.float32) != dtype:
-            # Fold every branch in float32 and round the sum once.
-            source = copy.deepcopy(self).float()
+        source = self._float32_source(dtype)
         size, groups = self.kernel_size, self.groups
         weight = source.dbb_origin.conv.weight
         branches = [conv_bn_kernel(source.dbb_origin.conv, source.dbb_origin.bn)]

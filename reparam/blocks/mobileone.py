@@ -22,12 +22,10 @@ rbr_skip, se.{reduce,expand}; reparam_conv in deploy form. The deploy flag is ca
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock
+from reparam.blocks.base import ReparamBlock, check_branch_geometry
 from reparam.errors import FusionError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
@@ -87,16 +85,10 @@ class MobileOneBlock(ReparamBlock):
         use_se: bool = False,
     ) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise FusionError(
-                f"MobileOneBlock needs an odd kernel_size (its 1x1 and skip branches align on "
-                f"the centre tap), got {kernel_size}"
-            )
-        if in_channels % groups or out_channels % groups:
-            raise FusionError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
+        check_branch_geometry(
+            "MobileOneBlock", in_channels, out_channels, kernel_size, groups,
+            "its 1x1 and skip branches align on the centre tap",
+        )  # fmt: skip
         if num_conv_branches < 0:
             raise FusionError(f"num_conv_branches must be >= 0, got {num_conv_branches}")
         padding = dilation * (kernel_size // 2) if padding is None else padding
@@ -189,10 +181,7 @@ class MobileOneBlock(ReparamBlock):
         if reference is None:
             reference = self.rbr_skip.running_mean
         dtype, device = reference.dtype, reference.device
-        source = self
-        if torch.promote_types(dtype, torch.float32) != dtype:
-            # Fold every branch in float32 and round the sum once.
-            source = copy.deepcopy(self).float()
+        source = self._float32_source(dtype)
         size = self.kernel_size
         branches = [conv_bn_kernel(branch.conv, branch.bn) for branch in source.rbr_conv]
         if source.rbr_scale is not None:

@@ -27,12 +27,10 @@ rbr_identity (a BatchNorm2d, absent when the shapes do not allow it), se.{down,u
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock
+from reparam.blocks.base import ReparamBlock, check_branch_geometry
 from reparam.errors import FusionError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
@@ -121,16 +119,10 @@ class RepVGGBlock(ReparamBlock):
         use_se: bool = False,
     ) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise FusionError(
-                f"RepVGGBlock needs an odd kernel_size (its 1x1 and identity branches align on "
-                f"the centre tap), got {kernel_size}"
-            )
-        if in_channels % groups or out_channels % groups:
-            raise FusionError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
-                f"divisible by groups ({groups})"
-            )
+        check_branch_geometry(
+            "RepVGGBlock", in_channels, out_channels, kernel_size, groups,
+            "its 1x1 and identity branches align on the centre tap",
+        )  # fmt: skip
         padding = dilation * (kernel_size // 2) if padding is None else padding
         if padding < 0:
             raise FusionError(f"padding must be >= 0, got {padding}")
@@ -174,10 +166,7 @@ class RepVGGBlock(ReparamBlock):
         if self.deploy:
             return self.rbr_reparam.weight.detach(), self.rbr_reparam.bias.detach()
         dtype = self.rbr_dense.conv.weight.dtype
-        source = self
-        if torch.promote_types(dtype, torch.float32) != dtype:
-            # Fold every branch in float32 and round the sum once.
-            source = copy.deepcopy(self).float()
+        source = self._float32_source(dtype)
         size = (self.kernel_size, self.kernel_size)
         dense = conv_bn_kernel(source.rbr_dense.conv, source.rbr_dense.bn)
         kernel_1x1, bias_1x1 = conv_bn_kernel(source.rbr_1x1.conv, source.rbr_1x1.bn)
