@@ -25,8 +25,6 @@ __all__ = [
     "make_conv",
 ]
 
-ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d
-
 
 def check_foldable(bn: _BatchNorm, where: str = "") -> None:
     """Refuse a BatchNorm whose eval output is not a fixed affine map."""
