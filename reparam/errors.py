@@ -1,8 +1,23 @@
-"""Exceptions raised for problems a user can fix; the CLI prints them as one-line errors."""
+"""Every exception reparam raises for a problem a user can fix, and how messages are shortened.
+
+The CLI prints any :class:`ReparamError` as one ``error: <line>`` and exits 1; the API lets it
+propagate. Bad constructor arguments of a block raise :class:`BlockConfigError`.
+"""
 
 from __future__ import annotations
 
-__all__ = ["FusionError", "ReparamError", "UserInputError"]
+__all__ = [
+    "BlockConfigError",
+    "ExportError",
+    "FusionError",
+    "MissingCustomOpError",
+    "ReparamError",
+    "UnsafeInputError",
+    "UserInputError",
+    "summarize",
+]
+
+MAX_SUMMARY = 300
 
 
 class ReparamError(Exception):
@@ -13,5 +28,34 @@ class FusionError(ReparamError, ValueError):
     """A block or layer cannot be fused exactly as configured."""
 
 
+class BlockConfigError(FusionError):
+    """A block constructor was given arguments it cannot honour (odd kernel, groups, ...)."""
+
+
 class UserInputError(ReparamError, ValueError):
     """A file, model name or option given by the user is missing or malformed."""
+
+
+class UnsafeInputError(UserInputError):
+    """A file asks reparam to import or run code, or an output would destroy a file."""
+
+
+class ExportError(ReparamError):
+    """The model cannot be exported as asked (unsupported operator, opset or dynamic axis)."""
+
+
+class MissingCustomOpError(ReparamError):
+    """A graph uses a custom operator whose kernel library is not installed."""
+
+
+def summarize(error: BaseException, limit: int = MAX_SUMMARY) -> str:
+    """``TypeName: first non-empty line`` of ``error``, at most ``limit`` characters.
+
+    Safe for any exception: an empty message gives the type name alone (no ``IndexError``).
+    torch's ``WeightsUnpickler error:`` detail is preferred over its generic preamble.
+    """
+    text = str(error)
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
+    summary = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return summary if len(summary) <= limit else summary[: limit - 1] + "…"

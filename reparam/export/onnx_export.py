@@ -33,7 +33,7 @@ from reparam._io import atomic_write
 from reparam._version import __version__
 from reparam.compare import OutputDiff, compare_outputs
 from reparam.convert import FuseReport, fuse_with_report
-from reparam.errors import ReparamError, UserInputError
+from reparam.errors import ExportError, ReparamError, UserInputError
 
 __all__ = [
     "CORR_EXPORT_MODES",
@@ -51,10 +51,6 @@ CORR_EXPORT_MODES = ("standard", "custom")
 DYNAMO_MIN_OPSET = 18  # the exporter's own opset; below it needs lossy version conversion
 DYNAMIC_CHECK_RTOL = 1e-3  # a baked-in size gives errors of order 1, not 1e-6
 MAX_MESSAGE = 300
-
-
-class ExportError(ReparamError):
-    """The model cannot be exported as asked (unsupported operator, opset or dynamic axis)."""
 
 
 @dataclass
