@@ -160,7 +160,7 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: warnings go to stderr unasked
         if self.custom_domains:
-            from reparam.export.corr_onnx import DOMAIN
+            from reparam.ops.corr_onnx import DOMAIN
 
             unknown = self.custom_domains - {DOMAIN}
             if unknown:
@@ -168,7 +168,7 @@ class OnnxModel:
                     f"'{self.path}' uses operator domain(s) {', '.join(sorted(unknown))} that "
                     "reparam has no implementation for"
                 )
-            from reparam.export.ort_corr import custom_ops_library
+            from reparam.ops.corr_ort import custom_ops_library
 
             options.register_custom_ops_library(custom_ops_library())
         self.providers = list(providers) if providers else default_providers()

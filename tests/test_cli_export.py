@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from reparam.blocks.drconv import DRConv2d
 from reparam.cli.app import app
-from reparam.export import ort_corr
+from reparam.ops import corr_ort as ort_corr
 
 MODULE = __name__  # tests/ is on sys.path: factories below are named MODULE:callable
 runner = CliRunner()

@@ -32,7 +32,7 @@ from reparam.blocks.repvgg import RepVGGBlock
 from reparam.blocks.t2t import T2TModule
 from reparam.errors import UserInputError
 from reparam.export import ExportError, export_onnx, supported_opsets, verify_onnx
-from reparam.export.corr_onnx import DOMAIN, corr_nodes
+from reparam.ops.corr_onnx import DOMAIN, corr_nodes
 from reparam.testing import randomize_batchnorm
 
 BATCH_SIZES = (1, 2, 5)

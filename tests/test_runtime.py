@@ -15,7 +15,9 @@ from onnx import TensorProto, helper
 
 from reparam.blocks.acb import ACBlock
 from reparam.errors import UserInputError
-from reparam.export import corr_onnx, export_onnx, ort_corr
+from reparam.export import export_onnx
+from reparam.ops import corr_onnx
+from reparam.ops import corr_ort as ort_corr
 from reparam.ops.corr import corr_output_size, corr_reference
 from reparam.runtime import OnnxModel, load
 

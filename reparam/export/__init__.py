@@ -3,8 +3,8 @@
 - :func:`export_onnx`: fuse, export (torch.export-based exporter, legacy as a fallback),
   check, embed metadata, write atomically, and check dynamic axes at other sizes.
 - :func:`verify_onnx`: the training-time model against the ONNX graph under onnxruntime.
-- :mod:`reparam.export.corr_onnx`: the ``com.reparam::Corr`` custom operator's ONNX schema and
-  translations; :mod:`reparam.export.ort_corr`: its onnxruntime-extensions kernel.
+- :mod:`reparam.ops.corr_onnx`: the ``com.reparam::Corr`` custom operator's ONNX schema and
+  translations; :mod:`reparam.ops.corr_ort`: its onnxruntime-extensions kernel.
 
 onnx, onnxruntime and onnxscript are imported when a function needs them, not on import.
 """

@@ -166,7 +166,7 @@ def export_onnx(
     if opset is not None and opset_written != opset:
         raise ExportError(f"asked for opset {opset}, the exporter wrote opset {opset_written}")
 
-    from reparam.export.corr_onnx import DOMAIN
+    from reparam.ops.corr_onnx import DOMAIN
 
     custom_ops = sorted(
         {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
@@ -379,7 +379,7 @@ def _export(
     input_names: list[str],
     output_names: list[str],
 ) -> tuple[Any, list[str]]:
-    from reparam.export import corr_onnx
+    from reparam.ops import corr_onnx
 
     corr_onnx.register_schema()
     try:

@@ -10,7 +10,7 @@ output (REFERENCE.md §4: ~12× slower than the standard-op decomposition); expo
 from __future__ import annotations
 
 from reparam.errors import UserInputError
-from reparam.export.corr_onnx import DOMAIN, OP_TYPE
+from reparam.ops.corr_onnx import DOMAIN, OP_TYPE
 
 __all__ = ["MISSING_EXTENSIONS", "custom_ops_library"]
 
