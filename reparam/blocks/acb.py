@@ -3,7 +3,7 @@
 Training form: y = BN_s(W_s ⋆ x) + BN_v(W_v ⋆ x) + BN_h(W_h ⋆ x) with a KxK kernel W_s, a Kx1
 kernel W_v and a 1xK kernel W_h. Because convolution is additive, the deploy form is one KxK
 conv: W = W_s' + centre(W_v') + centre(W_h'), b = b_s' + b_v' + b_h', where ' marks the
-BN-folded kernels (REFERENCE.md §1.1–1.3).
+BN-folded kernels (https://arxiv.org/abs/1908.03930, eqs. 3–5).
 
 Alignment: with padding p and dilation d the KxK conv reads its centre column at offset
 d·(K//2) − p, so the Kx1 branch is padded (p, p − d·(K//2)) and the 1xK branch
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock, check_branch_geometry
-from reparam.errors import FusionError
+from reparam.blocks.base import ReparamBlock, check_branch_geometry, resolve_padding
+from reparam.errors import BlockConfigError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel
 
@@ -41,6 +41,9 @@ class ACBlock(ReparamBlock):
         reduce_gamma: initialise every BN weight to 1/3 (ACNet's option).
         gamma_init: initialise every BN weight to this value.
     """
+
+    deploy_conv_name = "fused_conv"
+    branch_names = ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn", "crop")
 
     def __init__(
         self,
@@ -64,10 +67,8 @@ class ACBlock(ReparamBlock):
             "its Kx1 and 1xK branches align on the centre tap",
         )  # fmt: skip
         if reduce_gamma and gamma_init is not None:
-            raise FusionError("give reduce_gamma or gamma_init, not both")
-        padding = dilation * (kernel_size // 2) if padding is None else padding
-        if padding < 0:
-            raise FusionError(f"padding must be >= 0, got {padding}")
+            raise BlockConfigError("give reduce_gamma or gamma_init, not both")
+        padding = resolve_padding(padding, kernel_size, dilation)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
@@ -114,24 +115,13 @@ class ACBlock(ReparamBlock):
         horizontal = self.hor_bn(self.hor_conv(hor_input))
         return square + vertical + horizontal
 
-    def _reparameterize(self) -> None:
+    def _fold_branches(self) -> tuple[Tensor, Tensor]:
         size = (self.kernel_size, self.kernel_size)
         square = conv_bn_kernel(self.square_conv, self.square_bn)
         ver_kernel, ver_bias = conv_bn_kernel(self.ver_conv, self.ver_bn)
         hor_kernel, hor_bias = conv_bn_kernel(self.hor_conv, self.hor_bn)
-        kernel, bias = add_branches(
+        return add_branches(
             square,
             (centre_kernel(ver_kernel, size), ver_bias),
             (centre_kernel(hor_kernel, size), hor_bias),
-        )
-        self.fused_conv = self._deploy_conv(kernel, bias)
-        for name in ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"):
-            delattr(self, name)
-        del self.crop
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"groups={self.groups}, deploy={self.deploy}"
         )

@@ -4,21 +4,38 @@ A block is built in its training form (several branches, BatchNorms) or, with
 ``deploy=True``, directly in its deploy form, so that fused checkpoints load with strict
 keys. ``switch_to_deploy()`` converts the training form in place and deletes the branches;
 calling it again does nothing. ``reparameterize()`` is the same method under the name timm
-and MobileOne use.
+and MobileOne use (https://github.com/huggingface/pytorch-image-models, byobnet.py).
+
+A block that fuses into one KxK conv implements :meth:`ReparamBlock._fold_branches` and sets
+``deploy_conv_name`` and ``branch_names``; the base class then provides
+``get_equivalent_kernel_bias`` (always folded in float32 or wider, rounded to the weights'
+dtype once) and the conversion. Blocks that fuse into something else (two convs, several
+paths) override ``_reparameterize`` instead.
+
+Shared construction helpers: :func:`check_branch_geometry`, :func:`resolve_padding`,
+:func:`conv_bn_branch` and :func:`crop_border`. Bad constructor arguments raise
+:class:`~reparam.errors.BlockConfigError`.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from reparam.convert import FuseOutcome, register_fuser
-from reparam.errors import FusionError
+from reparam.errors import BlockConfigError
 from reparam.module_fusion import make_conv
 
-__all__ = ["ReparamBlock", "check_branch_geometry"]
+__all__ = [
+    "ReparamBlock",
+    "check_branch_geometry",
+    "conv_bn_branch",
+    "crop_border",
+    "resolve_padding",
+]
 
 
 def check_branch_geometry(
@@ -27,28 +44,108 @@ def check_branch_geometry(
     """Refuse what no KxK multi-branch block can fuse: an even kernel (no centre tap for the
     smaller branches to align on, ``why`` says which) or channels not divisible by groups."""
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise FusionError(f"{block} needs an odd kernel_size ({why}), got {kernel_size}")
+        raise BlockConfigError(f"{block} needs an odd kernel_size ({why}), got {kernel_size}")
+    if groups < 1:
+        raise BlockConfigError(f"{block}: groups must be >= 1, got {groups}")
     if in_channels % groups or out_channels % groups:
-        raise FusionError(
+        raise BlockConfigError(
             f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
             f"divisible by groups ({groups})"
         )
 
 
+def resolve_padding(padding: int | None, kernel_size: int, dilation: int) -> int:
+    """The KxK conv's padding: ``dilation·(K//2)`` ("same" at stride 1) when None."""
+    padding = dilation * (kernel_size // 2) if padding is None else padding
+    if padding < 0:
+        raise BlockConfigError(f"padding must be >= 0, got {padding}")
+    return padding
+
+
+def conv_bn_branch(
+    in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], **conv_args
+) -> nn.Sequential:
+    """A bias-free conv followed by BatchNorm, named ``conv`` and ``bn`` as RepVGG, DBB and
+    MobileOne name their branches (so their published state-dict keys load)."""
+    branch = nn.Sequential()
+    branch.add_module(
+        "conv", nn.Conv2d(in_channels, out_channels, kernel_size, bias=False, **conv_args)
+    )
+    branch.add_module("bn", nn.BatchNorm2d(out_channels))
+    return branch
+
+
+def crop_border(x: Tensor, pixels: int) -> Tensor:
+    """Drop ``pixels`` rows and columns on every side of an NCHW tensor.
+
+    A smaller branch whose aligned padding would be negative (the block's padding is below
+    d·(K//2)) reads the cropped input instead, which is what the padding would mean.
+    """
+    return x[:, :, pixels:-pixels, pixels:-pixels] if pixels > 0 else x
+
+
 class ReparamBlock(nn.Module):
     """Base class of the blocks in :mod:`reparam.blocks`.
 
-    Subclasses set ``self.deploy`` in ``__init__`` and implement :meth:`_reparameterize`,
-    which builds the deploy form from the training branches (in eval-mode semantics: BN
-    running statistics) and deletes the branches. They may set ``self.fuse_detail`` to say
-    what they chose, for the fuse report.
+    Subclasses set ``self.deploy`` in ``__init__``. Single-conv blocks implement
+    :meth:`_fold_branches` and name their deploy conv (``deploy_conv_name``) and training
+    submodules (``branch_names``); others override :meth:`_reparameterize`, which builds
+    the deploy form from the training branches (eval-mode semantics: BN running statistics)
+    and deletes the branches. They may set ``self.fuse_detail`` to say what they chose, for
+    the fuse report.
     """
 
     deploy: bool = False
     fuse_detail: str = ""
+    deploy_conv_name: ClassVar[str | None] = None
+    branch_names: ClassVar[tuple[str, ...]] = ()
+    repr_fields: ClassVar[tuple[str, ...]] = (
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "deploy",
+    )
+
+    def _fold_branches(self) -> tuple[Tensor, Tensor]:
+        """``(kernel, bias)`` of the deploy conv from the training branches of ``self``.
+
+        Called by :meth:`get_equivalent_kernel_bias` on a float32 (or wider) copy, so
+        implementations never think about low-precision rounding.
+        """
+        raise NotImplementedError
+
+    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The fused ``(kernel, bias)``: W = Σ_branches W_b', b = Σ b_b', in the weights' dtype.
+
+        Every branch is folded in float32 (or the weights' own wider dtype) and the sum is
+        rounded to the weights' dtype once, so bfloat16/float16 blocks are not rounded twice.
+        """
+        if self.deploy:
+            conv = getattr(self, self._deploy_conv_attribute())
+            return conv.weight.detach(), conv.bias.detach()
+        dtype = self.parameter_dtype()
+        kernel, bias = self._float32_source(dtype)._fold_branches()
+        return kernel.to(dtype), bias.to(dtype)
+
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype of the block's first floating-point parameter (float32 if none)."""
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
+    def _deploy_conv_attribute(self) -> str:
+        if self.deploy_conv_name is None:
+            raise NotImplementedError(f"{type(self).__name__} does not fuse into one conv")
+        return self.deploy_conv_name
 
     def _reparameterize(self) -> None:
-        raise NotImplementedError
+        kernel, bias = self.get_equivalent_kernel_bias()
+        setattr(self, self._deploy_conv_attribute(), self._deploy_conv(kernel, bias))
+        for name in self.branch_names:
+            if hasattr(self, name):
+                delattr(self, name)
 
     def switch_to_deploy(self) -> None:
         """Convert to the deploy form in place; a no-op when already deployed."""
@@ -82,6 +179,17 @@ class ReparamBlock(nn.Module):
             groups=self.groups,
             padding_mode=getattr(self, "padding_mode", "zeros"),
         )
+
+    def extra_repr(self) -> str:
+        """``in, out, kernel_size=K, stride=…, …`` from the attributes the block has."""
+        head = [
+            str(getattr(self, name))
+            for name in ("in_channels", "out_channels")
+            if hasattr(self, name)
+        ]
+        fields = ("kernel_size", *self.repr_fields)
+        head += [f"{name}={getattr(self, name)}" for name in fields if hasattr(self, name)]
+        return ", ".join(head)
 
 
 @register_fuser(ReparamBlock)

@@ -7,8 +7,9 @@ Training form: the sum of four branches, then an optional nonlinearity,
       + BN_2(W_2 ⋆ padb(BN_m(W_m ⋆ x)))                 1x1 → KxK      (dbb_1x1_kxk)
       + BN_a(avg_K(padb(BN_c(W_c ⋆ x))))                1x1 → avg-pool (dbb_avg)
 
-All four are linear in x, so the deploy form is one KxK conv (REFERENCE.md §1.1–1.3,
-§1.6, §1.7): the 1x1 branch is centred in the KxK kernel, the 1x1 → KxK pair merges with
+All four are linear in x, so the deploy form is one KxK conv
+(https://arxiv.org/abs/2103.13425, Section 3, transforms I–VI): the 1x1 branch is centred
+in the KxK kernel, the 1x1 → KxK pair merges with
 :func:`~reparam.fusion.merge_1x1_kxk`, the average pool becomes the kernel of
 :func:`~reparam.fusion.avgpool_kernel` and merges with its 1x1 the same way.
 
@@ -40,8 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock, check_branch_geometry
-from reparam.errors import FusionError
+from reparam.blocks.base import (
+    ReparamBlock,
+    check_branch_geometry,
+    conv_bn_branch,
+    crop_border,
+    resolve_padding,
+)
+from reparam.errors import BlockConfigError
 from reparam.fusion import (
     add_branches,
     avgpool_kernel,
@@ -156,19 +163,6 @@ def _avg_pool(kernel_size: int, stride: int, padding: int, dilation: int) -> nn.
     return DilatedAvgPool2d(kernel_size, stride=stride, padding=padding, dilation=dilation)
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, **conv_args) -> nn.Sequential:
-    branch = nn.Sequential()
-    branch.add_module(
-        "conv", nn.Conv2d(in_channels, out_channels, kernel_size, bias=False, **conv_args)
-    )
-    branch.add_module("bn", nn.BatchNorm2d(out_channels))
-    return branch
-
-
-def _crop(x: Tensor, pixels: int) -> Tensor:
-    return x[:, :, pixels:-pixels, pixels:-pixels] if pixels > 0 else x
-
-
 class DiverseBranchBlock(ReparamBlock):
     """KxK, 1x1, 1x1→KxK and 1x1→avg-pool branches with BNs, summed; fuses into one KxK conv.
 
@@ -184,6 +178,9 @@ class DiverseBranchBlock(ReparamBlock):
         nonlinear: module applied after the sum (None: identity), kept when fused.
         single_init: initialise the γ of every BN after a branch to 0 except dbb_origin's.
     """
+
+    deploy_conv_name = "dbb_reparam"
+    branch_names = ("dbb_origin", "dbb_1x1", "dbb_avg", "dbb_1x1_kxk", "crop_1x1")
 
     def __init__(
         self,
@@ -206,17 +203,15 @@ class DiverseBranchBlock(ReparamBlock):
         )  # fmt: skip
         depthwise = groups == out_channels
         if depthwise and in_channels != out_channels:
-            raise FusionError(
+            raise BlockConfigError(
                 f"with groups == out_channels ({groups}) the average-pool branch pools the "
                 f"input directly, so in_channels ({in_channels}) must equal out_channels"
             )
-        padding = dilation * (kernel_size // 2) if padding is None else padding
-        if padding < 0:
-            raise FusionError(f"padding must be >= 0, got {padding}")
+        padding = resolve_padding(padding, kernel_size, dilation)
         if internal_channels_1x1_3x3 is None:
             internal_channels_1x1_3x3 = 2 * in_channels if depthwise else in_channels
         if internal_channels_1x1_3x3 % groups:
-            raise FusionError(
+            raise BlockConfigError(
                 f"internal_channels_1x1_3x3 ({internal_channels_1x1_3x3}) must be divisible by "
                 f"groups ({groups})"
             )
@@ -233,7 +228,7 @@ class DiverseBranchBlock(ReparamBlock):
             )  # fmt: skip
             return
 
-        self.dbb_origin = _conv_bn(
+        self.dbb_origin = conv_bn_branch(
             in_channels, out_channels, kernel_size,
             stride=stride, padding=padding, dilation=dilation, groups=groups,
         )  # fmt: skip
@@ -248,7 +243,7 @@ class DiverseBranchBlock(ReparamBlock):
             self.dbb_avg.add_module("avg", _avg_pool(kernel_size, stride, 0, dilation))
             padding_1x1 = centred_padding(padding, kernel_size, 1, dilation)
             self.crop_1x1 = max(0, -padding_1x1)
-            self.dbb_1x1 = _conv_bn(
+            self.dbb_1x1 = conv_bn_branch(
                 in_channels, out_channels, 1,
                 stride=stride, padding=max(0, padding_1x1), groups=groups,
             )  # fmt: skip
@@ -282,29 +277,21 @@ class DiverseBranchBlock(ReparamBlock):
             return self.nonlinear(self.dbb_reparam(inputs))
         out = self.dbb_origin(inputs)
         if hasattr(self, "dbb_1x1"):
-            out = out + self.dbb_1x1(_crop(inputs, self.crop_1x1))
+            out = out + self.dbb_1x1(crop_border(inputs, self.crop_1x1))
         out = out + self.dbb_avg(inputs)
         out = out + self.dbb_1x1_kxk(inputs)
         return self.nonlinear(out)
 
-    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        """The fused KxK ``(kernel, bias)`` of the training branches, in the weight's dtype.
-
-        Uses the BatchNorms' running statistics (eval-mode semantics).
-        """
-        if self.deploy:
-            return self.dbb_reparam.weight.detach(), self.dbb_reparam.bias.detach()
-        dtype = self.dbb_origin.conv.weight.dtype
-        source = self._float32_source(dtype)
+    def _fold_branches(self) -> tuple[Tensor, Tensor]:
         size, groups = self.kernel_size, self.groups
-        weight = source.dbb_origin.conv.weight
-        branches = [conv_bn_kernel(source.dbb_origin.conv, source.dbb_origin.bn)]
+        weight = self.dbb_origin.conv.weight
+        branches = [conv_bn_kernel(self.dbb_origin.conv, self.dbb_origin.bn)]
 
-        if hasattr(source, "dbb_1x1"):
-            kernel_1x1, bias_1x1 = conv_bn_kernel(source.dbb_1x1.conv, source.dbb_1x1.bn)
+        if hasattr(self, "dbb_1x1"):
+            kernel_1x1, bias_1x1 = conv_bn_kernel(self.dbb_1x1.conv, self.dbb_1x1.bn)
             branches.append((centre_kernel(kernel_1x1, size), bias_1x1))
 
-        seq = source.dbb_1x1_kxk
+        seq = self.dbb_1x1_kxk
         if hasattr(seq, "idconv1"):
             first = fold_bn_module(seq.idconv1.get_actual_kernel().detach(), None, seq.bn1.bn)
         else:
@@ -312,7 +299,7 @@ class DiverseBranchBlock(ReparamBlock):
         second = conv_bn_kernel(seq.conv2, seq.bn2)
         branches.append(merge_1x1_kxk(*first, *second, groups=groups))
 
-        avg = source.dbb_avg
+        avg = self.dbb_avg
         avg_groups = self.out_channels if not hasattr(avg, "conv") else groups
         pool = avgpool_kernel(
             self.out_channels, size, groups=avg_groups, dtype=weight.dtype, device=weight.device
@@ -322,16 +309,7 @@ class DiverseBranchBlock(ReparamBlock):
             pooled = merge_1x1_kxk(*conv_bn_kernel(avg.conv, avg.bn.bn), *pooled, groups=groups)
         branches.append(pooled)
 
-        kernel, bias = add_branches(*branches)
-        return kernel.to(dtype), bias.to(dtype)
-
-    def _reparameterize(self) -> None:
-        kernel, bias = self.get_equivalent_kernel_bias()
-        self.dbb_reparam = self._deploy_conv(kernel, bias)
-        for name in ("dbb_origin", "dbb_avg", "dbb_1x1_kxk", "crop_1x1"):
-            delattr(self, name)
-        if hasattr(self, "dbb_1x1"):
-            del self.dbb_1x1
+        return add_branches(*branches)
 
     def init_gamma(self, gamma_value: float) -> None:
         """Set the γ of the last BN of every branch to ``gamma_value``."""
@@ -348,10 +326,3 @@ class DiverseBranchBlock(ReparamBlock):
         self.init_gamma(0.0)
         if not self.deploy:
             nn.init.constant_(self.dbb_origin.bn.weight, 1.0)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"groups={self.groups}, deploy={self.deploy}"
-        )
