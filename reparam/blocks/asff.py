@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from reparam.blocks.base import ReparamBlock
 from reparam.blocks.conv import Conv
+from reparam.errors import BlockConfigError
 
 __all__ = ["ASFF"]
 
@@ -61,16 +62,18 @@ class ASFF(ReparamBlock):
     ) -> None:
         super().__init__()
         if level not in (0, 1, 2):
-            raise ValueError(f"ASFF level must be 0, 1 or 2, got {level}")
+            raise BlockConfigError(f"ASFF level must be 0, 1 or 2, got {level}")
         base = (1024, 512, 256) if channels is None else tuple(channels)
         if len(base) != 3 or multiplier <= 0:
-            raise ValueError(
+            raise BlockConfigError(
                 f"ASFF needs three channel counts and a positive multiplier, got channels={base}, "
                 f"multiplier={multiplier}"
             )
         channels = tuple(int(c * multiplier) for c in base)
         if min(channels) < 1:
-            raise ValueError(f"channels {base} x multiplier {multiplier} leaves a level empty")
+            raise BlockConfigError(
+                f"channels {base} x multiplier {multiplier} leaves a level empty"
+            )
         self.level, self.multiplier, self.rfb, self.vis = level, multiplier, rfb, vis
         self.dim = channels
         self.inter_dim = inter = channels[level]

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock
-from reparam.errors import FusionError
+from reparam.blocks.base import ReparamBlock, resolve_padding
+from reparam.errors import BlockConfigError
 from reparam.fusion import add_branches, centre_kernel, centred_padding, grouped_to_dense
 from reparam.module_fusion import conv_bn_kernel, make_conv
 
@@ -92,25 +92,23 @@ class HetConv(ReparamBlock):
     ) -> None:
         super().__init__()
         if p < 1 or in_channels % p or out_channels % p:
-            raise FusionError(
+            raise BlockConfigError(
                 f"HetConv needs in_channels ({in_channels}) and out_channels ({out_channels}) "
                 f"divisible by p ({p})"
             )
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise FusionError(
+            raise BlockConfigError(
                 f"HetConv needs an odd kernel_size (the 1x1 aligns with the centre tap), "
                 f"got {kernel_size}"
             )
         if fuse_mode not in FUSE_MODES:
-            raise FusionError(f"fuse_mode must be one of {FUSE_MODES}, got {fuse_mode!r}")
+            raise BlockConfigError(f"fuse_mode must be one of {FUSE_MODES}, got {fuse_mode!r}")
         if deploy and fuse_mode == "auto":
-            raise FusionError(
+            raise BlockConfigError(
                 "HetConv(deploy=True) needs fuse_mode='dense' or 'separate': the deploy form "
                 "a checkpoint holds (a fused block records it in .deploy_form)"
             )
-        padding = dilation * (kernel_size // 2) if padding is None else padding
-        if padding < 0:
-            raise FusionError(f"padding must be >= 0, got {padding}")
+        padding = resolve_padding(padding, kernel_size, dilation)
         self.in_channels, self.out_channels, self.p = in_channels, out_channels, p
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.use_bn, self.exact = dilation, use_bn, exact
