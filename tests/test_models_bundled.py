@@ -71,9 +71,9 @@ def test_paper_sizes():
         a0, s0 = repvgg_a0(deploy=True), mobileone_s0(inference_mode=True)
     assert round(model_stats(a0).parameters / 1e6, 2) == 8.31
     assert round(model_stats(s0).parameters / 1e6, 2) == 2.08
-    widths = [stage[0].out_channels for stage in a0.stages]
+    widths = [a0.stage0.out_channels] + [stage[0].out_channels for stage in a0.stages]
     assert widths == [48, 48, 96, 192, 1280]
-    assert [len(stage) for stage in a0.stages] == [1, 2, 4, 14, 1]
+    assert [1] + [len(stage) for stage in a0.stages] == [1, 2, 4, 14, 1]
     assert [len(stage) // 2 for stage in s0.stages] == [2, 8, 10, 1]
 
 
