@@ -17,6 +17,25 @@ Two exporters, two routes (REFERENCE.md §4):
 
 :func:`register_schema` teaches ``onnx`` the node (once per process) so that
 ``check_model(full_check=True)`` and shape inference accept and type it.
+
+:func:`attach_corr_function` ships the node's meaning inside the file: a model-local
+``FunctionProto`` ``com.reparam::Corr`` (:func:`corr_function_proto`) made of standard
+operators. A runtime with no Corr kernel (plain onnxruntime, no custom-op library) inlines
+it; a runtime with a native kernel may use its own. Its body cannot use Conv for im2col as
+``corr="standard"`` does, because Conv's ``strides``/``pads``/``dilations`` are lists and an
+attribute reference must keep the referenced attribute's type (Corr's are single ints), and
+Conv's ``group`` would have to be the (dynamic) channel count. So the body gathers instead::
+
+    xp   = Pad(x, p)                                   (B, C, H+2p, W+2p)
+    rows = d·i + s·oh   (i < kh, oh < H')              index (kh, H')
+    cols = d·j + s·ow   (j < kw, ow < W')              index (kw, W')
+    im2col = Gather(Gather(xp, rows, axis=2), cols, axis=4) → (B, C, kh, kw, H', W')
+    y    = MatMul(kernel as (B, g, O/g, C/g·kh·kw), im2col as (B, g, C/g·kh·kw, H'·W'))
+
+where every scalar (s, p, d, g) comes from a ``Constant`` whose ``value_int`` references the
+node's attribute. :func:`validate_corr_nodes` checks every Corr node's attributes and the
+static shapes it can see, so a crafted graph is refused at load time instead of failing
+inside a kernel.
 """
 
 from __future__ import annotations
@@ -27,17 +46,24 @@ __all__ = [
     "ATTRIBUTE_DEFAULTS",
     "DOMAIN",
     "DOMAIN_VERSION",
+    "FUNCTION_OPSET",
     "OP_TYPE",
+    "attach_corr_function",
+    "corr_function_proto",
     "corr_nodes",
     "register_legacy_symbolic",
     "register_schema",
     "translation_table",
+    "validate_corr_nodes",
 ]
 
 DOMAIN = "com.reparam"
 DOMAIN_VERSION = 1
 OP_TYPE = "Corr"
 ATTRIBUTE_DEFAULTS = {"groups": 1, "stride": 1, "padding": 0, "dilation": 1}
+# The body's ops (Pad with a pads input, Range, Gather, MatMul) all exist unchanged since
+# opset 13; the function imports the model's own default-domain version when attaching.
+FUNCTION_OPSET = 18
 
 _legacy_registered = False
 
@@ -169,3 +195,207 @@ def register_legacy_symbolic() -> None:
 def corr_nodes(model: Any) -> list:
     """The ``com.reparam::Corr`` nodes of an ``onnx.ModelProto``'s main graph."""
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def corr_function_proto(opset: int = FUNCTION_OPSET) -> Any:
+    """``com.reparam::Corr`` as an ONNX function of standard operators (see module docstring).
+
+    Args:
+        opset: the default-domain opset the body imports (the model's own, when attached).
+
+    Returns:
+        An ``onnx.FunctionProto`` with inputs ``x``, ``kernel``, output ``y`` and attributes
+        groups, stride, padding, dilation (with the operator's defaults).
+    """
+    import onnx
+    from onnx import helper
+
+    nodes = []
+
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def const(name: str, values: list[int]) -> str:
+        tensor = helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values)
+        return node("Constant", [], name, value=tensor)
+
+    def attr_scalar(attr: str) -> str:
+        # A Constant's value_int referencing the Corr node's attribute: a 0-d int64 tensor.
+        constant = helper.make_node("Constant", [], [f"{attr}_0d"])
+        # helper.make_attribute_ref names the referencing and referenced attribute alike.
+        constant.attribute.append(
+            onnx.AttributeProto(name="value_int", type=onnx.AttributeProto.INT, ref_attr_name=attr)
+        )
+        nodes.append(constant)
+        return node("Reshape", [f"{attr}_0d", "one_shape"], f"{attr}_1d")  # shape (1,)
+
+    const("one_shape", [1])
+    zero, one = const("zero", [0]), const("one", [1])
+    zero2 = const("zero2", [0, 0])
+    stride, padding = attr_scalar("stride"), attr_scalar("padding")
+    dilation, groups = attr_scalar("dilation"), attr_scalar("groups")
+
+    x_shape = node("Shape", ["x"], "x_shape")
+    k_shape = node("Shape", ["kernel"], "k_shape")
+
+    def dim(shape: str, index: int, name: str) -> str:
+        return node("Gather", [shape, const(f"{name}_index", [index])], name, axis=0)
+
+    batch, height, width = dim(x_shape, 0, "B"), dim(x_shape, 2, "H"), dim(x_shape, 3, "W")
+    out_channels, kh, kw = dim(k_shape, 1, "O"), dim(k_shape, 3, "kh"), dim(k_shape, 4, "kw")
+    pads = node("Concat", [zero2, padding, padding, zero2, padding, padding], "pads", axis=0)
+    padded = node("Pad", ["x", pads], "xp", mode="constant")
+    two_p = node("Add", [padding, padding], "two_p")
+
+    def taps(size: str, k: str, axis: str) -> tuple[str, str]:
+        """Indices d·i + s·o of the padded axis, shape (k, out), and the output size."""
+        span = node("Mul", [dilation, node("Sub", [k, one], f"{axis}_k1")], f"{axis}_span")
+        room = node("Sub", [node("Add", [size, two_p], f"{axis}_padded"), span], f"{axis}_room")
+        last = node("Sub", [room, one], f"{axis}_last")
+        out = node("Add", [node("Div", [last, stride], f"{axis}_steps"), one], f"{axis}_out")
+        k0, out0 = (node("Squeeze", [v, zero], f"{v}_0d") for v in (k, out))
+        zero0 = node("Squeeze", [zero, zero], f"{axis}_zero_0d")
+        one0 = node("Squeeze", [one, zero], f"{axis}_one_0d")
+        kernel_pos = node("Range", [zero0, k0, one0], f"{axis}_kernel_pos")
+        out_pos = node("Range", [zero0, out0, one0], f"{axis}_out_pos")
+        kernel_off = node("Mul", [kernel_pos, dilation], f"{axis}_kernel_off")
+        out_off = node("Mul", [out_pos, stride], f"{axis}_out_off")
+        index = node(
+            "Add",
+            [
+                node("Unsqueeze", [kernel_off, one], f"{axis}_kernel_col"),
+                node("Unsqueeze", [out_off, zero], f"{axis}_out_row"),
+            ],
+            f"{axis}_index",
+        )
+        return index, out
+
+    rows, out_h = taps(height, kh, "h")
+    cols, out_w = taps(width, kw, "w")
+    gathered = node("Gather", [padded, rows], "rows_gathered", axis=2)  # (B, C, kh, H', Wp)
+    patches = node("Gather", [gathered, cols], "patches", axis=4)  # (B, C, kh, H', kw, W')
+    patches = node("Transpose", [patches], "patches_t", perm=[0, 1, 2, 4, 3, 5])
+    minus_one = const("minus_one", [-1])
+    pixels = node("Mul", [out_h, out_w], "pixels")
+    columns_shape = node("Concat", [batch, groups, minus_one, pixels], "columns_shape", axis=0)
+    columns = node("Reshape", [patches, columns_shape], "columns")  # (B, g, C/g·kh·kw, H'W')
+    # Row length C/g·kh·kw from the kernel's own shape (its O/g is the -1).
+    k_tail = node("Slice", [k_shape, const("two", [2]), const("five", [5])], "k_tail")
+    row = node("ReduceProd", [k_tail], "row", keepdims=1)
+    weights_shape = node("Concat", [batch, groups, minus_one, row], "weights_shape", axis=0)
+    weights = node("Reshape", ["kernel", weights_shape], "weights")  # (B, g, O/g, C/g·kh·kw)
+    product = node("MatMul", [weights, columns], "product")  # (B, g, O/g, H'W')
+    y_shape = node("Concat", [batch, out_channels, out_h, out_w], "y_shape", axis=0)
+    node("Reshape", [product, y_shape], "y")
+
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        ["x", "kernel"],
+        ["y"],
+        nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=[],
+        attribute_protos=[
+            helper.make_attribute(name, value) for name, value in ATTRIBUTE_DEFAULTS.items()
+        ],
+        doc_string="Per-sample cross-correlation y[b] = Conv(x[b], kernel[b]); standard-op body.",
+    )
+
+
+def attach_corr_function(model: Any) -> Any:
+    """Add :func:`corr_function_proto` to ``model.functions`` (in place) and return ``model``.
+
+    Idempotent; a no-op when the graph has no Corr node. The function imports the model's own
+    default-domain opset, and the model imports ``com.reparam`` version 1.
+    """
+    from onnx import helper
+
+    if not corr_nodes(model):
+        return model
+    if any(f.domain == DOMAIN and f.name == OP_TYPE for f in model.functions):
+        return model
+    opset = next(
+        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), FUNCTION_OPSET
+    )
+    model.functions.append(corr_function_proto(opset))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return model
+
+
+def _static_shape(value_info: Any) -> tuple[int | None, ...] | None:
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+
+
+def validate_corr_nodes(model: Any) -> list[str]:
+    """Problems with the ``com.reparam::Corr`` nodes of ``model``, one line each; [] if none.
+
+    Checks what a kernel would otherwise trip over at run time: integer attributes with
+    groups, stride, dilation ≥ 1 and padding ≥ 0 (and nothing absurdly large), only the
+    four known attributes, two inputs and one output, and — where the graph declares the
+    shapes — x of rank 4, kernel of rank 5, channels divisible by groups and the kernel's
+    C/groups matching x. Nodes inside model-local function bodies are checked too.
+    """
+    import onnx
+
+    shapes: dict[str, tuple[int | None, ...] | None] = {}
+    graph = model.graph
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        shapes[value.name] = _static_shape(value)
+    candidates = [(node, "graph") for node in graph.node]
+    for function in model.functions:
+        candidates += [
+            (node, f"function {function.domain}::{function.name}") for node in function.node
+        ]
+
+    problems = []
+    for node, where in candidates:
+        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+            continue
+        label = f"{DOMAIN}::{OP_TYPE} node '{node.name or '?'}' ({where})"
+        if len(node.input) != 2 or len(node.output) != 1:
+            problems.append(f"{label}: needs 2 inputs and 1 output, has {len(node.input)} "
+                            f"and {len(node.output)}")  # fmt: skip
+        attrs = dict(ATTRIBUTE_DEFAULTS)
+        for attribute in node.attribute:
+            if attribute.name not in ATTRIBUTE_DEFAULTS:
+                problems.append(f"{label}: unknown attribute '{attribute.name}'")
+            elif attribute.ref_attr_name:
+                continue  # a reference inside a function: checked where the caller sets it
+            elif attribute.type != onnx.AttributeProto.INT:
+                problems.append(f"{label}: attribute '{attribute.name}' must be an int")
+            else:
+                attrs[attribute.name] = attribute.i
+        lowest = {"groups": 1, "stride": 1, "dilation": 1, "padding": 0}
+        for name, value in attrs.items():
+            if not lowest[name] <= value <= _MAX_ATTRIBUTE:
+                problems.append(
+                    f"{label}: {name}={value}, must be between {lowest[name]} and {_MAX_ATTRIBUTE}"
+                )
+        if len(node.input) != 2:
+            continue
+        x_shape, k_shape = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if x_shape is not None and len(x_shape) != 4:
+            problems.append(f"{label}: x must have rank 4 (B, C, H, W), has rank {len(x_shape)}")
+        if k_shape is not None and len(k_shape) != 5:
+            problems.append(
+                f"{label}: kernel must have rank 5 (B, O, C/groups, kh, kw), has rank "
+                f"{len(k_shape)}"
+            )
+        if x_shape and k_shape and len(x_shape) == 4 and len(k_shape) == 5:
+            groups, channels, per_group = attrs["groups"], x_shape[1], k_shape[2]
+            if groups >= 1 and channels and channels % groups:
+                problems.append(f"{label}: {channels} input channels not divisible by "
+                                f"groups={groups}")  # fmt: skip
+            elif groups >= 1 and channels and per_group and per_group * groups != channels:
+                problems.append(f"{label}: kernel has {per_group} channels per group, x has "
+                                f"{channels} in {groups} groups")  # fmt: skip
+    return problems
+
+
+_MAX_ATTRIBUTE = 1 << 16  # beyond this a size computation is nonsense, not a model
