@@ -3,17 +3,38 @@
 For a reference output r and a candidate c, each output tensor is summarised by
 max|c − r|, the relative error max|c − r| / max|r| (one scale per tensor, so outputs near
 zero do not blow it up), and the cosine similarity of the flattened tensors.
+
+Non-finite values count as infinitely wrong unless both outputs hold the same one at the same
+place (NaN where the reference is NaN, +inf where it is +inf): a NaN difference must never
+pass a ``max_rel <= rtol`` check by comparing false.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["OutputDiff", "compare_outputs", "flatten_outputs"]
+from reparam.errors import UserInputError
+
+__all__ = ["OutputDiff", "check_tolerance", "compare_outputs", "flatten_outputs"]
+
+
+def check_tolerance(value: float, name: str = "rtol") -> float:
+    """``value`` as a float if it is a finite number ≥ 0; otherwise UserInputError.
+
+    A NaN tolerance would make every comparison false and so disable the check.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise UserInputError(f"{name} must be finite and >= 0, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -27,7 +48,14 @@ class OutputDiff:
     cosine: float
 
     def within(self, rtol: float, atol: float = 0.0) -> bool:
-        """True when max_abs ≤ atol + rtol·max|reference|, i.e. the error is within tolerance."""
+        """True when max_abs ≤ atol or max_rel ≤ rtol; always False for a non-finite error.
+
+        Raises:
+            UserInputError: a tolerance is negative, NaN or infinite.
+        """
+        rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+        if not (math.isfinite(self.max_abs) and math.isfinite(self.max_rel)):
+            return False
         return self.max_abs <= atol or self.max_rel <= rtol
 
 
@@ -60,11 +88,23 @@ def compare_outputs(reference: object, candidate: object) -> list[OutputDiff]:
             raise ValueError(
                 f"{name}: reference shape {tuple(ref64.shape)} != candidate {tuple(cand64.shape)}"
             )
-        error = (cand64 - ref64).abs()
-        max_abs = error.max().item() if error.numel() else 0.0
-        scale = ref64.abs().max().item() if ref64.numel() else 0.0
-        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-        norms = ref64.norm() * cand64.norm()
-        cosine = (ref64.flatten() @ cand64.flatten() / norms).item() if norms > 0 else 1.0
-        diffs.append(OutputDiff(name, tuple(ref64.shape), max_abs, max_rel, cosine))
+        diffs.append(_diff(name, ref64, cand64))
     return diffs
+
+
+def _diff(name: str, ref: Tensor, cand: Tensor) -> OutputDiff:
+    """Errors over the finite entries; any other non-finite mismatch makes them infinite."""
+    same_special = (ref.isnan() & cand.isnan()) | (ref.isinf() & (ref == cand))
+    finite = ref.isfinite() & cand.isfinite()
+    if not bool((finite | same_special).all()):
+        return OutputDiff(name, tuple(ref.shape), math.inf, math.inf, math.nan)
+    ref, cand = ref[finite], cand[finite]
+    error = (cand - ref).abs()
+    max_abs = error.max().item() if error.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    norms = ref.norm() * cand.norm()
+    # Both all-zero (or empty) agree exactly; all-zero against non-zero does not.
+    fallback = 1.0 if max_abs == 0 else 0.0
+    cosine = (ref @ cand / norms).item() if norms > 0 else fallback
+    return OutputDiff(name, tuple(ref.shape), max_abs, max_rel, cosine)

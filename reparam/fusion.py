@@ -7,9 +7,11 @@ fused in float32 and only rounded once, at the end.
 Notation: a conv kernel ``W`` has shape (O, I/g, kh, kw) and bias ``b`` (O,); a BatchNorm has
 running mean μ, running variance v, eps ε, weight γ and bias β; σ = sqrt(v + ε).
 
-Identities (REFERENCE.md §1):
+Identities (ACNet, https://arxiv.org/abs/1908.03930; RepVGG, https://arxiv.org/abs/2101.03697;
+DBB, https://arxiv.org/abs/2103.13425):
 
 - BN into conv:          W' = W·γ/σ (per output channel),  b' = β + (b − μ)·γ/σ
+- BN1d into Linear:      W' = diag(γ/σ)·W,  b' = β + (b − μ)·γ/σ  (W of shape (O, I))
 - parallel branches:     W = Σ W_i,  b = Σ b_i  (same stride and output alignment)
 - small kernel in KxK:   zero-pad the kernel around its centre; the branch's conv padding
                          must be p − d·(K//2 − k//2) (see :func:`centred_padding`)
@@ -35,6 +37,7 @@ __all__ = [
     "centre_kernel",
     "centred_padding",
     "fold_batchnorm",
+    "fold_linear_batchnorm",
     "grouped_to_dense",
     "identity_kernel",
     "merge_1x1_kxk",
@@ -44,6 +47,22 @@ __all__ = [
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype fusion arithmetic runs in: at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _fit(tensor: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """``tensor`` (computed in at least float32) cast to ``dtype``, refusing values that are
+    not finite or that ``dtype`` cannot hold: a kernel silently rounded to inf or NaN would
+    change every output it touches."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise FusionError(f"the folded {what} is not finite (inf or NaN)")
+    if tensor.is_floating_point() and tensor.numel():
+        largest = torch.finfo(dtype).max
+        peak = float(tensor.abs().max())
+        if peak > largest:
+            raise FusionError(
+                f"the folded {what} reaches {peak:.4g}, beyond the largest {dtype} ({largest:.4g})"
+            )
+    return tensor.to(dtype)
 
 
 def fold_batchnorm(
@@ -75,6 +94,11 @@ def fold_batchnorm(
 
     Returns:
         The folded ``(kernel, bias)`` in the kernel's dtype and device.
+
+    Raises:
+        FusionError: the folded values are not finite (e.g. ε = 0 with v = 0) or do not fit
+            the kernel's dtype (e.g. above 65504 for float16). The arithmetic runs in at
+            least float32, so the check sees the true values before rounding.
     """
     out_dtype, device = kernel.dtype, kernel.device
     dtype = _compute_dtype(out_dtype)
@@ -93,7 +117,29 @@ def fold_batchnorm(
     else:
         weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     fused_bias = shift + (conv_bias - mean) * scale
-    return weight.to(out_dtype), fused_bias.to(out_dtype)
+    return _fit(weight, out_dtype, "kernel"), _fit(fused_bias, out_dtype, "bias")
+
+
+def fold_linear_batchnorm(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm1d that follows a Linear layer (2-D input) into it.
+
+    BN(Wx + b) = γ·(Wx + b − μ)/σ + β = (diag(γ/σ)·W)·x + β + (b − μ)·γ/σ, so
+    W' = W·γ/σ per row (output feature) and b' = β + (b − μ)·γ/σ: the conv identity with a
+    kernel of no spatial dimensions. Valid only when the BatchNorm normalises the Linear's
+    output features, i.e. the Linear's output is (N, O).
+
+    Returns:
+        The folded ``(weight, bias)`` in the weight's dtype and device.
+    """
+    return fold_batchnorm(weight, bias, running_mean, running_var, eps, gamma, beta)
 
 
 def centre_kernel(kernel: Tensor, size: int | Sequence[int]) -> Tensor:

@@ -2,8 +2,8 @@
 
 Freshly built BatchNorms have mean 0, variance 1, γ = 1, β = 0: folding them is almost the
 identity and hides formula bugs. :func:`randomize_batchnorm` gives every BN running
-statistics and affine parameters of a trained network, with γ ≈ 1 (REFERENCE.md §2: tiny γ
-shrinks outputs and hides errors too).
+statistics and affine parameters of a trained network, with γ ≈ 1 (a tiny γ shrinks outputs
+and hides errors too).
 """
 
 from __future__ import annotations

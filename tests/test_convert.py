@@ -220,7 +220,7 @@ def test_registered_fuser_replaces_the_block_and_reports_its_note():
         with pytest.warns(UserWarning, match="replacing"):
             reparam.register_fuser(UserBlock, lambda block: None)
     finally:
-        reparam.convert._FUSERS.pop(UserBlock)
+        reparam.convert.unregister_fuser(UserBlock)
 
 
 def test_fuser_error_names_the_module_path():
@@ -238,7 +238,7 @@ def test_fuser_error_names_the_module_path():
         with pytest.raises(FusionError, match=r"^inner\.0 \(Broken\): stride 3"):
             reparam.fuse(model)
     finally:
-        reparam.convert._FUSERS.pop(Broken)
+        reparam.convert.unregister_fuser(Broken)
 
 
 def test_bundled_acnet_tiny_fuses_to_plain_convs():

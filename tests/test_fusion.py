@@ -18,7 +18,7 @@ from reparam.fusion import (
     identity_kernel,
     merge_1x1_kxk,
 )
-from reparam.module_fusion import conv_bn_kernel, fuse_conv_bn_eval
+from reparam.module_fusion import conv_bn_kernel
 from reparam.testing import randomize_batchnorm
 
 F64 = torch.float64
@@ -75,15 +75,6 @@ def test_fold_batchnorm_keeps_dtype_and_computes_in_float32():
     assert out_kernel.dtype == out_bias.dtype == torch.bfloat16
     exact = kernel.float() * (stats / torch.sqrt(stats + 1e-5)).reshape(-1, 1, 1, 1)
     assert (out_kernel.float() - exact).abs().max() <= exact.abs().max() * 2**-8
-
-
-def test_fuse_conv_bn_eval_refuses_training_mode_and_leaves_inputs_alone():
-    conv, bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
-    with pytest.raises(FusionError, match="eval mode"):
-        fuse_conv_bn_eval(conv, bn)
-    before = conv.weight.clone()
-    fused = fuse_conv_bn_eval(conv.eval(), randomize_batchnorm(bn).eval())
-    assert torch.equal(conv.weight, before) and fused is not conv
 
 
 @pytest.mark.parametrize("dilation", [1, 2, 3])
