@@ -1,42 +1,155 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it."""
+"""Safe file output: check the destination before any work, then write it atomically.
+
+Every command calls :func:`prepare_output` before it starts (so a bad ``-o`` fails in a
+second, not after a ten-second export), then :func:`atomic_write` to write a temporary file
+beside the target and rename it over the target. Rules:
+
+- A symlink output is followed: its target is written (atomically); the link stays a link.
+- Only regular files are replaced: ``/dev/null``, ``/dev/stdout``, devices, FIFOs and sockets
+  are refused (an atomic rename would swap a regular file in for them).
+- An output that is the same file as an input (same path, symlink or hard link) is refused.
+- Modes: a new file gets what any new file gets under the user's umask (``0o666 & ~umask``),
+  not ``mkstemp``'s 0600; a replaced file keeps its permission bits, so replacing a file
+  never widens (or narrows) who can read it.
+- On any failure or signal (``KeyboardInterrupt``, ``SystemExit`` raised by the CLI's SIGTERM
+  handler) the temporary file is removed and the old file is untouched.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from reparam.errors import UserInputError
+from reparam.errors import UnsafeInputError, UserInputError, printable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "new_file_mode", "prepare_output"]
+
+_KINDS = {
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISFIFO: "a FIFO",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS.items():
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _resolve(path: Path) -> Path:
+    """``path`` with every symlink followed (also a dangling one: its target is written)."""
+    return Path(os.path.realpath(path))
+
+
+def prepare_output(path: str | os.PathLike, *, inputs: Iterable[object] = ()) -> Path:
+    """Check that ``path`` can be written, before any work; return the file to write.
+
+    Args:
+        path: The output the user asked for; a symlink is followed.
+        inputs: Files the command reads (``None`` entries are ignored); the output must not
+            be any of them.
+
+    Returns:
+        The resolved path (symlinks followed) that :func:`atomic_write` should replace.
+
+    Raises:
+        UnsafeInputError: The output exists and is not a regular file, or is an input.
+        UserInputError: It is a directory, or its directory is missing or not writable.
+    """
+    requested = Path(path)
+    shown = printable(requested)
+    target = _resolve(requested)
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as error:
+        raise UserInputError(f"cannot use output '{shown}': {error.strerror}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UserInputError(f"output path '{shown}' is a directory")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UnsafeInputError(
+            f"output '{shown}' is {_kind(mode)}; reparam writes only regular files "
+            "(it would replace it, not write into it)"
+        )
+    for source in inputs:
+        if source is None:
+            continue
+        source_path = Path(source)  # type: ignore[arg-type]
+        same = _resolve(source_path) == target
+        if not same and mode is not None and source_path.exists():
+            same = os.path.samefile(source_path, target)  # hard links
+        if same:
+            raise UnsafeInputError(
+                f"--output '{shown}' would overwrite the input file '{printable(source_path)}'; "
+                "choose another path"
+            )
+    directory = target.parent
+    if not directory.is_dir():
+        raise UserInputError(f"output directory '{printable(directory)}' does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserInputError(
+            f"cannot write to '{printable(directory)}': permission denied or read-only"
+        )
+    return target
+
+
+def new_file_mode() -> int:
+    """The permission bits a new file gets under the process's umask (``0o666 & ~umask``)."""
+    try:  # Linux reports the umask without changing it (no window where it is 0)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path``.
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (symlinks followed).
 
-    A failure anywhere leaves no partial file: readers see the old file or the new one.
+    A failure anywhere, a ``KeyboardInterrupt`` or ``SystemExit`` included, leaves no
+    partial file and no temporary file: readers see the old file or the new one.
+
+    Returns:
+        ``path`` as given.
     """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise UserInputError(f"output directory '{target.parent}' does not exist")
-    if target.is_dir():
-        raise UserInputError(f"output path '{target}' is a directory")
+    requested = Path(path)
+    target = prepare_output(requested)  # checked again: things may have changed meanwhile
     try:
-        handle, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-        )
-    except OSError as error:  # read-only or full file system, no permission
-        raise UserInputError(f"cannot write to '{target.parent}': {error.strerror}") from None
-    os.close(handle)
-    tmp = Path(tmp_name)
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = new_file_mode()
+    tmp: Path | None = None
     try:
+        try:
+            handle, tmp_name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+            )
+        except OSError as error:  # read-only or full file system, no permission
+            raise UserInputError(
+                f"cannot write to '{printable(target.parent)}': {error.strerror}"
+            ) from None
+        tmp = Path(tmp_name)
+        os.close(handle)
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
+        tmp = None
     except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise UserInputError(f"writing '{target}' failed: {error}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+        raise UserInputError(
+            f"writing '{printable(requested)}' failed: {printable(error)}"
+        ) from None
+    finally:
+        if tmp is not None:  # any exception or signal between mkstemp and the rename
+            tmp.unlink(missing_ok=True)
+    return requested

@@ -11,9 +11,11 @@ __all__ = [
     "ExportError",
     "FusionError",
     "MissingCustomOpError",
+    "NotAFusedCheckpointError",
     "ReparamError",
     "UnsafeInputError",
     "UserInputError",
+    "printable",
     "summarize",
 ]
 
@@ -40,6 +42,10 @@ class UnsafeInputError(UserInputError):
     """A file asks reparam to import or run code, or an output would destroy a file."""
 
 
+class NotAFusedCheckpointError(UserInputError):
+    """A file read as a fused checkpoint is a readable checkpoint, but not one reparam wrote."""
+
+
 class ExportError(ReparamError):
     """The model cannot be exported as asked (unsupported operator, opset or dynamic axis)."""
 
@@ -59,3 +65,16 @@ def summarize(error: BaseException, limit: int = MAX_SUMMARY) -> str:
     lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
     summary = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return summary if len(summary) <= limit else summary[: limit - 1] + "…"
+
+
+def printable(text: object) -> str:
+    """``text`` with every non-printable character escaped as ``repr`` would (``\\x1b``, ``\\n``).
+
+    Names taken from files (checkpoint keys, factory names) can hold terminal escape
+    sequences or newlines; a message that shows one must neither drive the terminal nor
+    break the one-line ``error:`` contract.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

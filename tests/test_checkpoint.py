@@ -22,7 +22,7 @@ from reparam.checkpoint import (
     load_state_dict_file,
     save_fused,
 )
-from reparam.errors import FusionError, UserInputError
+from reparam.errors import FusionError, UnsafeInputError, UserInputError
 from reparam.models import create_model
 from reparam.testing import randomize_batchnorm
 
@@ -82,7 +82,12 @@ def test_round_trip_of_a_factory_model_with_kwargs(tmp_path: Path):
         torch.manual_seed(1)
         fused = reparam.fuse(randomize_batchnorm(build_model(spec), seed=4))
     save_fused(fused, tmp_path / "small.pt", spec, input_shapes=[(2, 3, 11, 9)])
-    loaded = load(tmp_path / "small.pt")
+    # A factory recorded in a file is imported only when the caller names it or trusts code.
+    with pytest.raises(UnsafeInputError, match=r"--model .*small_net.*--trust-code"):
+        load(tmp_path / "small.pt")
+    assert load(tmp_path / "small.pt", trust_code=True).reparam_spec == spec
+    loaded = load(tmp_path / "small.pt", model=spec.name)
+    assert loaded.reparam_note is None
     assert loaded.reparam_spec == spec
     assert loaded.reparam_input_shapes == [(2, 3, 11, 9)]
     x = probe(shape=(2, 3, 11, 9))

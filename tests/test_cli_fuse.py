@@ -284,7 +284,7 @@ def test_factory_with_kwargs_and_input_shape(tmp_path: Path, out: Path):
     assert report_row(result.stdout, "ACBlock") == ["2"]
     assert report_row(result.stdout, "Conv+BatchNorm") == ["1"]
     assert "probe input 1x3x11x9" in result.stdout
-    loaded = load(out / "small-fused.pt")
+    loaded = load(out / "small-fused.pt", model=FACTORY)  # a recorded factory must be named
     assert loaded.reparam_spec == ModelSpec(FACTORY, {"widths": [4, 6], "num_classes": 5})
     assert loaded.reparam_input_shapes == [shape]
     expected = outputs(reparam.fuse(model), shape)
@@ -296,7 +296,7 @@ def test_factory_announcing_its_input_shape_needs_no_shape_option(out: Path):
     result = invoke("fuse", f"{factories.MODULE}:small_net_with_shapes", "-o", out / "f.pt")
     assert_succeeded(result)
     assert "probe input 1x3x9x7" in result.stdout
-    assert load(out / "f.pt").reparam_input_shapes == [(1, 3, 9, 7)]
+    assert load(out / "f.pt", trust_code=True).reparam_input_shapes == [(1, 3, 9, 7)]
 
 
 # --------------------------------------------------------------------------- bad input

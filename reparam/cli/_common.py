@@ -1,35 +1,76 @@
-"""What every command shares: option types, argument parsing, model loading, error exits."""
+"""What every command shares: option types, argument parsing, model loading, error exits.
+
+torch and the model code are imported inside the functions that need them, not at module
+level: every command module imports this one, and ``reparam --help`` / ``--version`` should
+not pay for ``import torch``.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import os
+import traceback
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from torch import nn
 
-from reparam.checkpoint import (
-    ModelSpec,
-    apply_state_dict,
-    build_model,
-    is_fused_checkpoint,
-    load,
-    load_state_dict_file,
+from reparam.errors import (
+    NotAFusedCheckpointError,
+    ReparamError,
+    UserInputError,
+    printable,
+    summarize,
 )
-from reparam.errors import ReparamError, UserInputError
-from reparam.models import get_model_info, list_models
-from reparam.testing import randomize_batchnorm
 
+if TYPE_CHECKING:  # annotations only: no torch import at run time
+    import torch
+    from torch import nn
+
+    from reparam.checkpoint import ModelSpec
+
+MAX_SEED = 2**63 - 1
+THREADS_PER_CORE = 4
+MODEL_FILE_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass
+class Settings:
+    """Global options of the root command (``-v/--verbose``, ``-q/--quiet``), for every command."""
+
+    verbose: bool = False
+    quiet: bool = False
+
+    def ort_log_severity(self) -> int:
+        """onnxruntime's log level: everything with --verbose, otherwise errors only (3)."""
+        return 0 if self.verbose else 3
+
+
+settings = Settings()
+
+
+def _bundled_names() -> str:
+    # The help text lists the bundled models, which needs the model registry (and torch);
+    # this runs when a command module is imported, which the CLI does only for that command.
+    from reparam.models import list_models
+
+    return ", ".join(list_models())
+
+
+MODEL_RULE = (
+    "A bundled name always means the bundled model; an argument containing a path "
+    "separator or ending in .pt/.pth is a file (write ./NAME for a file named like a bundled "
+    "model); anything else with a colon is a factory."
+)
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help=f"A bundled model ({', '.join(list_models())}), a factory "
-        "package.module:callable, or a fused checkpoint written by `reparam fuse`.",
+        help=f"A bundled model ({_bundled_names()}), a factory package.module:callable, or a "
+        f"fused checkpoint written by `reparam fuse`. {MODEL_RULE}",
         show_default=False,
     ),
 ]
@@ -39,7 +80,16 @@ WeightsOpt = Annotated[
         "--weights",
         "-w",
         help="State-dict checkpoint (.pt/.pth), loaded with torch.load(weights_only=True). "
+        "EMA weights (ema, model_ema, state_dict_ema) are preferred when present. "
         "Without it the model keeps its initial weights, with randomised BN statistics.",
+    ),
+]
+WeightsKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights-key",
+        help="Take the state dict from this top-level entry of the --weights file "
+        "(e.g. model, ema, state_dict) instead of choosing one.",
     ),
 ]
 KwargOpt = Annotated[
@@ -63,18 +113,138 @@ TrustPickleOpt = Annotated[
         "file: only use it for files you trust.",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Seed for probe inputs and randomised BN statistics.")]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Let a fused checkpoint name the factory that rebuilds it: this IMPORTS AND RUNS "
+        "CODE named in the file. Only for files you trust; --model names it yourself instead.",
+    ),
+]
+_MODEL_OVERRIDE_HELP = (
+    "Rebuild a fused checkpoint with this model (bundled name or package.module:callable) "
+    "instead of the one the file records; needed for a file recording a factory, unless "
+    "--trust-code."
+)
+ModelOverrideOpt = Annotated[
+    str | None, typer.Option("--model", "--factory", help=_MODEL_OVERRIDE_HELP)
+]
+FactoryOverrideOpt = Annotated[str | None, typer.Option("--factory", help=_MODEL_OVERRIDE_HELP)]
+SeedOpt = Annotated[
+    int, typer.Option(help=f"Seed (0..{MAX_SEED}) for probe inputs and randomised BN statistics.")
+]
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a :class:`ReparamError` into ``error: <one line>`` on stderr and exit code 1."""
+    """Whatever a command raises becomes one ``error:`` line on stderr and a non-zero exit.
+
+    A :class:`ReparamError` prints its message (exit 1). Anything else is a bug or an
+    environment failure: ``error: internal error: <Type: first line>`` (exit 1), with the
+    traceback only under ``--verbose``. Warnings raised meanwhile (torch's, onnx's) are held
+    back: shown again after success, dropped on failure unless ``--verbose``, so the user
+    sees one line. ``typer.Exit``, ``KeyboardInterrupt`` and ``SystemExit`` pass through.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield
+        except ReparamError as error:
+            _fail(" ".join(str(error).split()), caught)
+        except RecursionError:
+            _fail("input is nested too deeply to process", caught)
+        except MemoryError:
+            _fail("out of memory (try smaller input shapes or batch sizes)", caught)
+        except Exception as error:  # a bug or environment failure: still one line, exit 1
+            if settings.verbose:
+                traceback.print_exc()
+            _fail(f"internal error: {summarize(error)}", caught)
+    if not settings.quiet:
+        for item in caught:  # success: let the held-back warnings through as usual
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
+def _fail(message: str, caught: list[warnings.WarningMessage]) -> None:
+    if settings.verbose:
+        for item in caught:
+            typer.echo(f"warning: {printable(item.message)}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
+    raise typer.Exit(code=1)
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if torch and numpy accept it (0..2**63-1); one clear error otherwise."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserInputError(f"--seed {seed} is outside 0..{MAX_SEED}")
+    return seed
+
+
+def check_threads(threads: int | None) -> int | None:
+    """A thread count between 1 and a few per core (None: the runtime's default)."""
+    if threads is None:
+        return None
+    limit = THREADS_PER_CORE * (os.cpu_count() or 1)
+    if not 1 <= threads <= limit:
+        raise UserInputError(
+            f"--threads {threads} is outside 1..{limit} ({THREADS_PER_CORE} per CPU core)"
+        )
+    return threads
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation, or None if the OS does not say."""
     try:
-        yield
-    except ReparamError as error:
-        message = " ".join(str(error).split())
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(code=1) from None
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_allocation(
+    shapes: Iterable[Sequence[int]], dtype: Any, what: str, *, copies: int = 1
+) -> int:
+    """Refuse, before allocating, tensors of ``shapes`` that the machine cannot hold.
+
+    Args:
+        shapes: One shape per tensor.
+        dtype: A torch or numpy dtype (anything with ``itemsize``), or the item size in bytes.
+        what: What the tensors are, for the message ("probe input", "--batch 1000000").
+        copies: How many such sets are alive at once (e.g. inputs plus outputs).
+
+    Returns:
+        The bytes the tensors take.
+    """
+    itemsize = dtype if isinstance(dtype, int) else int(getattr(dtype, "itemsize", 4))
+    shapes = [tuple(shape) for shape in shapes]
+    total = 0
+    for shape in shapes:
+        count = 1
+        for size in shape:
+            count *= int(size)
+        total += count
+    needed = total * itemsize * copies
+    available = available_memory()
+    if available is not None and needed > available:
+        shown = ", ".join("x".join(map(str, shape)) for shape in shapes)
+        raise UserInputError(
+            f"{what} of shape {shown} would take {_bytes(needed)}; this machine has "
+            f"{_bytes(available)} available"
+        )
+    return needed
 
 
 def parse_kwargs(pairs: Sequence[str] | None) -> dict:
@@ -83,11 +253,13 @@ def parse_kwargs(pairs: Sequence[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise UserInputError(f"--kwarg '{pair}' must look like KEY=VALUE")
+            raise UserInputError(f"--kwarg '{printable(pair)[:80]}' must look like KEY=VALUE")
         try:
             kwargs[key] = json.loads(raw)
         except json.JSONDecodeError:
             kwargs[key] = raw
+        except RecursionError:
+            raise UserInputError(f"--kwarg {key}: the JSON value is nested too deeply") from None
     return kwargs
 
 
@@ -97,10 +269,28 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise UserInputError(f"input shape '{text}' must be integers like 1,3,224,224") from None
+        raise UserInputError(
+            f"input shape '{printable(text)}' must be integers like 1,3,224,224"
+        ) from None
     if not shape or any(d <= 0 for d in shape):
-        raise UserInputError(f"input shape '{text}' must have positive sizes")
+        raise UserInputError(f"input shape '{printable(text)}' must have positive sizes")
     return shape
+
+
+def model_arg_kind(name: str) -> str:
+    """``"bundled"``, ``"file"`` or ``"factory"``: how MODEL is read (see :data:`MODEL_RULE`).
+
+    Decided from the text alone, never from what exists on disk, so a file in the current
+    directory cannot stand in for a bundled model.
+    """
+    from reparam.models import list_models  # the registry imports torch
+
+    if name in list_models():
+        return "bundled"
+    separators = {os.sep, os.altsep or os.sep, "/"}
+    if any(sep in name for sep in separators) or name.lower().endswith(MODEL_FILE_SUFFIXES):
+        return "file"
+    return "factory" if ":" in name else "bundled"
 
 
 @dataclass
@@ -112,13 +302,20 @@ class LoadedModel:
     input_shapes: list[tuple[int, ...]]
     description: str
     fused: bool = False
+    path: Path | None = None
+    """The fused checkpoint read, if the model came from one (an input of the command)."""
+    notes: list[str] = field(default_factory=list)
+    """Sentences worth printing: which checkpoint entry was used, a replaced factory."""
 
     def probe_inputs(self, seed: int) -> list[torch.Tensor]:
         """Random normal inputs of the model's dtype and device, one per input shape."""
+        import torch
+
         reference = next(self.model.parameters(), None)
         dtype = reference.dtype if reference is not None else torch.float32
         device = reference.device if reference is not None else "cpu"
-        generator = torch.Generator().manual_seed(seed)
+        check_allocation(self.input_shapes, dtype, "probe input", copies=2)
+        generator = torch.Generator().manual_seed(check_seed(seed))
         return [
             torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
             for shape in self.input_shapes
@@ -133,51 +330,98 @@ def load_model(
     input_shapes: Sequence[str] | None = None,
     trust_pickle: bool = False,
     seed: int = 0,
+    weights_key: str | None = None,
+    model_override: str | None = None,
+    trust_code: bool = False,
 ) -> LoadedModel:
-    """Build the model a command names, load its weights, and settle its input shapes."""
+    """Build the model a command names, load its weights, and settle its input shapes.
+
+    ``model_override`` and ``trust_code`` apply to a fused checkpoint (see
+    :func:`reparam.checkpoint.load`); ``weights_key`` to ``weights``
+    (see :func:`reparam.checkpoint.read_weights`).
+    """
+    import torch
+
+    from reparam.checkpoint import ModelSpec, apply_state_dict, load, read_weights
+    from reparam.testing import randomize_batchnorm
+
+    check_seed(seed)
     shapes = [parse_shape(text) for text in input_shapes or []]
-    path = Path(name)
-    if path.suffix in {".pt", ".pth"} or path.exists():
-        if not path.is_file():
-            raise UserInputError(f"model file '{path}' does not exist")
+    if shapes:
+        check_allocation(shapes, 4, "probe input", copies=2)
+    kind = model_arg_kind(name)
+    if kind == "file":
+        path = Path(name)
         if weights is not None:
             raise UserInputError("a fused checkpoint carries its weights: drop --weights")
         if kwargs:
             raise UserInputError("a fused checkpoint records its factory arguments: drop --kwarg")
-        if not is_fused_checkpoint(path):
+        if weights_key is not None:
+            raise UserInputError("--weights-key applies to --weights: drop it")
+        try:
+            model = load(path, model=model_override, trust_code=trust_code)
+        except NotAFusedCheckpointError:
             raise UserInputError(
-                f"'{path}' is not a fused checkpoint; name the model and pass this file "
-                "with --weights"
-            )
-        model = load(path)
+                f"'{printable(path)}' is not a fused checkpoint; name the model and pass this "
+                "file with --weights"
+            ) from None
+        notes = [model.reparam_note] if model.reparam_note else []
         return LoadedModel(
             model,
             model.reparam_spec,
             shapes or list(model.reparam_input_shapes),
-            f"{model.reparam_spec.name} (fused checkpoint {path})",
+            f"{printable(model.reparam_spec.name)} (fused checkpoint {printable(path)})",
             fused=True,
+            path=path,
+            notes=notes,
         )
+    if model_override is not None:
+        raise UserInputError("--model applies to a fused checkpoint; give the model as MODEL")
+    if weights_key is not None and weights is None:
+        raise UserInputError("--weights-key needs --weights")
 
     spec = ModelSpec(name, parse_kwargs(kwargs))
     # Seeded so that a model without --weights gets the same initial weights in every
     # command: `reparam export` now and `reparam verify` later agree.
     torch.manual_seed(seed)
-    model = build_model(spec)
+    model = _build(spec)
+    notes = []
     if weights is not None:
-        apply_state_dict(model, load_state_dict_file(weights, trust_pickle=trust_pickle), weights)
-        description = f"{name} with weights {weights}"
+        read = read_weights(weights, trust_pickle=trust_pickle, key=weights_key)
+        apply_state_dict(model, read.state_dict, str(weights))
+        description = f"{printable(name)} with weights {printable(weights)} ({read.entry})"
+        notes.append(f"weights: {read.entry} of {printable(weights)}")
     else:
         randomize_batchnorm(model, seed)
-        description = f"{name} (initial weights, randomised BN statistics)"
+        description = f"{printable(name)} (initial weights, randomised BN statistics)"
     if not shapes:
         shapes = _default_shapes(spec, model)
-    return LoadedModel(model.eval(), spec, shapes, description)
+    return LoadedModel(model.eval(), spec, shapes, description, notes=notes)
+
+
+def _build(spec: ModelSpec) -> nn.Module:
+    from reparam.checkpoint import build_model
+
+    try:
+        return build_model(spec)
+    except UserInputError as error:
+        # A bare name that is not bundled but is a file: say how to read it as one.
+        if ":" not in spec.name and Path(spec.name).is_file():
+            raise UserInputError(
+                f"{error} (to read the file '{printable(spec.name)}', write "
+                f"./{printable(spec.name)})"
+            ) from None
+        raise
 
 
 def _default_shapes(spec: ModelSpec, model: nn.Module) -> list[tuple[int, ...]]:
+    from reparam.models import get_model_info
+
     if not spec.is_factory:
         return list(get_model_info(spec.name).input_shapes)
     shapes = getattr(model, "example_input_shapes", None)
     if shapes:
         return [tuple(shape) for shape in shapes]
-    raise UserInputError(f"give --input-shape for factory '{spec.name}' (e.g. -s 1,3,224,224)")
+    raise UserInputError(
+        f"give --input-shape for factory '{printable(spec.name)}' (e.g. -s 1,3,224,224)"
+    )

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from reparam._table import format_table
-from reparam.checkpoint import save_fused
 from reparam.cli._common import (
     KwargOpt,
     ModelArg,
+    ModelOverrideOpt,
     SeedOpt,
     ShapeOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
+    WeightsKeyOpt,
     WeightsOpt,
     load_model,
+    model_arg_kind,
+    settings,
     user_errors,
 )
-from reparam.errors import ReparamError, UserInputError
-from reparam.summary import FuseRun, fuse_and_check
+from reparam.errors import ReparamError, UserInputError, printable, summarize
+
+if TYPE_CHECKING:
+    from reparam.summary import FuseRun
 
 
 def fuse(
@@ -41,13 +48,26 @@ def fuse(
         bool, typer.Option(help="Also fold Conv→BN pairs found by torch.fx tracing.")
     ] = True,
     seed: SeedOpt = 0,
+    weights_key: WeightsKeyOpt = None,
+    model_override: ModelOverrideOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Fuse every block and Conv→BN pair of MODEL into plain convs and write the weights.
 
     Prints blocks fused per type, parameters and conv layers before → after, and the output
     difference on a random probe input. Exits 1 if that difference exceeds --rtol.
     """
+    # The library modules import torch: imported here so that `reparam --help` does not.
+    from reparam._io import prepare_output
+    from reparam.checkpoint import save_fused
+    from reparam.summary import fuse_and_check
+
     with user_errors():
+        if not math.isfinite(rtol) or rtol < 0:
+            raise UserInputError(f"--rtol must be a finite number >= 0, not {rtol}")
+        inputs = [weights, Path(model) if model_arg_kind(model) == "file" else None]
+        if output is not None:  # checked before any work, so a bad -o fails at once
+            prepare_output(output, inputs=inputs)
         loaded = load_model(
             model,
             weights=weights,
@@ -55,29 +75,34 @@ def fuse(
             input_shapes=input_shape,
             trust_pickle=trust_pickle,
             seed=seed,
+            weights_key=weights_key,
+            model_override=model_override,
+            trust_code=trust_code,
         )
         target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + "-fused.pt")
-        inputs = [weights] if weights is not None else [Path(model)] if loaded.fused else []
-        if any(target.resolve() == path.resolve() for path in inputs):
-            raise UserInputError("--output would overwrite the input file; choose another path")
+        prepare_output(target, inputs=inputs)
+        for note in loaded.notes:
+            if not settings.quiet:
+                typer.echo(f"note: {note}")
         try:
             run = fuse_and_check(loaded.model, loaded.probe_inputs(seed), trace=trace)
         except ReparamError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # probe does not fit
-            first_line = str(error).splitlines()[0]
             raise UserInputError(
-                f"running {loaded.spec.name} on input shape(s) {loaded.input_shapes} failed: "
-                f"{first_line}"
+                f"running {printable(loaded.spec.name)} on input shape(s) "
+                f"{loaded.input_shapes} failed: {printable(summarize(error))}"
             ) from None
-        typer.echo(render_report(loaded.description, loaded.input_shapes, run))
-        if run.max_rel > rtol:
+        if not settings.quiet:
+            typer.echo(render_report(loaded.description, loaded.input_shapes, run))
+        # Written so that NaN differences fail too (NaN > rtol is False).
+        if not (run.max_rel <= rtol and math.isfinite(run.max_abs)):
             raise UserInputError(
                 f"fused model differs from the original: max rel {run.max_rel:.3g} > rtol "
                 f"{rtol:g} (max abs {run.max_abs:.3g}); nothing written"
             )
         save_fused(run.fused, target, loaded.spec, input_shapes=loaded.input_shapes, trace=trace)
-        typer.echo(f"wrote {target}")
+        typer.echo(f"wrote {printable(target)}")
 
 
 def render_report(description: str, input_shapes: list[tuple[int, ...]], run: FuseRun) -> str:
