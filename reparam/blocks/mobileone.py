@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from reparam.blocks.base import ReparamBlock, check_branch_geometry
+from reparam.blocks.repvgg import refuse_other_form
 from reparam.errors import FusionError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
@@ -168,6 +169,11 @@ class MobileOneBlock(ReparamBlock):
         for branch_out in outputs[1:]:
             out = out + branch_out
         return self.activation(self.se(out))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        branches = ("rbr_conv", "rbr_scale", "rbr_skip")
+        refuse_other_form(self, state_dict, prefix, "reparam_conv", branches, "inference_mode")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The fused KxK ``(kernel, bias)`` of the training branches, in the model's dtype.

@@ -31,11 +31,44 @@ import torch
 from torch import Tensor, nn
 
 from reparam.blocks.base import ReparamBlock, check_branch_geometry
-from reparam.errors import FusionError
+from reparam.errors import FusionError, UserInputError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
 
-__all__ = ["RepVGGBlock", "SEBlock"]
+__all__ = ["RepVGGBlock", "SEBlock", "refuse_other_form"]
+
+
+def refuse_other_form(
+    block: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    deploy_name: str,
+    branch_names: tuple[str, ...],
+    flag: str,
+) -> None:
+    """Raise UserInputError when ``state_dict`` holds the other form of ``block``.
+
+    A training-form block given ``<deploy_name>.*`` keys (a fused checkpoint), or a deploy
+    block given branch keys, would otherwise fail with dozens of missing/unexpected keys;
+    this names the form and what to do instead. Called from ``_load_from_state_dict``.
+    """
+    name = type(block).__name__
+
+    def has(part: str) -> bool:
+        return any(key.startswith(f"{prefix}{part}.") for key in state_dict)
+
+    where = f" at '{prefix[:-1]}'" if prefix else ""
+    if not block.deploy and has(deploy_name):
+        raise UserInputError(
+            f"{name}{where} is in training form but the state dict is its deploy form "
+            f"({prefix}{deploy_name}.*): build it with {flag}=True, or fuse it first "
+            "(reparam.fuse or switch_to_deploy()) and then load"
+        )
+    if block.deploy and any(has(branch) for branch in branch_names):
+        raise UserInputError(
+            f"{name}{where} is in deploy form but the state dict is its training form "
+            f"({', '.join(branch_names)}): build it with {flag}=False, load, then fuse"
+        )
 
 
 class SEBlock(nn.Module):
@@ -157,6 +190,11 @@ class RepVGGBlock(ReparamBlock):
         if self.rbr_identity is not None:
             out = out + self.rbr_identity(inputs)
         return self.nonlinearity(self.se(out))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        branches = ("rbr_dense", "rbr_1x1", "rbr_identity")
+        refuse_other_form(self, state_dict, prefix, "rbr_reparam", branches, "deploy")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The fused KxK ``(kernel, bias)`` of the training branches, in the weight's dtype.
