@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from reparam.cli.app import settings
 from reparam.errors import (
     NotAFusedCheckpointError,
     ReparamError,
@@ -36,21 +37,6 @@ if TYPE_CHECKING:  # annotations only: no torch import at run time
 MAX_SEED = 2**63 - 1
 THREADS_PER_CORE = 4
 MODEL_FILE_SUFFIXES = (".pt", ".pth")
-
-
-@dataclass
-class Settings:
-    """Global options of the root command (``-v/--verbose``, ``-q/--quiet``), for every command."""
-
-    verbose: bool = False
-    quiet: bool = False
-
-    def ort_log_severity(self) -> int:
-        """onnxruntime's log level: everything with --verbose, otherwise errors only (3)."""
-        return 0 if self.verbose else 3
-
-
-settings = Settings()
 
 
 def _bundled_names() -> str:

@@ -1,17 +1,151 @@
-"""The ``reparam`` typer application: one command per module, registered here."""
+"""The ``reparam`` typer application: global options, lazily loaded commands, signal handling.
+
+Each command lives in its own module, imported only when that command runs (or its help is
+shown), so ``reparam --version`` and ``reparam --help`` do not import torch. The table below
+is the one list of commands; its short help is what ``reparam --help`` shows.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+from typer.models import CommandInfo
 
 from reparam._version import __version__
-from reparam.cli import bench_cmd, demo_cmd, fuse_cmd
+
+
+@dataclass
+class Settings:
+    """Global options of the root command (``-v/--verbose``, ``-q/--quiet``), for every command.
+
+    Commands read them as ``reparam.cli._common.settings``.
+    """
+
+    verbose: bool = False
+    quiet: bool = False
+
+    def ort_log_severity(self) -> int:
+        """onnxruntime's log level: everything with --verbose, otherwise errors only (3)."""
+        return 0 if self.verbose else 3
+
+
+settings = Settings()
+
+# name: (module, function to register or None if the module registers itself, short help)
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "fuse": (
+        "reparam.cli.fuse_cmd",
+        "fuse",
+        "Fuse every block and Conv→BN pair of MODEL into plain convs and write the weights.",
+    ),
+    "export": (
+        "reparam.cli.export_cmd",
+        None,
+        "Fuse MODEL, export it to ONNX and verify the file under onnxruntime.",
+    ),
+    "verify": (
+        "reparam.cli.export_cmd",
+        None,
+        "Compare ONNX_FILE with the PyTorch model under onnxruntime; exit 1 on a mismatch.",
+    ),
+    "run": (
+        "reparam.cli.export_cmd",
+        None,
+        "Run ONNX_FILE under onnxruntime and print output shapes, statistics and timing.",
+    ),
+    "bench": ("reparam.cli.bench_cmd", "bench", "Benchmark blocks and bundled models."),
+    "demo": (
+        "reparam.cli.demo_cmd",
+        "demo",
+        "Train a digit classifier built from training-time blocks, fuse, export, verify.",
+    ),
+}
+
+
+def _registered(name: str) -> CommandInfo | None:
+    for info in app.registered_commands:
+        if (info.name or getattr(info.callback, "__name__", None)) == name:
+            return info
+    return None
+
+
+def _real_command(name: str) -> Any:
+    """Import the module of command ``name`` and build its click command."""
+    module_name, attribute, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    info = _registered(name)
+    if info is None and attribute is not None:
+        app.command(name)(getattr(module, attribute))
+        info = _registered(name)
+    if info is None:
+        raise RuntimeError(f"{module_name} does not define the command '{name}'")
+    return typer.main.get_command_from_info(
+        info,
+        pretty_exceptions_short=app.pretty_exceptions_short,
+        rich_markup_mode=app.rich_markup_mode,
+    )
+
+
+class _LazyCommand(typer.core.TyperCommand):
+    """A stand-in listing command ``name`` with its short help; the real one loads on use."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, short_help=COMMANDS[name][2], help=COMMANDS[name][2])
+        self._real: Any = None
+
+    def real(self) -> Any:
+        if self._real is None:
+            self._real = _real_command(self.name)
+        return self._real
+
+    # Everything that parses, runs or describes the command goes to the real one.
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        return self.real().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        return self.real().invoke(ctx)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        return self.real().main(*args, **kwargs)
+
+    def get_params(self, ctx: Any) -> Any:
+        return self.real().get_params(ctx)
+
+    def get_help(self, ctx: Any) -> str:
+        return self.real().get_help(ctx)
+
+    def shell_complete(self, ctx: Any, incomplete: str) -> Any:
+        return self.real().shell_complete(ctx, incomplete)
+
+    def to_info_dict(self, ctx: Any) -> Any:
+        return self.real().to_info_dict(ctx)
+
+
+class LazyGroup(TyperGroup):
+    """The root group: commands already registered, plus stand-ins for :data:`COMMANDS`."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = list(super().list_commands(ctx))
+        return names + [name for name in COMMANDS if name not in names]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in COMMANDS:
+            command = _LazyCommand(cmd_name)
+            self.add_command(command, cmd_name)
+        return command
+
 
 app = typer.Typer(
     name="reparam",
     help="Fuse, export and verify CNNs trained with multi-branch and dynamic blocks.",
+    cls=LazyGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,16 +164,50 @@ def _root(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Show version."),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show warnings, runtime logs and, for internal errors, the traceback.",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only errors and what was written.")
+    ] = False,
 ) -> None:
     """Fuse, export and verify CNNs trained with multi-branch and dynamic blocks."""
+    settings.verbose = verbose
+    settings.quiet = quiet and not verbose
 
 
-app.command("fuse")(fuse_cmd.fuse)
-app.command("demo")(demo_cmd.demo)
-app.command("bench")(bench_cmd.bench)
-from reparam.cli import export_cmd  # noqa: E402, F401  (registers export, verify, run)
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM/SIGHUP, so cleanup (``finally``) runs.
+
+    A ``BaseException`` like ``KeyboardInterrupt``: no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: run the app; a termination signal exits 128 + signum.
+
+    Python's default for SIGTERM kills the process at once, skipping the cleanup that removes
+    a half-written temporary output; raising instead unwinds through it.
+    """
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, _raise_terminated)
+    try:
+        app()
+    except Terminated as stop:
+        name = signal.Signals(stop.signum).name
+        sys.stderr.write(f"error: interrupted by {name}; nothing was written\n")
+        sys.exit(128 + stop.signum)

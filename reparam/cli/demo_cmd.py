@@ -23,14 +23,23 @@ def demo(
     each graph under onnxruntime, and report accuracy at every stage. Exits 1 if any stage
     disagrees with the trained model.
     """
-    from reparam.demo import run_demo
+    import os
+
+    from reparam.cli._common import check_seed
+    from reparam.demo import run_demo  # imports torch: only when the demo runs
+    from reparam.errors import UserInputError, printable
 
     with user_errors():
+        check_seed(seed)
+        shown = printable(output_dir)
         if output_dir.exists() and not output_dir.is_dir():
-            from reparam.errors import UserInputError
-
-            raise UserInputError(f"'{output_dir}' exists and is not a directory")
-        output_dir.mkdir(parents=True, exist_ok=True)
+            raise UserInputError(f"'{shown}' exists and is not a directory")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # read-only file system, no permission
+            raise UserInputError(f"cannot create '{shown}': {error.strerror}") from None
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise UserInputError(f"cannot write to '{shown}': permission denied or read-only")
 
         def progress(steps: int):
             return typer.progressbar(length=steps, label="training", file=None)
