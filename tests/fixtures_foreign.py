@@ -462,3 +462,11 @@ class UserPartialACBlock(nn.Module):
 
     def forward(self, x):
         return self.square_bn(self.square_conv(x)) + self.ver_bn(self.ver_conv(x))
+
+
+class UserRepVGGWithBrokenDeploy(UserRepVGGBlock):
+    """A RepVGG copy whose own switch_to_deploy cannot be trusted (as published code that
+    drops dilation or mishandles bfloat16): adoption must win over it."""
+
+    def switch_to_deploy(self):
+        raise AssertionError("the copy's own switch_to_deploy must not be called")
