@@ -221,3 +221,115 @@ def test_folding_after_the_inner_conv_was_deployed_is_refused() -> None:
     block.conv.switch_to_deploy()
     with pytest.raises(FusionError, match="deployed before bn_h/bn_l were folded"):
         block.switch_to_deploy()
+
+
+# d-li14/octconv.pytorch layout: path convs named conv_<path>, padding given explicitly, and
+# groups split between the resolutions (h2h ⌈g − α_in·g⌉, l2l ⌈α_in·g⌉, h2l and l2h g).
+def _dli14_state(cin, cout, k, a_in, a_out, groups, seed=0):
+    """Key → (weight, groups) as d-li14's OctaveConv builds them (bias=False)."""
+    generator = torch.Generator().manual_seed(seed)
+    in_l, out_l = int(a_in * cin), int(a_out * cout)
+    in_h, out_h = cin - in_l, cout - out_l
+    paths = {
+        "h2h": (in_h, out_h, -(-(groups * (1 - a_in)) // 1)),
+        "h2l": (in_h, out_l, groups),
+        "l2h": (in_l, out_h, groups),
+        "l2l": (in_l, out_l, -(-(groups * a_in) // 1)),
+    }
+    state = {}
+    for path, (i, o, g) in paths.items():
+        if i and o:
+            g = int(g)
+            state[f"conv_{path}.weight"] = (torch.randn(o, i // g, k, k, generator=generator), g)
+    return state
+
+
+def _dli14_forward(state, x, stride, padding):
+    """Their forward: AvgPool2d(2) / nearest ×2 upsampling, stride 2 pools the inputs."""
+    pool = nn.functional.avg_pool2d
+
+    def conv(path, t):
+        weight, groups = state[f"conv_{path}.weight"]
+        return nn.functional.conv2d(t, weight, padding=padding, groups=groups)
+
+    x_h, x_l = x if isinstance(x, tuple) else (x, None)
+    x_h = pool(x_h, 2) if stride == 2 else x_h
+    y_h = conv("h2h", x_h)
+    y_l = conv("h2l", pool(x_h, 2)) if "conv_h2l.weight" in state else None
+    if x_l is None:
+        return y_h, y_l
+    l2l = conv("l2l", pool(x_l, 2) if stride == 2 else x_l) if y_l is not None else None
+    l2h = conv("l2h", x_l)
+    y_h = y_h + (nn.functional.interpolate(l2h, scale_factor=2.0) if stride == 1 else l2h)
+    return y_h, (y_l + l2l if y_l is not None else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("alphas", "groups", "stride"),
+    [
+        ((0.5, 0.5), 1, 1),
+        ((0.5, 0.5), 4, 1),
+        ((0.5, 0.5), 4, 2),
+        ((0.0, 0.5), 2, 1),
+        ((0.5, 0.0), 2, 2),
+        ((0.25, 0.25), 4, 1),
+    ],
+)
+def test_dli14_layout_loads_strictly_and_computes_the_same(alphas, groups, stride, dtype):
+    a_in, a_out = alphas
+    state = _dli14_state(16, 16, 3, a_in, a_out, groups)
+    state = {k: (w.to(dtype), g) for k, (w, g) in state.items()}
+    convention = "d-li14" if groups > 1 else "same"
+    block = OctaveConv(
+        16,
+        16,
+        3,
+        a_in,
+        a_out,
+        stride=stride,
+        padding=1,
+        groups=groups,
+        groups_convention=convention,
+    ).to(dtype)
+    block.load_state_dict({k: w for k, (w, _) in state.items()}, strict=True)
+    x = _inputs(block, (8, 12))  # sizes they can pool twice (they floor odd sizes)
+    x = tuple(t.to(dtype) for t in x) if isinstance(x, tuple) else x.to(dtype)
+    expected = _dli14_forward(state, x, stride, 1)
+    got = block(x)
+    got = got if isinstance(got, tuple) else (got, None)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, **tol)
+    fused = reparam.fuse(block)  # their grouped layout still fuses exactly
+    again = fused(x)
+    again = again if isinstance(again, tuple) else (again, None)
+    for ours, theirs in zip(again, expected, strict=True):
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_dli14_conv_bn_layout_loads_into_octave_conv_bn():
+    """Their Conv_BN: conv.conv_<path>.weight, bn_h.*, bn_l.*."""
+    reference = randomize_batchnorm(OctaveConvBN(8, 8, 3, groups=2, groups_convention="d-li14"))
+    theirs = {
+        k.replace("conv.", "conv.conv_", 1) if k.startswith("conv.") else k: v
+        for k, v in reference.state_dict().items()
+    }
+    assert "conv.conv_l2l.weight" in theirs and theirs["conv.conv_l2l.weight"].shape[1] == 4
+    block = OctaveConvBN(8, 8, 3, padding=1, groups=2, groups_convention="d-li14")
+    block.load_state_dict(theirs, strict=True)
+    x = _inputs(block.conv, (6, 6))
+    for ours, ref in zip(block.eval()(x), reference.eval()(x), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_same_groups_convention_differs_from_dli14_in_shapes():
+    ours = OctaveConv(16, 16, 3, groups=4)
+    theirs = OctaveConv(16, 16, 3, 0.25, 0.25, groups=4, groups_convention="d-li14")
+    assert ours.h2h.groups == ours.l2l.groups == 4
+    assert (theirs.h2h.groups, theirs.l2l.groups, theirs.l2h.groups) == (3, 1, 4)
+    with pytest.raises(FusionError, match="groups_convention"):
+        OctaveConv(16, 16, 3, groups_convention="other")

@@ -22,12 +22,20 @@ A BN after a sum distributes over it: BN_h(h2h + up(l2h)) = h2h·s + up(l2h·s) 
 s = γ/σ, so h2h gets the full fold and l2h the scale alone (likewise bn_l over h2l and l2l).
 At stride 2, l2h reads X_l and l2l reads pool(X_l), so they stay two convs.
 
-State-dict keys: h2h, h2l, l2h, l2l (the seed's names; only the paths the alphas need), plus
-bn_h, bn_l in :class:`OctaveConvBN`; deployed, ``l2x`` replaces l2h and l2l at stride 1.
+State-dict keys: h2h, h2l, l2h, l2l (only the paths the alphas need), plus bn_h, bn_l in
+:class:`OctaveConvBN`; deployed, ``l2x`` replaces l2h and l2l at stride 1. The layout of
+https://github.com/d-li14/octconv.pytorch (``conv_h2h`` … ``conv_l2l``, and ``Conv_BN``'s
+``conv.conv_h2h`` … with ``bn_h``/``bn_l``) loads as well: its keys are renamed on load.
+
+Groups: by default every path's conv has ``groups`` groups. d-li14/octconv.pytorch splits
+them between the two resolutions instead: h2h gets ⌈g − α_in·g⌉ and l2l ⌈α_in·g⌉ groups,
+h2l and l2h keep g. ``groups_convention="d-li14"`` builds that layout (where l2h and l2l
+then differ in groups they are not merged in the deploy form).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,7 +49,10 @@ from reparam.errors import FusionError
 from reparam.fusion import fold_batchnorm
 from reparam.module_fusion import check_foldable, conv_bn_kernel, make_conv
 
-__all__ = ["OctaveConv", "OctaveConvBN"]
+__all__ = ["GROUPS_CONVENTIONS", "OctaveConv", "OctaveConvBN"]
+
+GROUPS_CONVENTIONS = ("same", "d-li14")
+_PATHS = ("h2h", "h2l", "l2h", "l2l")
 
 OctaveInput = Tensor | tuple[Tensor, Tensor] | list[Tensor]
 OctaveOutput = Tensor | tuple[Tensor, Tensor]
@@ -89,6 +100,8 @@ class OctaveConv(ReparamBlock):
         dilation, groups: of every path's conv (each path's channels divisible by groups).
         bias: give every path's conv a bias.
         deploy: build the deploy form directly (l2x instead of l2h and l2l at stride 1).
+        groups_convention: ``"same"`` (every path has ``groups``) or ``"d-li14"`` (h2h
+            ⌈g − α_in·g⌉, l2l ⌈α_in·g⌉, h2l and l2h g groups, as d-li14/octconv.pytorch).
 
     Input: a tensor (``alpha_in=0``) or a (high, low) pair, low being ceil(H/2) × ceil(W/2).
     Output: a tensor (``alpha_out=0``) or a (high, low) pair.
@@ -107,8 +120,14 @@ class OctaveConv(ReparamBlock):
         groups: int = 1,
         bias: bool = False,
         deploy: bool = False,
+        groups_convention: str = "same",
     ) -> None:
         super().__init__()
+        if groups_convention not in GROUPS_CONVENTIONS:
+            raise FusionError(
+                f"groups_convention must be one of {GROUPS_CONVENTIONS}, got {groups_convention!r}"
+            )
+        self.groups_convention = groups_convention
         kernel, dilation = _pair(kernel_size), _pair(dilation)
         if any(k < 1 or k % 2 == 0 for k in kernel):
             raise FusionError(
@@ -128,11 +147,13 @@ class OctaveConv(ReparamBlock):
         self.out_h, self.out_l = _split_channels(
             out_channels, alpha_out, "alpha_out", "out_channels"
         )
+        self.alpha_in, self.groups = alpha_in, groups
         for path, (cin, cout) in self._path_channels().items():
-            if cin % groups or cout % groups:
+            path_groups = self._path_groups(path)
+            if cin % path_groups or cout % path_groups:
                 raise FusionError(
                     f"OctaveConv path {path} has {cin} input and {cout} output channels, "
-                    f"not both divisible by groups ({groups})"
+                    f"not both divisible by groups ({path_groups})"
                 )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.alpha_in, self.alpha_out = kernel, alpha_in, alpha_out
@@ -140,12 +161,27 @@ class OctaveConv(ReparamBlock):
         self.groups, self.use_bias = groups, bias
         self.deploy = deploy
         if deploy and self._merges_low:
-            self.h2h = self._conv(self.in_h, self.out_h)
-            self.h2l = self._conv(self.in_h, self.out_l)
-            self.l2x = self._conv(self.in_l, self.out_h + self.out_l)
+            self.h2h = self._conv(self.in_h, self.out_h, self._path_groups("h2h"))
+            self.h2l = self._conv(self.in_h, self.out_l, self._path_groups("h2l"))
+            self.l2x = self._conv(self.in_l, self.out_h + self.out_l, self._path_groups("l2h"))
             return
         for path, (cin, cout) in self._path_channels().items():
-            setattr(self, path, self._conv(cin, cout))
+            setattr(self, path, self._conv(cin, cout, self._path_groups(path)))
+
+    def _path_groups(self, path: str) -> int:
+        """Groups of a path's conv under :attr:`groups_convention`."""
+        if self.groups_convention == "same" or path in ("h2l", "l2h"):
+            return self.groups
+        low = math.ceil(self.alpha_in * self.groups)
+        return low if path == "l2l" else math.ceil(self.groups - self.alpha_in * self.groups)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # d-li14/octconv.pytorch names the paths conv_h2h … conv_l2l: rename to ours.
+        for path in _PATHS:
+            theirs = f"{prefix}conv_{path}."
+            for key in [k for k in state_dict if k.startswith(theirs)]:
+                state_dict[f"{prefix}{path}.{key[len(theirs) :]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _path_channels(self) -> dict[str, tuple[int, int]]:
         """(input, output) channels of the paths the alphas need, in h2h, h2l, l2h, l2l order."""
@@ -156,16 +192,17 @@ class OctaveConv(ReparamBlock):
     @property
     def _merges_low(self) -> bool:
         """Whether the deploy form merges l2h and l2l (both exist and read the same X_l)."""
-        return self.stride == 1 and self.in_l > 0 and self.out_l > 0
+        same_groups = self._path_groups("l2h") == self._path_groups("l2l")
+        return self.stride == 1 and self.in_l > 0 and self.out_l > 0 and same_groups
 
-    def _conv(self, cin: int, cout: int) -> nn.Conv2d:
+    def _conv(self, cin: int, cout: int, groups: int) -> nn.Conv2d:
         return nn.Conv2d(
             cin,
             cout,
             self.kernel_size,
             padding=self.padding,
             dilation=self.dilation,
-            groups=self.groups,
+            groups=groups,
             bias=self.use_bias,
         )
 
@@ -197,8 +234,9 @@ class OctaveConv(ReparamBlock):
     def _low_paths(self, x_l: Tensor) -> tuple[Tensor, Tensor | None]:
         """Outputs of l2h (on X_l) and l2l (on X_l, or pool(X_l) at stride 2)."""
         if self.deploy and self._merges_low:
-            merged = self.l2x(x_l).unflatten(1, (self.groups, -1))
-            split = self.out_h // self.groups
+            groups = self._path_groups("l2h")
+            merged = self.l2x(x_l).unflatten(1, (groups, -1))
+            split = self.out_h // groups
             return merged[:, :, :split].flatten(1, 2), merged[:, :, split:].flatten(1, 2)
         to_high = self.l2h(x_l)
         if self.out_l == 0:
@@ -226,14 +264,15 @@ class OctaveConv(ReparamBlock):
 
     def _install(self, kernels: dict[str, Kernel]) -> None:
         """Replace the training convs by deploy convs holding ``kernels`` (per path)."""
-        shared = dict(padding=self.padding, dilation=self.dilation, groups=self.groups)
+        shared = dict(padding=self.padding, dilation=self.dilation)
         if self._merges_low:
+            groups = self._path_groups("l2h")
             (high_k, high_b), (low_k, low_b) = kernels.pop("l2h"), kernels.pop("l2l")
-            bias = _interleave(high_b, low_b, self.groups) if high_b is not None else None
-            self.l2x = make_conv(_interleave(high_k, low_k, self.groups), bias, **shared)
+            bias = _interleave(high_b, low_b, groups) if high_b is not None else None
+            self.l2x = make_conv(_interleave(high_k, low_k, groups), bias, groups=groups, **shared)
             del self.l2h, self.l2l
         for name, (kernel, bias) in kernels.items():
-            setattr(self, name, make_conv(kernel, bias, **shared))
+            setattr(self, name, make_conv(kernel, bias, groups=self._path_groups(name), **shared))
 
     def _reparameterize(self) -> None:
         self._install(self._training_kernels())
@@ -244,6 +283,7 @@ class OctaveConv(ReparamBlock):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"alpha_in={self.alpha_in}, alpha_out={self.alpha_out}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}, deploy={self.deploy}"
+            + (f", groups_convention={self.groups_convention!r}" if self.groups != 1 else "")
         )
 
 
@@ -272,6 +312,7 @@ class OctaveConvBN(ReparamBlock):
         activation: None, an ``nn.Module`` class (instantiated with no arguments) or instance,
             applied to both outputs.
         deploy: build the deploy form directly: a deployed OctaveConv with biases, no BNs.
+        groups_convention: as for :class:`OctaveConv`.
     """
 
     def __init__(
@@ -288,6 +329,7 @@ class OctaveConvBN(ReparamBlock):
         bias: bool = False,
         activation: Callable[[], nn.Module] | nn.Module | None = None,
         deploy: bool = False,
+        groups_convention: str = "same",
     ) -> None:
         super().__init__()
         self.deploy = deploy
@@ -303,6 +345,7 @@ class OctaveConvBN(ReparamBlock):
             groups,
             bias=bias or deploy,
             deploy=deploy,
+            groups_convention=groups_convention,
         )
         if not deploy:
             self.bn_h = nn.BatchNorm2d(self.conv.out_h)
