@@ -1,7 +1,8 @@
 """ONNX export and verification.
 
 - :func:`export_onnx`: fuse, export (torch.export-based exporter, legacy as a fallback),
-  check, embed metadata, write atomically, and check dynamic axes at other sizes.
+  check, embed metadata, check dynamic axes at other sizes and the caller's check on the
+  temporary file, then replace the target atomically.
 - :func:`verify_onnx`: the training-time model against the ONNX graph under onnxruntime.
 - :mod:`reparam.ops.corr_onnx`: the ``com.reparam::Corr`` custom operator's ONNX schema and
   translations; :mod:`reparam.ops.corr_ort`: its onnxruntime-extensions kernel.
@@ -9,21 +10,24 @@
 onnx, onnxruntime and onnxscript are imported when a function needs them, not on import.
 """
 
+from reparam.errors import ExportError
 from reparam.export.onnx_export import (
     CORR_EXPORT_MODES,
     EXPORTERS,
-    ExportError,
-    ExportReport,
     export_onnx,
     supported_opsets,
 )
-from reparam.export.verify import VerifyCase, VerifyReport, verify_onnx
+from reparam.export.report import ExportReport
+from reparam.export.signature import InputTree
+from reparam.export.verify import verify_onnx
+from reparam.export.verify_report import VerifyCase, VerifyReport
 
 __all__ = [
     "CORR_EXPORT_MODES",
     "EXPORTERS",
     "ExportError",
     "ExportReport",
+    "InputTree",
     "VerifyCase",
     "VerifyReport",
     "export_onnx",

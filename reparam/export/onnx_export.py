@@ -1,28 +1,30 @@
 """Export a (fused) model to ONNX, checked, with metadata, written atomically.
 
-:func:`export_onnx` fuses the model, exports it with torch's torch.export-based exporter
-(or, on request, the legacy TorchScript one), runs ``onnx.checker.check_model(full_check=True)``
-and shape inference, and embeds metadata. Dynamic axes are checked rather than trusted: the
-graph is run under onnxruntime at a second batch size and, with ``dynamic_hw``, at twice the
-example's height and width, and compared with the model. Some operators silently bake the
-example's size into the graph — ``nn.AdaptiveAvgPool2d((k, k))`` becomes a fixed
-AveragePool, a reshape by ``int(sqrt(L))`` a fixed Reshape (REFERENCE.md §3) — and such a
-graph is refused with :class:`ExportError` instead of written.
+:func:`export_onnx` is the orchestration; each step lives in its own module:
+
+- :mod:`~reparam.export.signature`: example arguments (any ``forward`` signature) as flat
+  graph inputs;
+- :mod:`~reparam.export._torch_exporter`: the call into torch's exporter, quiet, with axes
+  named ``batch``, ``height``, ``width``;
+- :mod:`~reparam.export.graph`: checker, shape inference, metadata;
+- :mod:`~reparam.export.dynamic_check`: symbolic axes run at other sizes under onnxruntime;
+- :mod:`~reparam.export.fp16`: the float16 cast and its overflow check;
+- :mod:`~reparam.export.report`: :class:`ExportReport`.
+
+The file is written through :func:`reparam._io.atomic_write`: the graph is saved to a
+temporary file beside the target, checked there (dynamic axes, then the caller's ``check``,
+e.g. :func:`reparam.verify_onnx`), and only then renamed over the target. Any failure or
+interrupt leaves the old file as it was and no temporary file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import os
 import time
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,27 @@ from torch import Tensor, nn
 
 from reparam._io import atomic_write
 from reparam._version import __version__
-from reparam.compare import OutputDiff, compare_outputs
-from reparam.convert import FuseReport, fuse_with_report
-from reparam.errors import ExportError, ReparamError, UserInputError
+from reparam.compare import OutputDiff, flatten_outputs
+from reparam.convert import fuse_with_report
+from reparam.errors import ExportError, UserInputError, summarize
+from reparam.export._torch_exporter import run_exporter
+from reparam.export.dynamic_check import DYNAMIC_CHECK_RTOL, check_dynamic_axes
+from reparam.export.fp16 import Float32Boundary, to_float16
+from reparam.export.graph import (
+    check_and_infer,
+    check_symbolic_axes,
+    custom_ops,
+    op_name,
+    set_metadata,
+    value_shape,
+)
+from reparam.export.report import ExportReport
+from reparam.export.signature import FlatInputs, InputTree, flatten_inputs, unflatten_inputs
+from reparam.export.verify import eval_mode_of
 
 __all__ = [
     "CORR_EXPORT_MODES",
+    "DTYPES",
     "EXPORTERS",
     "ExportError",
     "ExportReport",
@@ -48,41 +65,16 @@ __all__ = [
 
 EXPORTERS = ("dynamo", "legacy")
 CORR_EXPORT_MODES = ("standard", "custom")
+DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 DYNAMO_MIN_OPSET = 18  # the exporter's own opset; below it needs lossy version conversion
-DYNAMIC_CHECK_RTOL = 1e-3  # a baked-in size gives errors of order 1, not 1e-6
-MAX_MESSAGE = 300
+FP16_DYNAMIC_CHECK_RTOL = 1e-2  # torch and onnxruntime round float16 differently
 
-
-@dataclass
-class ExportReport:
-    """What :func:`export_onnx` wrote."""
-
-    path: Path
-    exporter: str
-    opset: int
-    fused: bool
-    corr: str
-    input_names: list[str]
-    output_names: list[str]
-    input_shapes: list[tuple[int | str, ...]]
-    output_shapes: list[tuple[int | str, ...]]
-    node_counts: Counter
-    custom_ops: list[str]
-    file_size: int
-    metadata: dict[str, str]
-    seconds: float
-    fuse_report: FuseReport | None = None
-    dynamic_check: list[OutputDiff] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def node_total(self) -> int:
-        return sum(self.node_counts.values())
+Progress = Callable[[str], None]
 
 
 def supported_opsets(exporter: str = "dynamo") -> range:
     """The opset versions :func:`export_onnx` accepts for ``exporter``."""
-    import onnx
+    import onnx  # heavy, optional at import time
     from torch.onnx import _constants
 
     if exporter == "legacy":
@@ -93,113 +85,164 @@ def supported_opsets(exporter: str = "dynamo") -> range:
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    example_inputs: Tensor | Sequence[Tensor],
+    example_inputs: Tensor | Sequence[Any],
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     fuse: bool = True,
     opset: int | None = None,
     dynamic_batch: bool = True,
     dynamic_hw: bool = False,
     corr: str = "standard",
     exporter: str = "dynamo",
+    dtype: torch.dtype | None = None,
+    fp32_io: bool = False,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     source: str | None = None,
+    check: Callable[[Path], Any] | None = None,
+    progress: Progress | None = None,
 ) -> ExportReport:
     """Export ``model`` to an ONNX file at ``path``.
 
     Args:
         model: the model, in training form (it is fused on a copy) or already fused.
         path: the ``.onnx`` file to write; replaced atomically, untouched on failure.
-        example_inputs: one tensor or a sequence of tensors (one per model input).
+        example_inputs: one tensor or a sequence of positional arguments, each a tensor, a
+            constant (None, bool, int, float) or nested tuples/lists/dicts of them; every
+            tensor becomes one graph input, in order (``forward(self, *xs)`` included).
+        example_kwargs: keyword arguments, likewise (parameters with defaults may be left
+            out: their defaults are exported as constants).
         fuse: fuse every block and Conv→BN pair first (:func:`reparam.fuse`).
         opset: ONNX opset version; default torch's. See :func:`supported_opsets`.
-        dynamic_batch: make axis 0 of every input and output symbolic.
-        dynamic_hw: also make the spatial axes (2 and up) of every input symbolic.
+        dynamic_batch: make axis 0 of every input and output symbolic (``batch``).
+        dynamic_hw: also make the spatial axes (2 and up) of every input symbolic
+            (``height``, ``width``).
         corr: how ``reparam.ops.corr`` (DRConv) is exported: "standard" ONNX operators
             (any runtime, dynamic batch) or "custom", one ``com.reparam::Corr`` node per call
             (needs onnxruntime-extensions to run; see :mod:`reparam.runtime`).
         exporter: "dynamo" (torch.export-based, the default) or "legacy" (TorchScript,
             deprecated by torch; a fallback).
+        dtype: ``torch.float16`` for a half-precision graph (the fused weights are checked
+            for overflow first); default the model's own dtype.
+        fp32_io: with float16, keep float32 inputs and outputs (a Cast at each end).
         input_names, output_names: graph names; default "input"/"output", numbered when
             there are several.
         source: what the model is (e.g. a bundled name), for the metadata.
+        check: called with the temporary file once it is written and its dynamic axes are
+            checked, before it replaces ``path``; an exception (or a falsy ``ok`` attribute
+            of its result, as a failed :class:`~reparam.export.VerifyReport` has) aborts the
+            export and leaves ``path`` as it was. Its result is ``report.check``.
+        progress: called with a short line before each slow step.
 
     Returns:
         An :class:`ExportReport`.
 
     Raises:
-        UserInputError: bad option, or the model does not run on ``example_inputs``.
-        ExportError: the exporter fails, or a dynamic axis would make a wrong graph.
+        UserInputError: bad option, or the model does not run on the example inputs.
+        ExportError: the exporter fails, a dynamic axis would make a wrong graph, a weight
+            overflows float16, or ``check`` fails.
         FusionError: a block cannot be fused.
     """
     started = time.perf_counter()
-    inputs, structure = flatten_inputs(example_inputs)
-    opset = _check_options(opset, corr, exporter, inputs, dynamic_hw)
+    say = progress or (lambda line: None)
+    tree, inputs = InputTree.from_example(example_inputs, example_kwargs)
+    opset = _check_options(opset, corr, exporter, inputs, dynamic_hw, dtype, fp32_io)
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise UserInputError(f"output file '{path}' should end in .onnx")
 
-    with _eval_mode(model):
-        outputs = _run_model(model, unflatten_inputs(inputs, structure), inputs, "the model")
+    args, kwargs = tree.rebuild(inputs)
+    with eval_mode_of(model):
+        outputs = _run_model(model, args, kwargs, inputs, "the model")
     n_outputs = _count_outputs(outputs)
     fuse_report = None
     if fuse:
+        say("export: fusing")
         target, fuse_report = fuse_with_report(model)
     else:
         target = copy.deepcopy(model).eval()
-    if any(entry is not None for entry in structure):
-        target = _FlatArgs(target, structure).eval()
+    half = dtype == torch.float16
+    if half:
+        target = to_float16(target)
+    flat: nn.Module = FlatInputs(target, tree).eval()
+    if half and fp32_io:
+        flat = Float32Boundary(flat).eval()
+    elif half:
+        inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+    written_dtype = "float16" if half else _dtype_name(inputs)
     in_names = _names(input_names, len(inputs), "input")
     out_names = _names(output_names, n_outputs, "output")
 
     # torch.export specialises a size-1 axis to the constant 1: trace a batch of two.
     traced = (
-        tuple(torch.cat([t, t]) for t in inputs)
+        tuple(torch.cat([t, t]) if t.dim() else t for t in inputs)
         if dynamic_batch and any(t.dim() and t.shape[0] == 1 for t in inputs)
         else inputs
     )
-    proto, tracer_warnings = _export(target, traced, opset, dynamic_batch, dynamic_hw, corr,
-                                     exporter, in_names, out_names)  # fmt: skip
-    proto = _check_and_infer(proto)
-    _check_symbolic_axes(proto, dynamic_batch, dynamic_hw)
+    say(f"export: {exporter} exporter")
+    proto, tracer_warnings = run_exporter(
+        flat, traced, opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
+        corr=corr, exporter=exporter, input_names=in_names, output_names=out_names,
+    )  # fmt: skip
+    say("export: ONNX checker and shape inference")
+    proto = check_and_infer(proto)
+    check_symbolic_axes(proto, dynamic_batch, dynamic_hw)
     opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset is not None and opset_written != opset:
         raise ExportError(f"asked for opset {opset}, the exporter wrote opset {opset_written}")
 
-    from reparam.ops.corr_onnx import DOMAIN
-
-    custom_ops = sorted(
-        {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
-    )
+    ops = custom_ops(proto)
     metadata = {
         "reparam.version": __version__,
         "reparam.source": source or f"{type(model).__module__}.{type(model).__qualname__}",
         "reparam.fused": str(bool(fuse)).lower(),
         "reparam.corr": corr,
-        "reparam.custom_ops": ",".join(custom_ops),
+        "reparam.custom_ops": ",".join(ops),
         "reparam.exporter": exporter,
         "reparam.opset": str(opset_written),
+        "reparam.dtype": written_dtype,
         "reparam.dynamic_batch": str(dynamic_batch).lower(),
         "reparam.dynamic_hw": str(dynamic_hw).lower(),
         "reparam.input_shapes": json.dumps([list(t.shape) for t in inputs]),
-        "reparam.input_structure": json.dumps(structure),
+        "reparam.input_tree": tree.to_json() or "",
     }
-    _set_metadata(proto, metadata)
+    structure = _one_level_structure(example_inputs, example_kwargs)
+    if structure is not None:  # read by reparam versions before the input tree
+        metadata["reparam.input_structure"] = json.dumps(structure)
+    set_metadata(proto, metadata)
 
     notes = [f"TracerWarning: {line}" for line in tracer_warnings]
     dynamic_check: list[OutputDiff] = []
+    checked: list[Any] = []
 
     def write(tmp: Path) -> None:
-        import onnx
+        import onnx  # heavy, optional at import time
 
         onnx.save(proto, str(tmp))
         if dynamic_batch or dynamic_hw:
+            say("export: checking the dynamic axes under onnxruntime")
+            rtol = FP16_DYNAMIC_CHECK_RTOL if half else DYNAMIC_CHECK_RTOL
             dynamic_check.extend(
-                _check_dynamic_axes(target, tmp, inputs, dynamic_batch, dynamic_hw, notes)
+                check_dynamic_axes(
+                    flat,
+                    tmp,
+                    inputs,
+                    dynamic_batch,
+                    dynamic_hw,
+                    notes,
+                    custom_ops=bool(ops),
+                    rtol=rtol,
+                )
             )
+        if check is not None:
+            result = check(tmp)
+            checked.append(result)
+            if getattr(result, "ok", True) is False:
+                summary = getattr(result, "failure_summary", lambda: "the check failed")()
+                raise ExportError(f"{summary}; '{path}' was not written")
 
     atomic_write(path, write)
-    if any(op.startswith(f"{DOMAIN}::") for op in custom_ops):
+    if any(op.startswith("com.reparam::") for op in ops):
         notes.append(
             "the graph uses com.reparam custom operators: run it with reparam.runtime and "
             "onnxruntime-extensions (pip install 'reparam[custom-ops]')"
@@ -212,78 +255,55 @@ def export_onnx(
         corr=corr,
         input_names=in_names,
         output_names=out_names,
-        input_shapes=[_value_shape(v) for v in proto.graph.input],
-        output_shapes=[_value_shape(v) for v in proto.graph.output],
-        node_counts=Counter(_op_name(n) for n in proto.graph.node),
-        custom_ops=custom_ops,
+        input_shapes=[value_shape(v) for v in proto.graph.input],
+        output_shapes=[value_shape(v) for v in proto.graph.output],
+        node_counts=Counter(op_name(n) for n in proto.graph.node),
+        custom_ops=ops,
         file_size=path.stat().st_size,
         metadata=metadata,
         seconds=time.perf_counter() - started,
         fuse_report=fuse_report,
         dynamic_check=dynamic_check,
         notes=notes,
+        dtype=written_dtype,
+        check=checked[0] if checked else None,
     )
 
 
-def flatten_inputs(example_inputs: Any) -> tuple[tuple[Tensor, ...], list[int | None]]:
-    """Positional arguments → (flat tensors, structure).
-
-    Each argument is a tensor (structure entry ``None``) or a list/tuple of n tensors (entry
-    n), as ASFF's ``forward((x2, x1, x0))`` takes. The ONNX graph has one input per tensor.
-    """
-    args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    flat: list[Tensor] = []
-    structure: list[int | None] = []
-    for arg in args:
-        if isinstance(arg, Tensor):
-            flat.append(arg)
-            structure.append(None)
-        elif isinstance(arg, list | tuple) and arg and all(isinstance(t, Tensor) for t in arg):
-            flat.extend(arg)
-            structure.append(len(arg))
-        else:
-            raise UserInputError(
-                "example_inputs must be a tensor or a sequence whose items are tensors or "
-                f"sequences of tensors, got an item of type {type(arg).__name__}"
-            )
-    if not flat:
-        raise UserInputError("example_inputs is empty")
-    return tuple(flat), structure
+def _dtype_name(inputs: tuple[Tensor, ...]) -> str:
+    floating = [t.dtype for t in inputs if t.is_floating_point()]
+    return str(floating[0]).removeprefix("torch.") if floating else "float32"
 
 
-def unflatten_inputs(flat: Sequence[Any], structure: Sequence[int | None]) -> list[Any]:
-    """Inverse of :func:`flatten_inputs`: the positional arguments for the model."""
-    args: list[Any] = []
-    position = 0
-    for entry in structure:
-        if entry is None:
-            args.append(flat[position])
-            position += 1
-        else:
-            args.append(list(flat[position : position + entry]))
-            position += entry
-    return args
-
-
-class _FlatArgs(nn.Module):
-    """Calls the wrapped model with flat tensors regrouped as its arguments."""
-
-    def __init__(self, model: nn.Module, structure: list[int | None]) -> None:
-        super().__init__()
-        self.model = model
-        self.structure = structure
-
-    def forward(self, *flat: Tensor) -> Any:
-        return self.model(*unflatten_inputs(flat, self.structure))
+def _one_level_structure(example_inputs: Any, example_kwargs: Any) -> list[int | None] | None:
+    """The older metadata form, when the arguments fit it (tensors and lists of tensors)."""
+    if example_kwargs:
+        return None
+    try:
+        return flatten_inputs(example_inputs)[1]
+    except (UserInputError, TypeError):
+        return None
 
 
 def _check_options(
-    opset: int | None, corr: str, exporter: str, inputs: tuple[Tensor, ...], dynamic_hw: bool
+    opset: int | None,
+    corr: str,
+    exporter: str,
+    inputs: tuple[Tensor, ...],
+    dynamic_hw: bool,
+    dtype: torch.dtype | None,
+    fp32_io: bool,
 ) -> int | None:
     if exporter not in EXPORTERS:
         raise UserInputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if corr not in CORR_EXPORT_MODES:
         raise UserInputError(f"corr must be one of {', '.join(CORR_EXPORT_MODES)}, got {corr!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserInputError(
+            f"dtype must be one of {', '.join(f'torch.{n}' for n in DTYPES.values())}, got {dtype}"
+        )
+    if fp32_io and dtype != torch.float16:
+        raise UserInputError("fp32_io applies to a float16 export: give dtype=torch.float16")
     if opset is not None:
         allowed = supported_opsets(exporter)
         if opset not in allowed:
@@ -297,32 +317,22 @@ def _check_options(
     return opset
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's training flag restored after it."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def _run_model(model: nn.Module, args: Sequence[Any], flat: Sequence[Tensor], what: str) -> Any:
-    """``model(*args)`` without gradients; a shape mismatch becomes a UserInputError."""
+def _run_model(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], flat: Sequence[Tensor],
+    what: str,
+) -> Any:  # fmt: skip
+    """``model(*args, **kwargs)`` without gradients; a failure becomes a UserInputError."""
     try:
         with torch.no_grad():
-            return model(*args)
-    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            return model(*args, **kwargs)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as error:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in flat)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserInputError(f"{what} does not run on input shape(s) {shapes}: {first}") from None
+        raise UserInputError(
+            f"{what} does not run on input shape(s) {shapes}: {summarize(error)}"
+        ) from None
 
 
 def _count_outputs(outputs: Any) -> int:
-    from reparam.compare import flatten_outputs
-
     try:
         return len(flatten_outputs(outputs))
     except TypeError as error:
@@ -336,276 +346,3 @@ def _names(names: Sequence[str] | None, count: int, stem: str) -> list[str]:
     if len(names) != count or len(set(names)) != count:
         raise UserInputError(f"give {count} distinct {stem} names, got {names}")
     return names
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[list[str]]:
-    """Silence the exporters' chatter; collect the TracerWarnings worth reporting."""
-    caught: list[str] = []
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(record=True) as records:
-            warnings.simplefilter("always")
-            with contextlib.redirect_stderr(io.StringIO()):
-                yield caught
-        for record in records:
-            if record.category.__name__ == "TracerWarning":
-                line = str(record.message).splitlines()[0]
-                if line not in caught:
-                    caught.append(line)
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _corr_context(corr: str) -> contextlib.AbstractContextManager:
-    """DRConv's correlation as standard ops, or as the custom op the translation maps."""
-    from reparam.ops.corr import corr_mode
-
-    return corr_mode("standard" if corr == "standard" else "op")
-
-
-def _export(
-    model: nn.Module,
-    inputs: tuple[Tensor, ...],
-    opset: int | None,
-    dynamic_batch: bool,
-    dynamic_hw: bool,
-    corr: str,
-    exporter: str,
-    input_names: list[str],
-    output_names: list[str],
-) -> tuple[Any, list[str]]:
-    from reparam.ops import corr_onnx
-
-    corr_onnx.register_schema()
-    try:
-        with _quiet_exporter() as tracer_warnings, _corr_context(corr):
-            if exporter == "dynamo":
-                table = corr_onnx.translation_table() if corr == "custom" else None
-                program = torch.onnx.export(
-                    model,
-                    inputs,
-                    None,
-                    dynamo=True,
-                    verbose=False,
-                    opset_version=opset,
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_shapes=_dynamic_shapes(
-                        inputs, dynamic_batch, dynamic_hw, isinstance(model, _FlatArgs)
-                    ),
-                    custom_translation_table=table,
-                )
-                proto = program.model_proto
-            else:
-                import onnx
-
-                if corr == "custom":
-                    corr_onnx.register_legacy_symbolic()
-                # The legacy exporter turns its C++ log on and prints the graph on failures.
-                torch._C._jit_set_onnx_log_output_stream("stderr")
-                buffer = io.BytesIO()
-                torch.onnx.export(
-                    model,
-                    inputs,
-                    buffer,
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_axes=_dynamic_axes(
-                        inputs, input_names, output_names, dynamic_batch, dynamic_hw
-                    ),
-                    custom_opsets=(
-                        {corr_onnx.DOMAIN: corr_onnx.DOMAIN_VERSION} if corr == "custom" else None
-                    ),
-                )
-                proto = onnx.load_from_string(buffer.getvalue())
-    except ReparamError:
-        raise
-    except Exception as error:
-        raise ExportError(_export_failure(error, exporter, dynamic_hw)) from error
-    return proto, tracer_warnings
-
-
-def _dynamic_shapes(
-    inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool, varargs: bool
-) -> tuple[Any, ...] | None:
-    from torch.export import Dim
-
-    if not (dynamic_batch or dynamic_hw):
-        return None
-    batch = Dim("batch")
-    shapes = []
-    for tensor in inputs:
-        axes: dict[int, Any] = {}
-        if dynamic_batch and tensor.dim() >= 1:
-            axes[0] = batch
-        if dynamic_hw:
-            # DYNAMIC: relations between inputs (ASFF's 2x scales) are inferred, and an
-            # axis the model forces to a constant is an error rather than a silent constant.
-            axes.update({axis: Dim.DYNAMIC for axis in range(2, tensor.dim())})
-        shapes.append(axes)
-    # _FlatArgs.forward(*flat) has one parameter holding every input.
-    return (tuple(shapes),) if varargs else tuple(shapes)
-
-
-def _dynamic_axes(
-    inputs: tuple[Tensor, ...],
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_batch: bool,
-    dynamic_hw: bool,
-) -> dict[str, dict[int, str]] | None:
-    if not (dynamic_batch or dynamic_hw):
-        return None
-    axes: dict[str, dict[int, str]] = {}
-    for i, (name, tensor) in enumerate(zip(input_names, inputs, strict=True)):
-        spec = {0: "batch"} if dynamic_batch else {}
-        if dynamic_hw:
-            spec.update({axis: f"in{i}_dim{axis}" for axis in range(2, tensor.dim())})
-        axes[name] = spec
-    for name in output_names:
-        axes[name] = {0: "batch"} if dynamic_batch else {}
-    return axes
-
-
-def _export_failure(error: BaseException, exporter: str, dynamic_hw: bool) -> str:
-    """One readable line from an exporter failure: the root cause and the model line."""
-    root = error
-    while root.__cause__ is not None:
-        root = root.__cause__
-    text = str(root).strip()
-    first = text.splitlines()[0] if text else type(root).__name__
-    first = first.split(" [Caused by")[0]
-    if len(first) > MAX_MESSAGE:
-        first = first[: MAX_MESSAGE - 3] + "..."
-    message = f"the {exporter} ONNX exporter failed: {type(root).__name__}: {first}"
-    lines = str(error).splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("The following call raised this error:") and i + 2 < len(lines):
-            message += f" (at {lines[i + 1].strip()}: {lines[i + 2].strip()})"
-            break
-    if dynamic_hw:
-        message += "; the model may not support a dynamic height/width: try without it"
-    return message
-
-
-def _check_and_infer(proto: Any) -> Any:
-    import onnx
-
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ExportError(f"the exported graph fails the ONNX checker: {first}") from error
-
-
-def _set_metadata(proto: Any, metadata: dict[str, str]) -> None:
-    keep = [p for p in proto.metadata_props if p.key not in metadata]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-
-
-def _value_shape(value: Any) -> tuple[int | str, ...]:
-    return tuple(
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-        for d in value.type.tensor_type.shape.dim
-    )
-
-
-def _op_name(node: Any) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-
-
-def _check_symbolic_axes(proto: Any, dynamic_batch: bool, dynamic_hw: bool) -> None:
-    """Refuse a graph whose requested dynamic input axes came out as constants."""
-    for value in proto.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        axes = ([0] if dynamic_batch and dims else []) + (
-            list(range(2, len(dims))) if dynamic_hw else []
-        )
-        for axis in axes:
-            if dims[axis].HasField("dim_value"):
-                what = "batch" if axis == 0 else "height/width"
-                raise ExportError(
-                    f"the exporter fixed axis {axis} of input '{value.name}' to "
-                    f"{dims[axis].dim_value}: the model's code depends on that size, so the "
-                    f"graph cannot have a dynamic {what}; export with a static {what}"
-                )
-
-
-def _second_inputs(
-    inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool
-) -> tuple[Tensor, ...]:
-    """Inputs at another batch size and, with ``dynamic_hw``, twice the spatial size."""
-    generator = torch.Generator().manual_seed(1)
-    second = []
-    for tensor in inputs:
-        shape = list(tensor.shape)
-        if dynamic_batch and shape:
-            shape[0] += 1
-        if dynamic_hw:
-            shape[2:] = [2 * s for s in shape[2:]]
-        values = torch.randn(shape, generator=generator, dtype=torch.float64)
-        second.append(values.to(tensor.device, tensor.dtype))
-    return tuple(second)
-
-
-def _check_dynamic_axes(
-    model: nn.Module,
-    onnx_path: Path,
-    inputs: tuple[Tensor, ...],
-    dynamic_batch: bool,
-    dynamic_hw: bool,
-    notes: list[str],
-) -> list[OutputDiff]:
-    """Run the graph at other sizes under onnxruntime; refuse it if it disagrees with torch."""
-    from reparam.runtime import OnnxModel
-
-    if not all(t.is_floating_point() for t in inputs):
-        notes.append("dynamic axes not checked: the model has non-float inputs")
-        return []
-    second = _second_inputs(inputs, dynamic_batch, dynamic_hw)
-    what = "twice the example height/width" if dynamic_hw else "another batch size"
-    try:
-        with torch.no_grad():
-            reference = model(*second)
-    except (RuntimeError, ValueError, IndexError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise ExportError(
-            f"cannot check the dynamic axes: the model itself fails at {what} "
-            f"({first}); export with static sizes"
-        ) from None
-    try:
-        session = OnnxModel(onnx_path, optimization="disable", providers=["CPUExecutionProvider"])
-    except UserInputError as error:
-        if "onnxruntime-extensions" not in str(error):
-            raise
-        notes.append("dynamic axes not checked: onnxruntime-extensions is not installed")
-        return []
-    try:
-        outputs = session.run(*(t.cpu().numpy() for t in second))
-        diffs = compare_outputs(reference, [torch.from_numpy(v) for v in outputs.values()])
-    except (UserInputError, ValueError) as error:
-        raise ExportError(
-            f"the exported graph is wrong at {what}: {error}; an operator baked the "
-            "example's size into the graph (e.g. nn.AdaptiveAvgPool2d with an output size "
-            "other than 1: use reparam.ops.AdaptiveAvgPool2dExact) — export with static sizes"
-        ) from None
-    for diff, name in zip(diffs, session.output_names, strict=True):
-        if not diff.within(DYNAMIC_CHECK_RTOL):
-            raise ExportError(
-                f"the exported graph is wrong at {what}: output '{name}' max abs error "
-                f"{diff.max_abs:.3g}, max rel {diff.max_rel:.3g} (an operator baked the "
-                "example's size into the graph); export with static sizes"
-            )
-    return diffs

@@ -2,116 +2,58 @@
 
 The reference is the training-time model in eval mode — not the fused one — so one check
 covers fusion and export together. The graph runs twice per input set: with ORT's graph
-optimisations disabled (so ORT's own Conv+BN fusion cannot hide a bug, REFERENCE.md §4) and
-with the defaults users run. Each output is compared with :func:`reparam.compare.compare_outputs`
-(max abs error, max abs error / max |reference|, cosine similarity). A graph with a dynamic
-batch is checked at several batch sizes.
+optimisations disabled (so ORT's own Conv+BN fusion cannot hide a bug) and with the defaults
+users run. Each output is compared with :func:`reparam.compare.compare_outputs` (max abs
+error, max abs error / max |reference|, cosine similarity). A graph with a dynamic batch is
+checked at several batch sizes.
+
+Cost: one ORT session per optimisation level, reused across batch sizes; the random inputs
+are drawn once at the largest batch and each smaller batch is its leading slice, so the
+PyTorch reference runs once and is sliced too. A sample's output depends only on that sample
+in eval mode; where a model mixes samples (or an output has no batch axis) the sliced
+reference would be wrong, so a case that fails against it is re-run against the model at
+that exact batch before it counts as a failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from reparam.compare import OutputDiff, compare_outputs
-from reparam.errors import UserInputError
-from reparam.export.onnx_export import unflatten_inputs
+from reparam.errors import UserInputError, summarize
+from reparam.export.signature import InputTree, unflatten_inputs
+from reparam.export.verify_report import VerifyCase, VerifyReport
+from reparam.runtime.safety import check_allocation
 
-__all__ = ["VerifyCase", "VerifyReport", "verify_onnx"]
+__all__ = ["VerifyCase", "VerifyReport", "eval_mode_of", "verify_onnx"]
 
 DEFAULT_BATCH_SIZES = (1, 2, 3)
 OPTIMIZATIONS = ("disable", "all")
 
-
-@dataclass
-class VerifyCase:
-    """One comparison: an input set under one ORT optimisation level."""
-
-    optimization: str
-    input_shapes: list[tuple[int, ...]]
-    diffs: list[OutputDiff]
-    error: str = ""
-
-    def ok(self, rtol: float, atol: float) -> bool:
-        return not self.error and all(d.within(rtol, atol) for d in self.diffs)
+Progress = Callable[[str], None]
 
 
-@dataclass
-class VerifyReport:
-    """All comparisons of :func:`verify_onnx`; ``ok`` when every one is within tolerance.
-
-    An output is within tolerance when max abs error ≤ atol or max abs error / max
-    |reference| ≤ rtol (:meth:`reparam.compare.OutputDiff.within`).
-    """
-
-    path: Path
-    rtol: float
-    atol: float
-    providers: list[str]
-    output_names: list[str]
-    cases: list[VerifyCase] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.cases) and all(case.ok(self.rtol, self.atol) for case in self.cases)
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return sorted({case.input_shapes[0][0] for case in self.cases if case.input_shapes[0]})
-
-    def worst(self) -> list[OutputDiff]:
-        """Per output: the largest errors and the smallest cosine over all cases."""
-        worst: dict[str, OutputDiff] = {}
-        for case in self.cases:
-            for diff in case.diffs:
-                old = worst.get(diff.name)
-                if old is None:
-                    worst[diff.name] = diff
-                    continue
-                worst[diff.name] = OutputDiff(
-                    diff.name,
-                    old.shape,
-                    max(old.max_abs, diff.max_abs),
-                    max(old.max_rel, diff.max_rel),
-                    min(old.cosine, diff.cosine),
-                )
-        return list(worst.values())
-
-    def failures(self) -> list[str]:
-        """One line per case or output beyond tolerance, with its numbers."""
-        lines = []
-        for case in self.cases:
-            where = f"ORT optimizations {case.optimization}, inputs {_shapes(case.input_shapes)}"
-            if case.error:
-                lines.append(f"{where}: {case.error}")
-            for diff in case.diffs:
-                if not diff.within(self.rtol, self.atol):
-                    lines.append(
-                        f"{where}: output '{diff.name}' max abs {diff.max_abs:.3g} "
-                        f"(atol {self.atol:g}), max rel {diff.max_rel:.3g} (rtol {self.rtol:g}), "
-                        f"cosine {diff.cosine:.9f}"
-                    )
-        return lines
-
-    def failure_summary(self) -> str:
-        """A one-line account of the worst failure, for error messages."""
-        failures = self.failures()
-        if not failures:
-            return "within tolerance"
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        return f"ONNX output differs from the PyTorch model: {failures[0]}{more}"
-
-
-def _shapes(shapes: Sequence[tuple[int, ...]]) -> str:
-    return ", ".join("x".join(map(str, shape)) for shape in shapes)
+def _check_tolerances(rtol: float, atol: float, batch_sizes: Sequence[int]) -> list[int]:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+            raise UserInputError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    sizes = list(batch_sizes)
+    if not sizes or any(
+        isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1
+        for size in sizes
+    ):
+        raise UserInputError(f"batch_sizes must be positive integers, got {sizes!r}")
+    return sorted({int(size) for size in sizes})
 
 
 def verify_onnx(
@@ -124,12 +66,15 @@ def verify_onnx(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     seed: int = 0,
     providers: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    reference_name: str = "",
 ) -> VerifyReport:
     """Compare the ONNX graph at ``path`` with ``model`` under onnxruntime.
 
     Args:
         model: the reference, normally the training-time (unfused) model; run in eval mode
-            (its training flags are restored afterwards).
+            (its training flags are restored afterwards). Its inputs are cast to its own
+            floating dtype, so an fp16 graph is checked against an fp32 model.
         path: the ``.onnx`` file.
         inputs: a tensor/array, a sequence of them in graph order (sequences of tensors
             count as their items, as for ``export_onnx``), or a dict by graph input name.
@@ -142,69 +87,136 @@ def verify_onnx(
         seed: for the random inputs.
         providers: ORT execution providers; default the CPU one, whose float32 convolutions
             are exact to rounding (a GPU provider may use TF32 and differ by ~1e-3).
+        progress: called with a short line before each slow step.
+        reference_name: what ``model`` is, for the report's summary.
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is False on any mismatch.
 
     Raises:
-        UserInputError: missing or corrupt file, inputs that do not fit the graph or the
-            model, or missing onnxruntime-extensions for a graph with custom operators.
+        UserInputError: missing or corrupt file, bad tolerances or batch sizes, inputs that
+            do not fit the graph or the model.
+        MissingCustomOpError: a graph with custom operators without onnxruntime-extensions.
     """
     from reparam.runtime import OnnxModel
 
+    started = time.perf_counter()
+    sizes = _check_tolerances(rtol, atol, batch_sizes)
+    say = progress or (lambda line: None)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
+    say(f"verify: loading {Path(path).name} into onnxruntime")
     sessions = {
         level: OnnxModel(path, providers=providers, optimization=level) for level in OPTIMIZATIONS
     }
     first = sessions[OPTIMIZATIONS[0]]
-    report = VerifyReport(Path(path), rtol, atol, first.providers, first.output_names)
+    report = VerifyReport(
+        Path(path), rtol, atol, first.providers, first.output_names, reference=reference_name
+    )
     dynamic_batch = bool(first.inputs) and all(
         spec.shape and not isinstance(spec.shape[0], int) for spec in first.inputs
     )
 
-    input_sets: list[list[np.ndarray]] = []
+    given: list[np.ndarray] | None = None
+    per_sample = None
     if inputs is not None:
-        given = (
+        feeds = (
             first.feeds(dict(inputs))
             if isinstance(inputs, Mapping)
             else first.feeds(*_as_arrays(inputs))
         )
-        input_sets.append(list(given.values()))
-        per_sample = [array.shape[1:] for array in given.values()]
-    else:
-        per_sample = None
-    if dynamic_batch:
-        rng = np.random.default_rng(seed)
-        done = {arrays[0].shape[0] for arrays in input_sets}
-        for batch in batch_sizes:
-            if batch in done:
-                continue
-            shapes = (
-                [(batch, *shape) for shape in per_sample]
-                if per_sample is not None
-                else first.concrete_shapes(batch)
-            )
-            input_sets.append(
-                [
-                    rng.standard_normal(shape).astype(spec.dtype)
-                    for spec, shape in zip(first.inputs, shapes, strict=True)
-                ]
-            )
-    elif not input_sets:
-        input_sets.append(list(first.random_inputs(seed=seed).values()))
+        given = list(feeds.values())
+        per_sample = [array.shape[1:] for array in given]
 
-    structure = _structure(first)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        for arrays in input_sets:
-            reference = _reference(model, arrays, structure)
+    rebuild = _rebuild(first)
+    with eval_mode_of(model):
+        if given is not None:
+            say(f"verify: inputs {_shapes(given)}")
+            reference = _reference(model, given, rebuild)
+            for level, session in sessions.items():
+                report.cases.append(_compare(session, level, given, reference))
+        if dynamic_batch:
+            done = {given[0].shape[0]} if given is not None else set()
+            batches = [b for b in sizes if b not in done]
+            if batches:
+                _check_batches(model, sessions, batches, per_sample, seed, rebuild, report, say)
+        elif given is None:
+            arrays = list(first.random_inputs(seed=seed).values())
+            say(f"verify: inputs {_shapes(arrays)}")
+            reference = _reference(model, arrays, rebuild)
             for level, session in sessions.items():
                 report.cases.append(_compare(session, level, arrays, reference))
-    finally:
-        for module, training in flags:
-            module.training = training
+    report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_batches(
+    model: nn.Module,
+    sessions: dict[str, Any],
+    batches: list[int],
+    per_sample: list[tuple[int, ...]] | None,
+    seed: int,
+    rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]],
+    report: VerifyReport,
+    say: Progress,
+) -> None:
+    """Every batch size from one draw at the largest: leading slices of inputs and reference."""
+    first = sessions[OPTIMIZATIONS[0]]
+    largest = max(batches)
+    shapes = (
+        [(largest, *shape) for shape in per_sample]
+        if per_sample is not None
+        else first.concrete_shapes(largest)
+    )
+    check_allocation(shapes, [np.float64] * len(shapes), "the random verification input")
+    rng = np.random.default_rng(seed)
+    arrays = [
+        rng.standard_normal(shape).astype(spec.dtype)
+        for spec, shape in zip(first.inputs, shapes, strict=True)
+    ]
+    say(f"verify: PyTorch reference at batch {largest}")
+    full = _reference(model, arrays, rebuild)
+    sliceable = all(t.dim() and t.shape[0] == largest for t in _tensors(full))
+    for batch in batches:
+        say(f"verify: onnxruntime at batch {batch}")
+        part = [array[:batch] for array in arrays]
+        reference = _slice(full, batch) if sliceable else _reference(model, part, rebuild)
+        for level, session in sessions.items():
+            case = _compare(session, level, part, reference)
+            if sliceable and batch != largest and not case.ok(report.rtol, report.atol):
+                # the model may mix samples: judge against the model at this batch
+                case = _compare(session, level, part, _reference(model, part, rebuild))
+            report.cases.append(case)
+
+
+def _tensors(outputs: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+
+
+def _slice(outputs: Any, batch: int) -> Any:
+    return pytree.tree_map(
+        lambda leaf: leaf[:batch] if isinstance(leaf, torch.Tensor) else leaf, outputs
+    )
+
+
+def _shapes(arrays: Sequence[Any]) -> str:
+    return ", ".join("x".join(map(str, array.shape)) for array in arrays)
+
+
+class eval_mode_of:
+    """Eval mode inside the block; every submodule's training flag restored after it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, training in self.flags:
+            module.training = training
 
 
 def _as_arrays(inputs: Any) -> list[Any]:
@@ -217,28 +229,52 @@ def _as_arrays(inputs: Any) -> list[Any]:
     return flat
 
 
-def _structure(session: Any) -> list[int | None]:
-    raw = session.metadata.get("reparam.input_structure")
+def _rebuild(session: Any) -> Callable[[list[torch.Tensor]], tuple[tuple, dict]]:
+    """How graph inputs become the model's ``(args, kwargs)``, from the file's metadata."""
+    tree_text = session.metadata.get("reparam.input_tree")
+    tree = InputTree.from_json(tree_text) if tree_text else None
+    if tree is not None and sum(slot is not None for slot in tree.slots) == len(session.inputs):
+        return tree.rebuild
+    raw = session.metadata.get("reparam.input_structure")  # files from older versions
     try:
         structure = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         structure = None
-    if not isinstance(structure, list):
-        return [None] * len(session.inputs)
-    return structure
+    if not isinstance(structure, list) or not all(
+        entry is None or (isinstance(entry, int) and entry > 0) for entry in structure
+    ):
+        structure = [None] * len(session.inputs)
+    return lambda flat: (tuple(unflatten_inputs(flat, structure)), {})
 
 
-def _reference(model: nn.Module, arrays: list[np.ndarray], structure: list[int | None]) -> Any:
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _reference(
+    model: nn.Module,
+    arrays: list[np.ndarray],
+    rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]],
+) -> Any:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    tensors = [torch.from_numpy(array).to(device) for array in arrays]
+    dtype = _model_dtype(model)
+    tensors = []
+    for array in arrays:
+        tensor = torch.from_numpy(array).to(device)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # an fp16 graph's inputs, for an fp32 model
+        tensors.append(tensor)
+    args, kwargs = rebuild(tensors)
     try:
         with torch.no_grad():
-            return model(*unflatten_inputs(tensors, structure))
+            return model(*args, **kwargs)
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserInputError(
-            f"the PyTorch model does not run on input shape(s) "
-            f"{_shapes([a.shape for a in arrays])}: {first}"
+            f"the PyTorch model does not run on input shape(s) {_shapes(arrays)}: "
+            f"{summarize(error)}"
         ) from None
 
 

@@ -5,11 +5,16 @@
 - the ``com.reparam`` custom operators registered when the graph uses them (through
   onnxruntime-extensions; a clear error says what to install when it is missing);
 - execution providers chosen from ``onnxruntime.get_available_providers()``;
-- as many intra-op threads as this process may use (at most 16), one inter-op thread, and
-  ``session.intra_op.allow_spinning = 0``: spinning threads distort timings and starve other
-  sessions on small machines (REFERENCE.md §4);
+- as many intra-op threads as this process may use (at most 16; an explicit count is capped
+  at four per usable CPU, since onnxruntime crashes creating a hundred thousand threads),
+  one inter-op thread, and ``session.intra_op.allow_spinning = 0``: spinning threads distort
+  timings and starve other sessions on small machines
+  (https://onnxruntime.ai/docs/performance/tune-performance/threading.html);
+- onnxruntime's own log limited to errors (fatal only when ``quiet``), so its coloured
+  warning lines do not precede reparam's one-line errors;
 
-and named, shape-checked inputs and outputs for numpy arrays.
+and named, shape-checked inputs and outputs for numpy arrays. The graph is checked before
+onnxruntime sees it (:mod:`reparam.runtime.safety`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from reparam.errors import UserInputError
+from reparam.errors import UserInputError, summarize
+from reparam.runtime.safety import (
+    check_allocation,
+    check_domains,
+    check_graph,
+    custom_domains,
+)
+from reparam.runtime.text import printable
 
 __all__ = [
     "OPTIMIZATION_LEVELS",
@@ -34,12 +46,13 @@ __all__ = [
     "default_providers",
     "load",
     "load_onnx",
+    "thread_count",
 ]
 
-STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 OPTIMIZATION_LEVELS = ("all", "basic", "extended", "disable")
-MAX_THREADS = 16
+MAX_THREADS = 16  # the default: more rarely helps a CNN and costs memory per thread
+THREADS_PER_CPU = 4  # an explicit --threads is capped at this many per usable CPU
 
 _ELEMENT_TYPES = {
     "tensor(float)": np.float32,
@@ -62,8 +75,8 @@ class TensorSpec:
     dtype: np.dtype
 
     def describe(self) -> str:
-        dims = ", ".join(str(d) for d in self.shape)
-        return f"{self.name} ({dims}) {np.dtype(self.dtype).name}"
+        dims = ", ".join(printable(str(d)) for d in self.shape)
+        return f"{printable(self.name)} ({dims}) {np.dtype(self.dtype).name}"
 
 
 def load_onnx(path: str | os.PathLike) -> Any:
@@ -75,23 +88,21 @@ def load_onnx(path: str | os.PathLike) -> Any:
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"ONNX file '{printable(str(path))}' is a directory")
     if not path.is_file():
-        raise UserInputError(f"ONNX file '{path}' does not exist")
+        raise UserInputError(f"ONNX file '{printable(str(path))}' does not exist")
     try:
         model = onnx.load(str(path))
     except Exception as error:  # protobuf DecodeError, external data errors, ...
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserInputError(f"'{path}' is not a readable ONNX model: {first}") from None
+        raise UserInputError(
+            f"'{printable(str(path))}' is not a readable ONNX model: {summarize(error)}"
+        ) from None
     if not model.graph.node and not model.graph.output:
-        raise UserInputError(f"'{path}' is not a readable ONNX model: it has an empty graph")
+        raise UserInputError(
+            f"'{printable(str(path))}' is not a readable ONNX model: it has an empty graph"
+        )
     return model
-
-
-def custom_domains(model: Any) -> set[str]:
-    """Operator domains of an ``onnx.ModelProto`` beyond those onnxruntime knows."""
-    used = {node.domain for node in model.graph.node}
-    used |= {opset.domain for opset in model.opset_import}
-    return used - STANDARD_DOMAINS
 
 
 def default_providers() -> list[str]:
@@ -103,12 +114,19 @@ def default_providers() -> list[str]:
     return chosen or list(available)
 
 
-def _thread_count() -> int:
+def _usable_cpus() -> int:
     try:
-        usable = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(usable, MAX_THREADS))
+        return os.cpu_count() or 1
+
+
+def thread_count(requested: int | None = None) -> int:
+    """Intra-op threads: the usable CPUs (at most 16) by default; a requested count is kept
+    between 1 and four per usable CPU."""
+    if requested is None:
+        return max(1, min(_usable_cpus(), MAX_THREADS))
+    return max(1, min(int(requested), THREADS_PER_CPU * _usable_cpus()))
 
 
 class OnnxModel:
@@ -119,7 +137,9 @@ class OnnxModel:
         providers: execution providers; default :func:`default_providers`.
         optimization: ORT graph optimisation level: "all" (ORT's default), "extended",
             "basic" or "disable" (no rewrites at all, so ORT's own fusions cannot hide a bug).
-        threads: intra-op threads; default the CPUs this process may use, at most 16.
+        threads: intra-op threads; default the CPUs this process may use, at most 16
+            (see :func:`thread_count` for the cap on a given count).
+        quiet: onnxruntime logs fatal errors only (else errors too).
 
     Raises:
         UserInputError: missing or corrupt file, custom operators that cannot be registered,
@@ -133,8 +153,9 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         optimization: str = "all",
         threads: int | None = None,
+        quiet: bool = True,
     ) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy, optional at import time
 
         if optimization not in OPTIMIZATION_LEVELS:
             raise UserInputError(
@@ -145,7 +166,10 @@ class OnnxModel:
         proto = load_onnx(self.path)
         self.metadata = {prop.key: prop.value for prop in proto.metadata_props}
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.custom_domains = custom_domains(proto)
+        check_graph(proto, self.path)
+        from reparam.ops.corr_onnx import DOMAIN
+
+        self.custom_domains = check_domains(proto, self.path, {DOMAIN})
         self.node_count = len(proto.graph.node)
 
         options = ort.SessionOptions()
@@ -155,29 +179,24 @@ class OnnxModel:
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         }[optimization]
-        options.intra_op_num_threads = threads or _thread_count()
+        self.threads = thread_count(threads)
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # errors only: warnings go to stderr unasked
+        # onnxruntime prints coloured warnings to stderr unasked: they would precede the one
+        # line a user should see. 3 = errors, 4 = fatal only.
+        options.log_severity_level = 4 if quiet else 3
         if self.custom_domains:
-            from reparam.ops.corr_onnx import DOMAIN
-
-            unknown = self.custom_domains - {DOMAIN}
-            if unknown:
-                raise UserInputError(
-                    f"'{self.path}' uses operator domain(s) {', '.join(sorted(unknown))} that "
-                    "reparam has no implementation for"
-                )
-            from reparam.ops.corr_ort import custom_ops_library
+            from reparam.ops.corr_ort import custom_ops_library  # imports onnxruntime-extensions
 
             options.register_custom_ops_library(custom_ops_library())
         self.providers = list(providers) if providers else default_providers()
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as error:  # onnxruntime raises its own exception types
-            message = " ".join(str(error).split())
+            message = printable(" ".join(str(error).split()))
             raise UserInputError(
-                f"onnxruntime cannot load '{self.path}': {message[:400]}"
+                f"onnxruntime cannot load '{printable(str(self.path))}': {message[:400]}"
             ) from None
         self.inputs = [self._spec(arg) for arg in self.session.get_inputs()]
         self.outputs = [self._spec(arg) for arg in self.session.get_outputs()]
@@ -202,9 +221,13 @@ class OnnxModel:
             return None
         try:
             shapes = [tuple(int(d) for d in shape) for shape in json.loads(raw)]
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             return None
-        return shapes if len(shapes) == len(self.inputs) else None
+        # a hand-edited file may hold anything: negative sizes are ignored here, huge ones
+        # are refused by check_allocation before random inputs are drawn
+        if len(shapes) != len(self.inputs) or any(d < 1 for s in shapes for d in s):
+            return None
+        return shapes
 
     def concrete_shapes(self, batch: int | None = None) -> list[tuple[int, ...]]:
         """Input shapes with every symbolic axis filled in.
@@ -238,10 +261,13 @@ class OnnxModel:
 
     def random_inputs(self, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
         """Standard-normal inputs of the graph's shapes and dtypes (see :meth:`concrete_shapes`)."""
+        shapes = self.concrete_shapes(batch)
+        # standard_normal draws float64 first: count those bytes too
+        check_allocation(shapes, [np.float64] * len(shapes), "the random input")
         rng = np.random.default_rng(seed)
         return {
             spec.name: rng.standard_normal(shape).astype(spec.dtype)
-            for spec, shape in zip(self.inputs, self.concrete_shapes(batch), strict=True)
+            for spec, shape in zip(self.inputs, shapes, strict=True)
         }
 
     def feeds(self, *arrays: Any, **named: Any) -> dict[str, np.ndarray]:
@@ -303,8 +329,10 @@ class OnnxModel:
         try:
             values = self.session.run(None, feeds)
         except Exception as error:  # onnxruntime's own exception types
-            message = " ".join(str(error).split())
-            raise UserInputError(f"onnxruntime failed on '{self.path}': {message[:400]}") from None
+            message = printable(" ".join(str(error).split()))
+            raise UserInputError(
+                f"onnxruntime failed on '{printable(str(self.path))}': {message[:400]}"
+            ) from None
         return dict(zip(self.output_names, values, strict=True))
 
 
@@ -314,6 +342,9 @@ def load(
     providers: Sequence[str] | None = None,
     optimization: str = "all",
     threads: int | None = None,
+    quiet: bool = True,
 ) -> OnnxModel:
     """Load ``path`` into onnxruntime; see :class:`OnnxModel`."""
-    return OnnxModel(path, providers=providers, optimization=optimization, threads=threads)
+    return OnnxModel(
+        path, providers=providers, optimization=optimization, threads=threads, quiet=quiet
+    )

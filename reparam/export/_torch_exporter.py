@@ -1,0 +1,220 @@
+"""One call into torch's ONNX exporters, quiet, with readable dynamic axes and errors.
+
+The torch.export-based exporter (``dynamo=True``) takes ``dynamic_shapes``; the legacy
+TorchScript one takes ``dynamic_axes``. Both get the names ``batch``, ``height`` and
+``width`` for the symbolic axes, so the graph's inputs read ``(batch, 3, height, width)``
+instead of the tracer's ``s53``: torch renames string and ``Dim`` entries of
+``dynamic_shapes`` in the ONNX graph (https://pytorch.org/docs/stable/onnx_export.html).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reparam.errors import ExportError, ReparamError, summarize
+
+__all__ = ["axis_name", "run_exporter"]
+
+
+def axis_name(input_index: int, axis: int, rank: int) -> str:
+    """``batch`` for axis 0; ``height``/``width`` for an image's spatial axes; numbered for
+    the second and later inputs, whose sizes may differ (ASFF's three scales)."""
+    if axis == 0:
+        return "batch"
+    spatial = {
+        4: {2: "height", 3: "width"},
+        3: {2: "length"},
+        5: {2: "depth", 3: "height", 4: "width"},
+    }
+    name = spatial.get(rank, {}).get(axis, f"dim{axis}")
+    return name if input_index == 0 else f"{name}_{input_index}"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[list[str]]:
+    """Silence the exporters' chatter; collect the TracerWarnings worth reporting."""
+    caught: list[str] = []
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            with (
+                contextlib.redirect_stderr(io.StringIO()),
+                contextlib.redirect_stdout(io.StringIO()),
+            ):
+                yield caught
+        for record in records:
+            if record.category.__name__ == "TracerWarning":
+                line = str(record.message).splitlines()[0]
+                if line not in caught:
+                    caught.append(line)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _corr_context(corr: str) -> contextlib.AbstractContextManager:
+    """DRConv's correlation as standard ops, or as the custom op the translation maps."""
+    from reparam.ops.corr import corr_mode
+
+    return corr_mode("standard" if corr == "standard" else "op")
+
+
+def run_exporter(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    *,
+    opset: int | None,
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+    corr: str,
+    exporter: str,
+    input_names: list[str],
+    output_names: list[str],
+) -> tuple[Any, list[str]]:
+    """Export ``model(*inputs)`` (a ``forward(*tensors)`` module) to an ``onnx.ModelProto``.
+
+    Returns the proto and the TracerWarnings seen.
+
+    Raises:
+        ExportError: the exporter fails; one line with the root cause and the model line.
+    """
+    from reparam.ops import corr_onnx
+
+    corr_onnx.register_schema()
+    try:
+        with _quiet_exporter() as tracer_warnings, _corr_context(corr):
+            if exporter == "dynamo":
+                table = corr_onnx.translation_table() if corr == "custom" else None
+                program = torch.onnx.export(
+                    model,
+                    inputs,
+                    None,
+                    dynamo=True,
+                    verbose=False,
+                    opset_version=opset,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch, dynamic_hw),
+                    custom_translation_table=table,
+                )
+                proto = program.model_proto
+            else:
+                proto = _legacy_export(
+                    model, inputs, opset, dynamic_batch, dynamic_hw, corr,
+                    input_names, output_names,
+                )  # fmt: skip
+    except ReparamError:
+        raise
+    except Exception as error:
+        raise ExportError(_export_failure(error, exporter, dynamic_hw)) from error
+    return proto, tracer_warnings
+
+
+def _legacy_export(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    opset: int | None,
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+    corr: str,
+    input_names: list[str],
+    output_names: list[str],
+) -> Any:
+    import onnx  # heavy, optional at import time
+
+    from reparam.ops import corr_onnx
+
+    if corr == "custom":
+        corr_onnx.register_legacy_symbolic()
+    # The legacy exporter turns its C++ log on and prints the graph on failures.
+    torch._C._jit_set_onnx_log_output_stream("stderr")
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        inputs,
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=_dynamic_axes(inputs, input_names, output_names, dynamic_batch, dynamic_hw),
+        custom_opsets=({corr_onnx.DOMAIN: corr_onnx.DOMAIN_VERSION} if corr == "custom" else None),
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _dynamic_shapes(
+    inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool
+) -> tuple[Any, ...] | None:
+    """One axes dict per tensor, for a ``forward(*tensors)`` module (one varargs parameter)."""
+    from torch.export import Dim
+
+    if not (dynamic_batch or dynamic_hw):
+        return None
+    # A named Dim shared by every input: the batch must be one size, and a model that
+    # forces it to a constant is an error rather than a silent constant.
+    batch = Dim("batch")
+    shapes = []
+    for index, tensor in enumerate(inputs):
+        axes: dict[int, Any] = {}
+        if dynamic_batch and tensor.dim() >= 1:
+            axes[0] = batch
+        if dynamic_hw:
+            # A string is Dim.DYNAMIC with a name: relations between inputs (ASFF's 2x
+            # scales) are inferred, and the name replaces the tracer's in the graph.
+            axes.update(
+                {axis: axis_name(index, axis, tensor.dim()) for axis in range(2, tensor.dim())}
+            )
+        shapes.append(axes)
+    return (tuple(shapes),)
+
+
+def _dynamic_axes(
+    inputs: tuple[Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+) -> dict[str, dict[int, str]] | None:
+    if not (dynamic_batch or dynamic_hw):
+        return None
+    axes: dict[str, dict[int, str]] = {}
+    for index, (name, tensor) in enumerate(zip(input_names, inputs, strict=True)):
+        spec = {0: "batch"} if dynamic_batch else {}
+        if dynamic_hw:
+            spec.update(
+                {axis: axis_name(index, axis, tensor.dim()) for axis in range(2, tensor.dim())}
+            )
+        axes[name] = spec
+    for name in output_names:
+        axes[name] = {0: "batch"} if dynamic_batch else {}
+    return axes
+
+
+def _export_failure(error: BaseException, exporter: str, dynamic_hw: bool) -> str:
+    """One readable line from an exporter failure: the root cause and the model line."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    first = summarize(root).split(" [Caused by")[0]
+    message = f"the {exporter} ONNX exporter failed: {first}"
+    lines = str(error).splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("The following call raised this error:") and i + 2 < len(lines):
+            message += f" (at {lines[i + 1].strip()}: {lines[i + 2].strip()})"
+            break
+    if dynamic_hw:
+        message += "; the model may not support a dynamic height/width: try without it"
+    return message

@@ -1,0 +1,81 @@
+"""Checks and small facts on an ``onnx.ModelProto``: checker, shapes, metadata, names.
+
+onnx is imported inside the functions that need it (a heavy optional import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reparam.errors import ExportError, summarize
+
+__all__ = [
+    "check_and_infer",
+    "check_symbolic_axes",
+    "custom_ops",
+    "op_name",
+    "set_metadata",
+    "value_shape",
+]
+
+
+def check_and_infer(proto: Any) -> Any:
+    """``check_model(full_check=True)`` then strict shape inference; returns the inferred proto.
+
+    ``full_check`` already runs strict shape inference, so that pass is not run twice here:
+    inference is run once more only to keep its result (value_info for every tensor).
+    """
+    import onnx  # heavy, optional at import time
+
+    try:
+        onnx.checker.check_model(proto)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as error:
+        raise ExportError(
+            f"the exported graph fails the ONNX checker: {summarize(error)}"
+        ) from error
+
+
+def set_metadata(proto: Any, metadata: dict[str, str]) -> None:
+    """Set ``metadata_props`` keys, replacing earlier values of the same keys."""
+    keep = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def value_shape(value: Any) -> tuple[int | str, ...]:
+    """A graph input/output's shape: ints for fixed axes, names for symbolic ones."""
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in value.type.tensor_type.shape.dim
+    )
+
+
+def op_name(node: Any) -> str:
+    """``Conv``, or ``domain::Op`` outside the standard domain."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
+def custom_ops(proto: Any) -> list[str]:
+    """``domain::Op`` of every node outside the standard domain, sorted."""
+    return sorted({op_name(n) for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+
+
+def check_symbolic_axes(proto: Any, dynamic_batch: bool, dynamic_hw: bool) -> None:
+    """Refuse a graph whose requested dynamic input axes came out as constants."""
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        axes = ([0] if dynamic_batch and dims else []) + (
+            list(range(2, len(dims))) if dynamic_hw else []
+        )
+        for axis in axes:
+            if dims[axis].HasField("dim_value"):
+                what = "batch" if axis == 0 else "height/width"
+                raise ExportError(
+                    f"the exporter fixed axis {axis} of input '{value.name}' to "
+                    f"{dims[axis].dim_value}: the model's code depends on that size, so the "
+                    f"graph cannot have a dynamic {what}; export with a static {what}"
+                )
