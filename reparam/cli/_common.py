@@ -355,7 +355,9 @@ def load_model(
         return LoadedModel(
             model,
             model.reparam_spec,
-            shapes or list(model.reparam_input_shapes),
+            shapes
+            or list(model.reparam_input_shapes)
+            or _default_shapes(model.reparam_spec, model),
             f"{printable(model.reparam_spec.name)} (fused checkpoint {printable(path)})",
             fused=True,
             path=path,
