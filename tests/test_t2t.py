@@ -110,3 +110,88 @@ def test_errors():
         T2TModule(token_dim=0)
     with pytest.raises(UserInputError, match=r"\(B, 3, H, W\)"):
         _module()(torch.randn(1, 4, 32, 32))
+
+
+# T2T-ViT's Token_performer (models/token_performer.py): one kqv Linear (with bias) split as
+# k, q, v; positive random features from the saved matrix w; MLP as Sequential(0, GELU, 2).
+def _performer_keys(dim: int, emb: int) -> dict[str, tuple[int, ...]]:
+    m = int(emb * 0.5)
+    keys = {"kqv.weight": (3 * emb, dim), "kqv.bias": (3 * emb,), "w": (m, emb)}
+    keys |= {"proj.weight": (emb, emb), "proj.bias": (emb,)}
+    keys |= {"norm1.weight": (dim,), "norm1.bias": (dim,), "norm2.weight": (emb,)}
+    keys |= {"norm2.bias": (emb,), "mlp.0.weight": (emb, emb), "mlp.0.bias": (emb,)}
+    return keys | {"mlp.2.weight": (emb, emb), "mlp.2.bias": (emb,)}
+
+
+def _published_performer(state: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """The published performer layer, written from its equations with plain tensor ops."""
+    p = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    f = torch.nn.functional
+    emb, m = p["proj.weight"].shape[0], p["w"].shape[0]
+    normed = f.layer_norm(x, (x.shape[-1],), p["norm1.weight"], p["norm1.bias"])
+    kqv = f.linear(normed, p["kqv.weight"], p["kqv.bias"])
+    k, q, v = kqv[..., :emb], kqv[..., emb : 2 * emb], kqv[..., 2 * emb :]
+
+    def prm(t):
+        half_norm = (t * t).sum(-1, keepdim=True).expand(*t.shape[:-1], m) / 2
+        return torch.exp(torch.einsum("bti,mi->btm", t, p["w"]) - half_norm) / math.sqrt(m)
+
+    kp, qp = prm(k), prm(q)
+    d = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(2)
+    kptv = torch.einsum("bin,bim->bnm", v, kp)
+    y = torch.einsum("bti,bni->btn", qp, kptv) / (d.expand(-1, -1, emb) + 1e-8)
+    y = v + f.linear(y, p["proj.weight"], p["proj.bias"])
+    hidden = f.layer_norm(y, (emb,), p["norm2.weight"], p["norm2.bias"])
+    hidden = f.linear(
+        f.gelu(f.linear(hidden, p["mlp.0.weight"], p["mlp.0.bias"])),
+        p["mlp.2.weight"],
+        p["mlp.2.bias"],
+    )
+    return y + hidden
+
+
+def _published_performer_state(in_chans, token_dim, embed_dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer, dim in (("attention1", in_chans * 49), ("attention2", token_dim * 9)):
+        for key, shape in _performer_keys(dim, token_dim).items():
+            scale = 1.0 if key == "w" else 0.2
+            state[f"{layer}.{key}"] = scale * torch.randn(shape, generator=generator, dtype=dtype)
+    state["project.weight"] = torch.randn(
+        embed_dim, token_dim * 9, generator=generator, dtype=dtype
+    )
+    state["project.bias"] = torch.randn(embed_dim, generator=generator, dtype=dtype)
+    return state
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_performer_loads_published_keys_strictly_and_computes_the_same(dtype, tol):
+    state = _published_performer_state(3, 8, 24, dtype)
+    module = T2TModule(img_size=32, embed_dim=24, token_dim=8, tokens_type="performer")
+    module = module.to(dtype).eval()
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in state.items()
+    }
+    module.load_state_dict(state, strict=True)
+    assert not module.attention1.w.requires_grad  # a saved, fixed random-feature matrix
+    x = torch.randn(2, 3, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    tokens = _published_performer(state, "attention1.", module.soft_split0(x).transpose(1, 2))
+    grid = tokens.transpose(1, 2).reshape(2, 8, 8, 8)
+    tokens = _published_performer(state, "attention2.", module.soft_split1(grid).transpose(1, 2))
+    grid = tokens.transpose(1, 2).reshape(2, 8, 4, 4)
+    expected = torch.nn.functional.linear(
+        module.soft_split2(grid).transpose(1, 2), state["project.weight"], state["project.bias"]
+    )
+    with torch.no_grad():
+        assert _rel(module(x), expected) <= tol
+
+
+def test_tokens_type_default_and_validation():
+    assert _module().tokens_type == "transformer"  # keeps the earlier keys (attn.qkv, mlp.fc1)
+    performer = _module(tokens_type="performer")
+    w = performer.attention2.w
+    assert w.shape == (4, 8)
+    # Orthogonal rows scaled by √m, as published.
+    torch.testing.assert_close(w @ w.t(), 4.0 * torch.eye(4), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserInputError, match="tokens_type"):
+        _module(tokens_type="convolution")

@@ -1,4 +1,4 @@
-"""Tokens-to-Token module of T2T-ViT (Yuan et al., ICCV 2021), transformer variant.
+"""Tokens-to-Token module of T2T-ViT (Yuan et al., ICCV 2021), transformer and performer.
 
 Progressive soft split: the image is unfolded into overlapping 7x7 patches (stride 4,
 padding 2), a token transformer layer mixes the tokens, the tokens are folded back into an
@@ -16,16 +16,35 @@ State-dict keys follow the published ``T2T_module`` with ``tokens_type='transfor
 ``project``). The token attention keeps the published details: one head, no qkv bias, the
 scale computed from the *input* token width (dim**-0.5), and the residual taken from v
 because the layer changes the token width.
+
+``tokens_type="performer"`` uses the published ``Token_performer``
+(https://github.com/yitu-opensource/T2T-ViT/blob/main/models/token_performer.py), the
+default of the released T2t_vit_7…24 checkpoints: linear attention with m = emb/2 positive
+random features φ(x) = exp(Wx − |x|²/2)/√m, W a fixed orthogonal matrix scaled by √m and
+saved as the parameter ``w`` (not trained), so
+
+    y = v + proj( φ(q)·(φ(k)ᵀv) / (φ(q)·Σ_t φ(k_t) + ε) ),   out = y + MLP(LN(y))
+
+with k, q, v split from one ``kqv`` projection (with bias), in that order. Keys:
+``attention{1,2}.{kqv,proj,norm1,norm2,mlp.0,mlp.2,w}``. The published code computes the
+features in float32 whatever the input dtype; here they stay in the input's dtype.
+T2TModule keeps ``tokens_type="transformer"`` as its default (reparam's earlier behaviour
+and state-dict keys); pass ``"performer"`` to load the released T2T-ViT checkpoints.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from reparam.errors import UserInputError
 from reparam.ops.corr import corr_output_size
 
-__all__ = ["T2TModule", "TokenTransformer"]
+__all__ = ["T2TModule", "TokenPerformer", "TokenTransformer"]
+
+TOKENS_TYPES = ("transformer", "performer")
 
 # (kernel, stride, padding) of the three soft splits.
 _SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -82,6 +101,44 @@ class TokenTransformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class TokenPerformer(nn.Module):
+    """T2T's performer token layer: (B, N, dim) → (B, N, out_dim), linear in N.
+
+    Args:
+        dim: input token width.
+        out_dim: output token width (the published ``in_dim``; one head).
+        kernel_ratio: random features m = int(out_dim · kernel_ratio).
+    """
+
+    epsilon = 1e-8  # keeps the normaliser away from 0, as published
+
+    def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5) -> None:
+        super().__init__()
+        self.emb = out_dim
+        self.kqv = nn.Linear(dim, 3 * out_dim)
+        self.proj = nn.Linear(out_dim, out_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(out_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
+        )
+        self.m = max(1, int(out_dim * kernel_ratio))
+        features = nn.init.orthogonal_(torch.empty(self.m, out_dim)) * math.sqrt(self.m)
+        self.w = nn.Parameter(features, requires_grad=False)
+
+    def random_features(self, x: Tensor) -> Tensor:
+        """φ(x) = exp(w·x − |x|²/2) / √m, (B, T, emb) → (B, T, m)."""
+        return torch.exp(x @ self.w.t() - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(self.m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, q, v = self.kqv(self.norm1(x)).split(self.emb, dim=-1)
+        kp, qp = self.random_features(k), self.random_features(q)
+        normaliser = qp @ kp.sum(1).unsqueeze(-1)  # (B, T, 1)
+        y = (qp @ (kp.transpose(1, 2) @ v)) / (normaliser + self.epsilon)
+        y = v + self.proj(y)  # the residual from v: the layer changes the token width
+        return y + self.mlp(self.norm2(y))
+
+
 class T2TModule(nn.Module):
     """Tokens-to-Token: three soft splits with two token transformer layers in between.
 
@@ -92,6 +149,8 @@ class T2TModule(nn.Module):
         embed_dim: output token width.
         token_dim: token width inside the module.
         mlp_ratio: MLP hidden width / token_dim of the token transformers.
+        tokens_type: ``"transformer"`` (default here) or ``"performer"`` (the published
+            default, for the released T2t_vit_7…24 weights; its MLP width is token_dim).
 
     Input (B, in_chans, H, W); output (B, h·w, embed_dim) with h, w given by
     :meth:`grid_size`.
@@ -104,8 +163,14 @@ class T2TModule(nn.Module):
         embed_dim: int = 768,
         token_dim: int = 64,
         mlp_ratio: float = 1.0,
+        tokens_type: str = "transformer",
     ) -> None:
         super().__init__()
+        if tokens_type not in TOKENS_TYPES:
+            raise UserInputError(
+                f"T2TModule: tokens_type must be one of {TOKENS_TYPES}, got {tokens_type!r}"
+            )
+        self.tokens_type = tokens_type
         for name, value in (
             ("img_size", img_size),
             ("in_chans", in_chans),
@@ -119,8 +184,12 @@ class T2TModule(nn.Module):
         self.soft_split0 = nn.Unfold(kernel_size=7, stride=4, padding=2)
         self.soft_split1 = nn.Unfold(kernel_size=3, stride=2, padding=1)
         self.soft_split2 = nn.Unfold(kernel_size=3, stride=2, padding=1)
-        self.attention1 = TokenTransformer(in_chans * 7 * 7, token_dim, mlp_ratio)
-        self.attention2 = TokenTransformer(token_dim * 3 * 3, token_dim, mlp_ratio)
+        if tokens_type == "performer":
+            self.attention1 = TokenPerformer(in_chans * 7 * 7, token_dim)
+            self.attention2 = TokenPerformer(token_dim * 3 * 3, token_dim)
+        else:
+            self.attention1 = TokenTransformer(in_chans * 7 * 7, token_dim, mlp_ratio)
+            self.attention2 = TokenTransformer(token_dim * 3 * 3, token_dim, mlp_ratio)
         self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
         height, width = self.grid_size(img_size, img_size)
         self.num_patches = height * width
@@ -156,5 +225,6 @@ class T2TModule(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_chans={self.in_chans}, embed_dim={self.embed_dim}, "
-            f"token_dim={self.token_dim}, num_patches={self.num_patches}"
+            f"token_dim={self.token_dim}, num_patches={self.num_patches}, "
+            f"tokens_type={self.tokens_type!r}"
         )
