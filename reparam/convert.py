@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -263,7 +264,6 @@ def _fuse_one(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
         return module
     params = list(module.parameters())
     frozen = bool(params) and not any(p.requires_grad for p in params)
-    was_finite = all(_finite(p) for p in params)
     try:
         if fuser is not None:
             outcome = fuser(module)
@@ -279,7 +279,8 @@ def _fuse_one(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
             outcome = result if isinstance(result, nn.Module) else module
     except FusionError as error:
         raise FusionError(f"{where} ({kind}): {error}") from error
-    if was_finite and not all(_finite(p) for p in outcome.parameters()):
+    # Blame the fuse only when the block's own weights were finite (checked only on failure).
+    if not all(map(_finite, outcome.parameters())) and all(map(_finite, params)):
         raise FusionError(
             f"{where} ({kind}): the fused weights are not finite (inf or NaN): a folded "
             f"kernel exceeds what {params[0].dtype if params else 'the dtype'} can hold"
@@ -291,7 +292,9 @@ def _fuse_one(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
 
 
 def _finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+    if not tensor.is_floating_point() or not tensor.numel():
+        return True
+    return all(math.isfinite(float(v)) for v in torch.aminmax(tensor.detach()))  # NaN propagates
 
 
 def _hooks(module: nn.Module) -> str | None:

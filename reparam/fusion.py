@@ -23,6 +23,7 @@ DBB, https://arxiv.org/abs/2103.13425):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -53,14 +54,15 @@ def _fit(tensor: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     """``tensor`` (computed in at least float32) cast to ``dtype``, refusing values that are
     not finite or that ``dtype`` cannot hold: a kernel silently rounded to inf or NaN would
     change every output it touches."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise FusionError(f"the folded {what} is not finite (inf or NaN)")
     if tensor.is_floating_point() and tensor.numel():
+        low, high = (float(v) for v in torch.aminmax(tensor))  # one pass; NaN propagates
         largest = torch.finfo(dtype).max
-        peak = float(tensor.abs().max())
-        if peak > largest:
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise FusionError(f"the folded {what} is not finite (inf or NaN)")
+        if max(-low, high) > largest:
             raise FusionError(
-                f"the folded {what} reaches {peak:.4g}, beyond the largest {dtype} ({largest:.4g})"
+                f"the folded {what} reaches {max(-low, high):.4g}, beyond the largest "
+                f"{dtype} ({largest:.4g})"
             )
     return tensor.to(dtype)
 

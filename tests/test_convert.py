@@ -247,3 +247,15 @@ def test_bundled_acnet_tiny_fuses_to_plain_convs():
     model = randomize_batchnorm(create_model("acnet_tiny")).eval()
     fused, _ = assert_fuses_exactly(model, torch.randn(2, 3, 32, 32), rtol=1e-5)
     assert count(fused, nn.BatchNorm2d) == 0 and count(fused, ACBlock) == 4
+
+
+def test_report_text_lists_adopted_and_not_fused_modules():
+    report = reparam.FuseReport()
+    report.record("ACBlock")
+    report.adopted.append("neck.0: MyACB -> ACBlock")
+    report.skip("head.conv -> head.bn", "BatchNorm2d at head.bn has a forward hook")
+    report.skip("head.conv -> head.bn", "listed once")
+    text = report.summary()
+    assert text.splitlines()[0] == "fused: ACBlock x1"
+    assert "neck.0: MyACB -> ACBlock" in text and "head.bn has a forward hook" in text
+    assert len(report.not_fused) == 1 and str(report) == text
