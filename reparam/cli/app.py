@@ -8,6 +8,7 @@ is the one list of commands; its short help is what ``reparam --help`` shows.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import signal
 import sys
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ class Settings:
 
 settings = Settings()
 
-# name: (module, function to register or None if the module registers itself, short help)
+# name: (module, function to register or None if importing the module registers it,
+#        short help). A module that is not installed (yet) hides its command.
 COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "fuse": (
         "reparam.cli.fuse_cmd",
@@ -46,26 +48,43 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     ),
     "export": (
         "reparam.cli.export_cmd",
-        None,
+        "export",
         "Fuse MODEL, export it to ONNX and verify the file under onnxruntime.",
     ),
     "verify": (
-        "reparam.cli.export_cmd",
-        None,
+        "reparam.cli.verify_cmd",
+        "verify",
         "Compare ONNX_FILE with the PyTorch model under onnxruntime; exit 1 on a mismatch.",
     ),
     "run": (
-        "reparam.cli.export_cmd",
-        None,
+        "reparam.cli.run_cmd",
+        "run",
         "Run ONNX_FILE under onnxruntime and print output shapes, statistics and timing.",
     ),
-    "bench": ("reparam.cli.bench_cmd", "bench", "Benchmark blocks and bundled models."),
+    "quantize": (
+        "reparam.cli.quantize_cmd",
+        "quantize",
+        "Quantize an ONNX model to INT8 with onnxruntime and report its accuracy.",
+    ),
+    "bench": (
+        "reparam.cli.bench_cmd",
+        "bench",
+        "Time blocks and bundled models: training form vs fused vs plain conv, torch vs ORT.",
+    ),
     "demo": (
         "reparam.cli.demo_cmd",
         "demo",
         "Train a digit classifier built from training-time blocks, fuse, export, verify.",
     ),
 }
+
+
+def _available(name: str) -> bool:
+    """Whether the module of command ``name`` exists (found without importing it)."""
+    try:
+        return importlib.util.find_spec(COMMANDS[name][0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _registered(name: str) -> CommandInfo | None:
@@ -132,11 +151,11 @@ class LazyGroup(TyperGroup):
 
     def list_commands(self, ctx: Any) -> list[str]:
         names = list(super().list_commands(ctx))
-        return names + [name for name in COMMANDS if name not in names]
+        return names + [name for name in COMMANDS if name not in names and _available(name)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
-        if command is None and cmd_name in COMMANDS:
+        if command is None and cmd_name in COMMANDS and _available(cmd_name):
             command = _LazyCommand(cmd_name)
             self.add_command(command, cmd_name)
         return command
