@@ -20,13 +20,14 @@ Shared construction helpers: :func:`check_branch_geometry`, :func:`resolve_paddi
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from reparam.convert import FuseOutcome, register_fuser
-from reparam.errors import BlockConfigError
+from reparam.errors import BlockConfigError, UserInputError
 from reparam.module_fusion import make_conv
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "check_branch_geometry",
     "conv_bn_branch",
     "crop_border",
+    "refuse_other_form",
     "resolve_padding",
 ]
 
@@ -84,6 +86,34 @@ def crop_border(x: Tensor, pixels: int) -> Tensor:
     return x[:, :, pixels:-pixels, pixels:-pixels] if pixels > 0 else x
 
 
+def refuse_other_form(
+    block: ReparamBlock, state_dict: dict, prefix: str, deploy_name: str, branch_names, flag: str
+) -> None:
+    """Raise UserInputError when ``state_dict`` holds the other form of ``block``.
+
+    A training-form block given ``<deploy_name>.*`` keys (a fused checkpoint), or a deploy
+    block given branch keys, would otherwise fail with dozens of missing/unexpected keys;
+    this names the form and what to do instead.
+    """
+    name = type(block).__name__
+
+    def has(part: str) -> bool:
+        return any(key.startswith(f"{prefix}{part}.") for key in state_dict)
+
+    where = f" at '{prefix[:-1]}'" if prefix else ""
+    if not block.deploy and has(deploy_name):
+        raise UserInputError(
+            f"{name}{where} is in training form but the state dict is its deploy form "
+            f"({prefix}{deploy_name}.*): build it with {flag}=True, or fuse it first "
+            "(reparam.fuse or switch_to_deploy()) and then load"
+        )
+    if block.deploy and any(has(branch) for branch in branch_names):
+        raise UserInputError(
+            f"{name}{where} is in deploy form but the state dict is its training form "
+            f"({', '.join(branch_names)}): build it with {flag}=False, load, then fuse"
+        )
+
+
 class ReparamBlock(nn.Module):
     """Base class of the blocks in :mod:`reparam.blocks`.
 
@@ -99,6 +129,7 @@ class ReparamBlock(nn.Module):
     fuse_detail: str = ""
     deploy_conv_name: ClassVar[str | None] = None
     branch_names: ClassVar[tuple[str, ...]] = ()
+    deploy_flag: ClassVar[str] = "deploy"  # the constructor argument that builds the deploy form
     repr_fields: ClassVar[tuple[str, ...]] = (
         "stride",
         "padding",
@@ -106,6 +137,14 @@ class ReparamBlock(nn.Module):
         "groups",
         "deploy",
     )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.deploy_conv_name is not None:
+            refuse_other_form(
+                self, state_dict, prefix, self.deploy_conv_name, self.branch_names,
+                self.deploy_flag,
+            )  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _fold_branches(self) -> tuple[Tensor, Tensor]:
         """``(kernel, bias)`` of the deploy conv from the training branches of ``self``.
@@ -129,10 +168,11 @@ class ReparamBlock(nn.Module):
         return kernel.to(dtype), bias.to(dtype)
 
     def parameter_dtype(self) -> torch.dtype:
-        """The dtype of the block's first floating-point parameter (float32 if none)."""
-        for parameter in self.parameters():
-            if parameter.is_floating_point():
-                return parameter.dtype
+        """The dtype of the block's first floating-point parameter or buffer (float32 if
+        none): a BN-only branch may hold no parameter (``affine=False``)."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
         return torch.float32
 
     def _deploy_conv_attribute(self) -> str:

@@ -25,9 +25,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock, check_branch_geometry
-from reparam.blocks.repvgg import refuse_other_form
-from reparam.errors import FusionError
+from reparam.blocks.base import (
+    ReparamBlock,
+    check_branch_geometry,
+    conv_bn_branch,
+    crop_border,
+    resolve_padding,
+)
+from reparam.errors import BlockConfigError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
 
@@ -51,10 +56,6 @@ class MobileOneSE(nn.Module):
         return inputs * torch.sigmoid(scale)
 
 
-def _crop(x: Tensor, pixels: int) -> Tensor:
-    return x[:, :, pixels:-pixels, pixels:-pixels] if pixels > 0 else x
-
-
 class MobileOneBlock(ReparamBlock):
     """N KxK conv-BN + 1x1 conv-BN + BN skip, summed, then SE (optional) and ReLU.
 
@@ -71,6 +72,10 @@ class MobileOneBlock(ReparamBlock):
             same flag as ``deploy``.
         use_se: squeeze-excitation on the summed branches, before the ReLU.
     """
+
+    deploy_conv_name = "reparam_conv"
+    branch_names = ("rbr_conv", "rbr_scale", "rbr_skip", "crop_scale")
+    deploy_flag = "inference_mode"
 
     def __init__(
         self,
@@ -91,14 +96,12 @@ class MobileOneBlock(ReparamBlock):
             "its 1x1 and skip branches align on the centre tap",
         )  # fmt: skip
         if num_conv_branches < 0:
-            raise FusionError(f"num_conv_branches must be >= 0, got {num_conv_branches}")
-        padding = dilation * (kernel_size // 2) if padding is None else padding
-        if padding < 0:
-            raise FusionError(f"padding must be >= 0, got {padding}")
+            raise BlockConfigError(f"num_conv_branches must be >= 0, got {num_conv_branches}")
+        padding = resolve_padding(padding, kernel_size, dilation)
         same = padding == dilation * (kernel_size // 2)
         has_skip = in_channels == out_channels and stride == 1 and same
         if num_conv_branches == 0 and kernel_size == 1 and not has_skip:
-            raise FusionError(
+            raise BlockConfigError(
                 "MobileOneBlock with num_conv_branches=0 and kernel_size=1 has no branch left "
                 "(the scale branch needs kernel_size > 1, the skip branch in_channels == "
                 "out_channels, stride 1 and 'same' padding)"
@@ -140,29 +143,17 @@ class MobileOneBlock(ReparamBlock):
         self.deploy = value
 
     def _conv_bn(self, kernel_size: int, padding: int, dilation: int) -> nn.Sequential:
-        branch = nn.Sequential()
-        branch.add_module(
-            "conv",
-            nn.Conv2d(
-                self.in_channels,
-                self.out_channels,
-                kernel_size,
-                stride=self.stride,
-                padding=padding,
-                dilation=dilation,
-                groups=self.groups,
-                bias=False,
-            ),
-        )
-        branch.add_module("bn", nn.BatchNorm2d(self.out_channels))
-        return branch
+        return conv_bn_branch(
+            self.in_channels, self.out_channels, kernel_size,
+            stride=self.stride, padding=padding, dilation=dilation, groups=self.groups,
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deploy:
             return self.activation(self.se(self.reparam_conv(x)))
         outputs = [branch(x) for branch in self.rbr_conv]
         if self.rbr_scale is not None:
-            outputs.append(self.rbr_scale(_crop(x, self.crop_scale)))
+            outputs.append(self.rbr_scale(crop_border(x, self.crop_scale)))
         if self.rbr_skip is not None:
             outputs.append(self.rbr_skip(x))
         out = outputs[0]
@@ -170,47 +161,21 @@ class MobileOneBlock(ReparamBlock):
             out = out + branch_out
         return self.activation(self.se(out))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        branches = ("rbr_conv", "rbr_scale", "rbr_skip")
-        refuse_other_form(self, state_dict, prefix, "reparam_conv", branches, "inference_mode")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        """The fused KxK ``(kernel, bias)`` of the training branches, in the model's dtype.
-
-        Uses the BatchNorms' running statistics (eval-mode semantics).
-        """
-        if self.deploy:
-            return self.reparam_conv.weight.detach(), self.reparam_conv.bias.detach()
-        branches = [*self.rbr_conv, self.rbr_scale]
-        reference = next((b.conv.weight for b in branches if b is not None), None)
-        if reference is None:
-            reference = self.rbr_skip.running_mean
-        dtype, device = reference.dtype, reference.device
-        source = self._float32_source(dtype)
+    def _fold_branches(self) -> tuple[Tensor, Tensor]:
         size = self.kernel_size
-        branches = [conv_bn_kernel(branch.conv, branch.bn) for branch in source.rbr_conv]
-        if source.rbr_scale is not None:
-            kernel, bias = conv_bn_kernel(source.rbr_scale.conv, source.rbr_scale.bn)
+        branches = [conv_bn_kernel(branch.conv, branch.bn) for branch in self.rbr_conv]
+        if self.rbr_scale is not None:
+            kernel, bias = conv_bn_kernel(self.rbr_scale.conv, self.rbr_scale.bn)
             branches.append((centre_kernel(kernel, size), bias))
-        if source.rbr_skip is not None:
+        if self.rbr_skip is not None:
+            device = self.rbr_skip.running_mean.device
             branches.append(
                 identity_bn_kernel(
-                    source.rbr_skip,
-                    size,
-                    groups=self.groups,
-                    dtype=torch.promote_types(dtype, torch.float32),
-                    device=device,
+                    self.rbr_skip, size, groups=self.groups,
+                    dtype=self.parameter_dtype(), device=device,
                 )
-            )
-        kernel, bias = add_branches(*branches)
-        return kernel.to(dtype), bias.to(dtype)
-
-    def _reparameterize(self) -> None:
-        kernel, bias = self.get_equivalent_kernel_bias()
-        self.reparam_conv = self._deploy_conv(kernel, bias)
-        for name in ("rbr_conv", "rbr_scale", "rbr_skip", "crop_scale"):
-            delattr(self, name)
+            )  # fmt: skip
+        return add_branches(*branches)
 
     def extra_repr(self) -> str:
         return (

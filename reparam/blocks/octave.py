@@ -45,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
 from reparam.blocks.base import ReparamBlock
-from reparam.errors import FusionError
+from reparam.errors import BlockConfigError, FusionError
 from reparam.fusion import fold_batchnorm
 from reparam.module_fusion import check_foldable, conv_bn_kernel, make_conv
 
@@ -72,10 +72,10 @@ def _upsample(x: Tensor, like: Tensor) -> Tensor:
 
 def _split_channels(channels: int, alpha: float, name: str, what: str) -> tuple[int, int]:
     if not 0 <= alpha < 1:
-        raise FusionError(f"{name} must be in [0, 1), got {alpha}")
+        raise BlockConfigError(f"{name} must be in [0, 1), got {alpha}")
     low = int(alpha * channels)
     if alpha > 0 and low == 0:
-        raise FusionError(
+        raise BlockConfigError(
             f"{name}={alpha} of {what}={channels} gives no low-frequency channel; use {name}=0"
         )
     return channels - low, low
@@ -124,25 +124,25 @@ class OctaveConv(ReparamBlock):
     ) -> None:
         super().__init__()
         if groups_convention not in GROUPS_CONVENTIONS:
-            raise FusionError(
+            raise BlockConfigError(
                 f"groups_convention must be one of {GROUPS_CONVENTIONS}, got {groups_convention!r}"
             )
         self.groups_convention = groups_convention
         kernel, dilation = _pair(kernel_size), _pair(dilation)
         if any(k < 1 or k % 2 == 0 for k in kernel):
-            raise FusionError(
+            raise BlockConfigError(
                 f"OctaveConv needs odd kernel sizes (size-preserving paths), got {kernel}"
             )
         same = tuple(d * (k // 2) for d, k in zip(dilation, kernel, strict=True))
         padding = same if padding is None else _pair(padding)
         if padding != same:
-            raise FusionError(
+            raise BlockConfigError(
                 f"OctaveConv's paths must keep their input size (the high-resolution map must "
                 f"stay twice the low one): padding must be dilation*(kernel_size//2) = {same}, "
                 f"got {padding}"
             )
         if stride not in (1, 2):
-            raise FusionError(f"OctaveConv supports stride 1 or 2, got {stride}")
+            raise BlockConfigError(f"OctaveConv supports stride 1 or 2, got {stride}")
         self.in_h, self.in_l = _split_channels(in_channels, alpha_in, "alpha_in", "in_channels")
         self.out_h, self.out_l = _split_channels(
             out_channels, alpha_out, "alpha_out", "out_channels"
@@ -151,7 +151,7 @@ class OctaveConv(ReparamBlock):
         for path, (cin, cout) in self._path_channels().items():
             path_groups = self._path_groups(path)
             if cin % path_groups or cout % path_groups:
-                raise FusionError(
+                raise BlockConfigError(
                     f"OctaveConv path {path} has {cin} input and {cout} output channels, "
                     f"not both divisible by groups ({path_groups})"
                 )

@@ -30,45 +30,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from reparam.blocks.base import ReparamBlock, check_branch_geometry
-from reparam.errors import FusionError, UserInputError
+from reparam.blocks.base import (
+    ReparamBlock,
+    check_branch_geometry,
+    conv_bn_branch,
+    crop_border,
+    resolve_padding,
+)
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
 
-__all__ = ["RepVGGBlock", "SEBlock", "refuse_other_form"]
-
-
-def refuse_other_form(
-    block: nn.Module,
-    state_dict: dict,
-    prefix: str,
-    deploy_name: str,
-    branch_names: tuple[str, ...],
-    flag: str,
-) -> None:
-    """Raise UserInputError when ``state_dict`` holds the other form of ``block``.
-
-    A training-form block given ``<deploy_name>.*`` keys (a fused checkpoint), or a deploy
-    block given branch keys, would otherwise fail with dozens of missing/unexpected keys;
-    this names the form and what to do instead. Called from ``_load_from_state_dict``.
-    """
-    name = type(block).__name__
-
-    def has(part: str) -> bool:
-        return any(key.startswith(f"{prefix}{part}.") for key in state_dict)
-
-    where = f" at '{prefix[:-1]}'" if prefix else ""
-    if not block.deploy and has(deploy_name):
-        raise UserInputError(
-            f"{name}{where} is in training form but the state dict is its deploy form "
-            f"({prefix}{deploy_name}.*): build it with {flag}=True, or fuse it first "
-            "(reparam.fuse or switch_to_deploy()) and then load"
-        )
-    if block.deploy and any(has(branch) for branch in branch_names):
-        raise UserInputError(
-            f"{name}{where} is in deploy form but the state dict is its training form "
-            f"({', '.join(branch_names)}): build it with {flag}=False, load, then fuse"
-        )
+__all__ = ["RepVGGBlock", "SEBlock"]
 
 
 class SEBlock(nn.Module):
@@ -89,39 +61,6 @@ class SEBlock(nn.Module):
         return inputs * torch.sigmoid(scale)
 
 
-def _conv_bn(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int,
-    *,
-    stride: int,
-    padding: int,
-    dilation: int,
-    groups: int,
-) -> nn.Sequential:
-    """Conv (no bias) followed by BatchNorm, named ``conv`` and ``bn`` as RepVGG names them."""
-    branch = nn.Sequential()
-    branch.add_module(
-        "conv",
-        nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=False,
-        ),
-    )
-    branch.add_module("bn", nn.BatchNorm2d(out_channels))
-    return branch
-
-
-def _crop(x: Tensor, pixels: int) -> Tensor:
-    return x[:, :, pixels:-pixels, pixels:-pixels] if pixels > 0 else x
-
-
 class RepVGGBlock(ReparamBlock):
     """KxK conv-BN + 1x1 conv-BN + BN identity, summed, then SE (optional) and ReLU.
 
@@ -138,6 +77,9 @@ class RepVGGBlock(ReparamBlock):
             max(1, out_channels // 16) hidden channels (the published code has
             out_channels // 16, which is 0 below 16 channels).
     """
+
+    deploy_conv_name = "rbr_reparam"
+    branch_names = ("rbr_dense", "rbr_1x1", "rbr_identity", "crop_1x1")
 
     def __init__(
         self,
@@ -156,9 +98,7 @@ class RepVGGBlock(ReparamBlock):
             "RepVGGBlock", in_channels, out_channels, kernel_size, groups,
             "its 1x1 and identity branches align on the centre tap",
         )  # fmt: skip
-        padding = dilation * (kernel_size // 2) if padding is None else padding
-        if padding < 0:
-            raise FusionError(f"padding must be >= 0, got {padding}")
+        padding = resolve_padding(padding, kernel_size, dilation)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.groups = dilation, groups
@@ -178,60 +118,37 @@ class RepVGGBlock(ReparamBlock):
         has_identity = in_channels == out_channels and stride == 1 and same
         self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
         shared = dict(stride=stride, dilation=dilation, groups=groups)
-        self.rbr_dense = _conv_bn(in_channels, out_channels, kernel_size, padding=padding, **shared)
+        self.rbr_dense = conv_bn_branch(
+            in_channels, out_channels, kernel_size, padding=padding, **shared
+        )
         padding_1x1 = centred_padding(padding, kernel_size, 1, dilation)
         self.crop_1x1 = max(0, -padding_1x1)
-        self.rbr_1x1 = _conv_bn(in_channels, out_channels, 1, padding=max(0, padding_1x1), **shared)
+        self.rbr_1x1 = conv_bn_branch(
+            in_channels, out_channels, 1, padding=max(0, padding_1x1), **shared
+        )
 
     def forward(self, inputs: Tensor) -> Tensor:
         if self.deploy:
             return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
-        out = self.rbr_dense(inputs) + self.rbr_1x1(_crop(inputs, self.crop_1x1))
+        out = self.rbr_dense(inputs) + self.rbr_1x1(crop_border(inputs, self.crop_1x1))
         if self.rbr_identity is not None:
             out = out + self.rbr_identity(inputs)
         return self.nonlinearity(self.se(out))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        branches = ("rbr_dense", "rbr_1x1", "rbr_identity")
-        refuse_other_form(self, state_dict, prefix, "rbr_reparam", branches, "deploy")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        """The fused KxK ``(kernel, bias)`` of the training branches, in the weight's dtype.
-
-        Uses the BatchNorms' running statistics (eval-mode semantics).
-        """
-        if self.deploy:
-            return self.rbr_reparam.weight.detach(), self.rbr_reparam.bias.detach()
-        dtype = self.rbr_dense.conv.weight.dtype
-        source = self._float32_source(dtype)
+    def _fold_branches(self) -> tuple[Tensor, Tensor]:
         size = (self.kernel_size, self.kernel_size)
-        dense = conv_bn_kernel(source.rbr_dense.conv, source.rbr_dense.bn)
-        kernel_1x1, bias_1x1 = conv_bn_kernel(source.rbr_1x1.conv, source.rbr_1x1.bn)
+        dense = conv_bn_kernel(self.rbr_dense.conv, self.rbr_dense.bn)
+        kernel_1x1, bias_1x1 = conv_bn_kernel(self.rbr_1x1.conv, self.rbr_1x1.bn)
         branches = [dense, (centre_kernel(kernel_1x1, size), bias_1x1)]
-        if source.rbr_identity is not None:
-            weight = source.rbr_dense.conv.weight
+        if self.rbr_identity is not None:
+            weight = self.rbr_dense.conv.weight
             branches.append(
                 identity_bn_kernel(
-                    source.rbr_identity,
+                    self.rbr_identity,
                     self.kernel_size,
                     groups=self.groups,
                     dtype=weight.dtype,
                     device=weight.device,
                 )
             )
-        kernel, bias = add_branches(*branches)
-        return kernel.to(dtype), bias.to(dtype)
-
-    def _reparameterize(self) -> None:
-        kernel, bias = self.get_equivalent_kernel_bias()
-        self.rbr_reparam = self._deploy_conv(kernel, bias)
-        for name in ("rbr_dense", "rbr_1x1", "rbr_identity", "crop_1x1"):
-            delattr(self, name)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"groups={self.groups}, deploy={self.deploy}"
-        )
+        return add_branches(*branches)
