@@ -44,7 +44,8 @@ def invoke(*args: object):
 
 def assert_ok(result) -> str:
     assert result.exit_code == 0, result.output
-    assert result.stderr == ""
+    # stderr holds nothing but progress lines ("… step"), printed when it is not a terminal
+    assert all(line.startswith("… ") for line in result.stderr.splitlines()), result.stderr
     return result.stdout
 
 
@@ -52,7 +53,8 @@ def assert_error(result, *fragments: str) -> str:
     """Exit 1 with exactly one ``error:`` line on stderr naming every fragment."""
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
+    # besides progress lines ("… step"), printed when stderr is not a terminal
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("… ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -1,0 +1,155 @@
+"""``reparam verify``: an ONNX file against the PyTorch model under onnxruntime.
+
+Parses options and prints; the work is :func:`reparam.export.verify_onnx`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from reparam.cli._common import (
+    FactoryOverrideOpt,
+    KwargOpt,
+    LoadedModel,
+    SeedOpt,
+    TrustCodeOpt,
+    TrustPickleOpt,
+    WeightsKeyOpt,
+    WeightsOpt,
+    load_model,
+    user_errors,
+)
+from reparam.cli._output import Output
+from reparam.errors import UserInputError
+
+__all__ = [
+    "AtolOpt",
+    "BatchSizesOpt",
+    "InputOpt",
+    "JsonOpt",
+    "OnnxArg",
+    "ReportOpt",
+    "RtolOpt",
+    "parse_batch_sizes",
+    "reference_name",
+    "verify",
+]
+
+OnnxArg = Annotated[Path, typer.Argument(help="The .onnx file.", show_default=False)]
+RtolOpt = Annotated[
+    float, typer.Option(help="Fail if max|onnx − torch| / max|torch| exceeds this (and atol).")
+]
+AtolOpt = Annotated[float, typer.Option(help="Fail if max|onnx − torch| exceeds this (and rtol).")]
+BatchSizesOpt = Annotated[
+    str, typer.Option(help="Batch sizes checked when the graph's batch axis is dynamic.")
+]
+InputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--input",
+        "-i",
+        help="Input arrays: .npy for a one-input model, or .npz with one array per graph "
+        "input (by input name, or in order). Default: random normal of the graph's shape.",
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the report as JSON on stdout (human output on stderr)."),
+]
+ReportOpt = Annotated[
+    Path | None, typer.Option("--report", help="Also write the JSON report to this file.")
+]
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,3"`` → ``(1, 2, 3)``; positive integers only."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserInputError(f"--batch-sizes '{text}' must be integers like 1,2,3") from None
+    if not sizes or any(size < 1 for size in sizes):
+        raise UserInputError(f"--batch-sizes '{text}' must be positive integers")
+    return sizes
+
+
+def reference_name(loaded: LoadedModel) -> str:
+    """What the graph is compared with, for the verify summary."""
+    if loaded.fused:
+        return f"{loaded.description} — the fused model: fusion itself is not checked"
+    return f"{loaded.description}, training form in eval mode"
+
+
+def _static_shapes(session: Any) -> list[tuple[int, ...]] | None:
+    try:
+        return session.concrete_shapes(batch=1)
+    except UserInputError:
+        return None
+
+
+def verify(
+    onnx_file: OnnxArg,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The PyTorch model the file came from: a bundled name, package.module:callable "
+            "(with --weights), or a fused checkpoint.",
+            show_default=False,
+        ),
+    ],
+    weights: WeightsOpt = None,
+    weights_key: WeightsKeyOpt = None,
+    kwarg: KwargOpt = None,
+    input: InputOpt = None,
+    rtol: RtolOpt = 1e-4,
+    atol: AtolOpt = 1e-5,
+    batch_sizes: BatchSizesOpt = "1,2,3",
+    trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
+    factory: FactoryOverrideOpt = None,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    report: ReportOpt = None,
+) -> None:
+    """Compare ONNX_FILE with the PyTorch model under onnxruntime; exit 1 on a mismatch.
+
+    The graph runs with ORT optimisations disabled and with the defaults; a dynamic batch is
+    checked at each of --batch-sizes. Without --weights the model gets the same randomised
+    BN statistics as `reparam export` with the same --seed.
+    """
+    from reparam._io import prepare_output
+    from reparam.export import verify_onnx
+    from reparam.runtime import load, read_inputs
+
+    out = Output(as_json, report)
+    with user_errors():
+        sizes = parse_batch_sizes(batch_sizes)
+        if report is not None:
+            prepare_output(report, inputs=(onnx_file, input, weights))
+        session = load(onnx_file, optimization="disable")
+        shapes = session.example_shapes() or _static_shapes(session)
+        loaded = load_model(
+            model,
+            seed=seed,
+            weights=weights,
+            weights_key=weights_key,
+            kwargs=kwarg,
+            input_shapes=[",".join(map(str, shape)) for shape in shapes] if shapes else None,
+            trust_pickle=trust_pickle,
+            trust_code=trust_code,
+            model_override=factory,
+        )
+        arrays = read_inputs(input, session.input_names) if input is not None else None
+        with out.progress() as say:
+            result = verify_onnx(
+                loaded.model, onnx_file, arrays, rtol=rtol, atol=atol, batch_sizes=sizes,
+                seed=seed, progress=say, reference_name=reference_name(loaded),
+            )  # fmt: skip
+        out.echo(result.summary())
+        out.result(result.to_dict())
+        if not result.ok:
+            raise UserInputError(result.failure_summary())
