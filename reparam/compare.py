@@ -94,11 +94,12 @@ def compare_outputs(reference: object, candidate: object) -> list[OutputDiff]:
 
 def _diff(name: str, ref: Tensor, cand: Tensor) -> OutputDiff:
     """Errors over the finite entries; any other non-finite mismatch makes them infinite."""
+    shape = tuple(ref.shape)
     same_special = (ref.isnan() & cand.isnan()) | (ref.isinf() & (ref == cand))
     finite = ref.isfinite() & cand.isfinite()
     if not bool((finite | same_special).all()):
-        return OutputDiff(name, tuple(ref.shape), math.inf, math.inf, math.nan)
-    ref, cand = ref[finite], cand[finite]
+        return OutputDiff(name, shape, math.inf, math.inf, math.nan)
+    ref, cand = ref[finite], cand[finite]  # flattened: the shape reported is the output's
     error = (cand - ref).abs()
     max_abs = error.max().item() if error.numel() else 0.0
     scale = ref.abs().max().item() if ref.numel() else 0.0
@@ -107,4 +108,4 @@ def _diff(name: str, ref: Tensor, cand: Tensor) -> OutputDiff:
     # Both all-zero (or empty) agree exactly; all-zero against non-zero does not.
     fallback = 1.0 if max_abs == 0 else 0.0
     cosine = (ref @ cand / norms).item() if norms > 0 else fallback
-    return OutputDiff(name, tuple(ref.shape), max_abs, max_rel, cosine)
+    return OutputDiff(name, shape, max_abs, max_rel, cosine)
