@@ -168,3 +168,164 @@ def test_errors():
         Involution(16, 3)(torch.randn(1, 8, 5, 5))
     with pytest.raises(ValueError, match="weight must have shape"):
         involution(torch.randn(1, 16, 5, 5), torch.randn(1, 8, 5, 5), 3, 1, 16)
+
+
+# --- YOLOv5 layout, chunked kernel generation, low precision ----------------------------
+
+
+class _YoloConv(torch.nn.Module):
+    """YOLOv5's ``Conv(c1, c2, 1)``: conv without bias, BatchNorm, SiLU (keys conv/bn)."""
+
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c1, c2, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c2)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class _YoloInvolution(torch.nn.Module):
+    """The YOLOv5 pull-request Involution, rewritten here: reduce 4, 16 group channels,
+    AvgPool2d(s, s) when s > 1, kernels applied to the unfolded input."""
+
+    def __init__(self, ch, k, s):
+        super().__init__()
+        self.k, self.s, self.groups = k, s, ch // 16
+        self.cv1 = _YoloConv(ch, ch // 4)
+        self.cv2 = torch.nn.Conv2d(ch // 4, k * k * self.groups, 1)
+        if s > 1:
+            self.avgpool = torch.nn.AvgPool2d(s, s)
+
+    def forward(self, x):
+        weight = self.cv2(self.cv1(x if self.s == 1 else self.avgpool(x)))
+        b, _, h, w = weight.shape
+        weight = weight.view(b, self.groups, 1, self.k * self.k, h, w)
+        columns = F.unfold(x, self.k, 1, (self.k - 1) // 2, self.s)
+        columns = columns.view(b, self.groups, 16, self.k * self.k, h, w)
+        return (weight * columns).sum(3).view(b, x.shape[1], h, w)
+
+
+@pytest.mark.parametrize("dtype,tol", TOLERANCES, ids=["float32", "float64"])
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (7, 1), (3, 2)], ids=["k3s1", "k7s1", "k3s2"])
+def test_yolov5_layout_loads_and_matches_its_forward(kernel, stride, dtype, tol):
+    torch.manual_seed(0)
+    published = randomize_batchnorm(_YoloInvolution(32, kernel, stride), 1).to(dtype).eval()
+    block = Involution(32, kernel, stride, layout="yolov5").to(dtype)
+    block.load_state_dict(published.state_dict(), strict=True)
+    assert set(block.state_dict()) == set(published.state_dict())
+    block.eval()
+    x = torch.randn(2, 32, 12, 10, dtype=dtype)
+    with torch.no_grad():
+        expected = published(x)
+        assert _rel(block(x), expected) <= tol
+    fused, _ = assert_fuses_exactly(block, x, rtol=tol)
+    assert set(fused.state_dict()) == {"cv1.conv.weight", "cv1.conv.bias", "cv2.weight", "cv2.bias"}
+    deployed = Involution(32, kernel, stride, layout="yolov5", deploy=True).to(dtype).eval()
+    deployed.load_state_dict(fused.state_dict(), strict=True)
+    with torch.no_grad():
+        assert _rel(deployed(x), expected) <= tol
+
+
+def test_yolov5_layout_gradients_match_its_forward():
+    torch.manual_seed(0)
+    published = _YoloInvolution(32, 5, 1).double().train()
+    block = Involution(32, 5, layout="yolov5").double().train()
+    block.load_state_dict(published.state_dict(), strict=True)
+    x = torch.randn(2, 32, 9, 11, dtype=torch.float64, requires_grad=True)
+    ours = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
+    want = torch.autograd.grad(published(x).square().sum(), [x, *published.parameters()])
+    for got, expected in zip(ours, want, strict=True):
+        assert _rel(got, expected) <= 1e-10
+
+
+def test_unknown_layout_is_refused():
+    from reparam.errors import BlockConfigError
+
+    with pytest.raises(BlockConfigError, match="layout"):
+        Involution(32, 3, layout="timm")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_generated_chunks_match_whole_kernels(config, monkeypatch):
+    """The no-grad path generates kernels chunk by chunk: tiny chunks must not change it."""
+    import reparam.blocks.involution as module
+
+    block = _block(config, torch.float64).eval()
+    x = _input(config, torch.float64, batch=3)
+    with torch.no_grad():
+        whole = involution_shift(x, block.kernels(x), *config[1:4])
+        monkeypatch.setattr(module, "_generated_chunk_limit", lambda elements: 1)
+        chunked = block(x)
+    assert _rel(chunked, whole) <= 1e-12
+
+
+def test_involution_from_features_rejects_bad_shapes():
+    from reparam.blocks.involution import involution_from_features
+
+    x = torch.randn(1, 16, 5, 5)
+    with pytest.raises(ValueError, match="span_weight"):
+        involution_from_features(x, torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1), None, 3)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_error_no_worse_than_unfold(low):
+    """Taps are summed in float32: error vs float64 at most the unfold form's (+10%)."""
+    torch.manual_seed(0)
+    block = randomize_batchnorm(Involution(64, 7), 0).to(low).eval()
+    x = torch.randn(2, 64, 20, 20).to(low)
+    with torch.no_grad():
+        weight = block.kernels(x)
+        exact = involution_unfold(x.double(), weight.double(), 7)
+        ours = involution_shift(x, weight, 7)
+        unfold = involution_unfold(x, weight, 7)
+        module = block(x)
+    assert ours.dtype == module.dtype == low
+    error_ours = (ours.double() - exact).abs().max().item()
+    error_unfold = (unfold.double() - exact).abs().max().item()
+    assert error_ours <= 1.1 * error_unfold
+    # The whole module (kernels generated chunk-wise) vs the unfold module, both against
+    # the same weights in float64.
+    import copy
+
+    with torch.no_grad():
+        exact_module = copy.deepcopy(block).double().forward_unfold(x.double())
+        unfold_module = block.forward_unfold(x)
+    error_module = (module.double() - exact_module).abs().max().item()
+    assert error_module <= 1.1 * (unfold_module.double() - exact_module).abs().max().item()
+
+
+def test_module_peak_extra_memory_within_three_inputs():
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    block = Involution(64, 7).eval()
+    x = torch.randn(4, 64, 32, 32)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        out = block(x)
+        del out
+    events = sorted(
+        (e for e in p.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    assert peak <= 3 * x.numel() * x.element_size()
+
+
+def test_intra_op_threads_restored():
+    from reparam.blocks.involution import one_intra_op_thread
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with one_intra_op_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_intra_op_thread():
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reparam.blocks.involution import one_intra_op_thread
 from reparam.errors import UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
@@ -288,15 +289,18 @@ class DRConv2d(nn.Module):
         )
         sorted_out = x.new_empty((order.numel(), out_channels))
         start = 0
-        for segment, count in enumerate(counts):
-            if count == 0:
-                continue
-            stop = start + count
-            b, rho = divmod(segment, regions)
-            # Gathered per segment so the im2col rows are still in cache for the matmul.
-            rows = patches[corner[start:stop]].reshape(count, -1)
-            torch.mm(rows, kernels[rho, :, b].t(), out=sorted_out[start:stop])
-            start = stop
+        # Many small gathers and matmuls: with one intra-op thread they pay no thread
+        # barrier, which stalls when another process holds a core.
+        with one_intra_op_thread():
+            for segment, count in enumerate(counts):
+                if count == 0:
+                    continue
+                stop = start + count
+                b, rho = divmod(segment, regions)
+                # Gathered per segment so the im2col rows are still in cache for the matmul.
+                rows = patches[corner[start:stop]].reshape(count, -1)
+                torch.mm(rows, kernels[rho, :, b].t(), out=sorted_out[start:stop])
+                start = stop
         out = torch.empty_like(sorted_out)
         out.index_copy_(0, order, sorted_out)
         out = out.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)

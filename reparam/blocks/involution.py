@@ -1,27 +1,40 @@
-"""Involution (Li et al., CVPR 2021), computed by shift-and-accumulate.
+"""Involution (Li et al., CVPR 2021), computed by shift-and-accumulate in cache-sized chunks.
 
-A 1x1 "reduce" conv (C → C/r, BN, ReLU) and a 1x1 "span" conv (C/r → K²·G) generate, for
-every output pixel, one KxK kernel per group of ``group_channels`` channels (G groups);
+A 1x1 "reduce" conv (C → C/r, BN, activation) and a 1x1 "span" conv (C/r → K²·G) generate,
+for every output pixel, one KxK kernel per group of ``group_channels`` channels (G groups);
 average pooling precedes them when stride > 1. The output is
 
     y[b, g·gc + c, u, v] = Σ_{i,j} w[b, g, i·K + j, u, v] · x_pad[b, g·gc + c, s·u + i, s·v + j]
 
 with x_pad the input zero-padded by (K − 1)/2. The published CPU form unfolds the input
-into a K²-times larger tensor first (49× at K = 7). Here the sum runs over the K² offsets,
-each a strided view of the padded input multiplied into an output buffer in place
-(``addcmul_``), with the weight broadcast over the channels of its group through a view:
-extra memory is the padded input plus the output. The work is chunked over (sample, group)
-pairs so that the output chunk stays in cache across the K² passes. The backward is the
-same loop transposed (:class:`_InvolutionFunction`; first-order only). While tracing
-(``torch.export``, ONNX export) the loop runs out of place on whole tensors, which exports
-with dynamic batch, height and width.
+into a K²-times larger tensor first (49× at K = 7). Here the (sample, group) pairs are cut
+into chunks of about a megabyte; per chunk the input is padded, the kernels are generated
+(inference: one matmul of the span conv on the chunk's reduced features, so the B·G·K²·H·W
+kernel tensor, 3× the input at K = 7, never exists whole) and the K² taps are accumulated
+with ``addcmul_`` on strided views, all while the chunk stays in cache. Low-precision inputs
+accumulate in float32 and round once.
 
-:func:`involution_unfold` keeps the published formulation as the reference for tests and
-benchmarks.
+Threads: these are memory-bound element-wise ops; a second intra-op thread barely speeds
+them up, but every parallel op waits at a thread barrier, which stalls for a whole
+scheduler time slice when another process holds a core. The loops therefore run with one
+intra-op thread (:func:`one_intra_op_thread`), which keeps their speed on a busy machine.
 
-State-dict keys follow ``involution_naive.py``: ``conv1.conv`` + ``conv1.bn`` (ReLU after),
-``conv2.conv`` (with bias). The deploy form folds ``conv1.bn`` into ``conv1.conv``, which
-then has a bias; ``Involution(..., deploy=True)`` builds that layout directly.
+The backward is the same loop transposed (:class:`_InvolutionFunction`; first-order only).
+While tracing (``torch.export``, ONNX export) the loop runs out of place on whole tensors,
+which exports with dynamic batch, height and width. :func:`involution_unfold` keeps the
+published formulation as the reference for tests and benchmarks.
+
+Layouts (``layout=``):
+
+- ``"mmcv"`` (default), keys of ``involution_naive.py`` in
+  https://github.com/d-li14/involution: ``conv1.conv`` + ``conv1.bn`` (ReLU after),
+  ``conv2.conv`` (with bias);
+- ``"yolov5"``, the Involution of https://github.com/ultralytics/yolov5/pull/2435:
+  ``cv1`` a YOLOv5 ``Conv`` (``cv1.conv`` + ``cv1.bn``, SiLU after), ``cv2`` an
+  ``nn.Conv2d`` with bias; group channels 16 and reduction 4 by default, as there.
+
+The deploy form folds the reduce conv's BN into its conv, which then has a bias;
+``Involution(..., deploy=True)`` builds that layout directly.
 
 Stride: the published code pools with ``AvgPool2d(s, s)`` (output floor(H/s)) but unfolds
 with stride s and padding (K − 1)/2 (output ceil(H/s)), so it fails whenever s does not
@@ -31,21 +44,56 @@ window averages the pixels that exist otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from reparam.blocks.base import ReparamBlock
-from reparam.errors import UserInputError
+from reparam.blocks.conv import Conv
+from reparam.errors import BlockConfigError, UserInputError
 from reparam.module_fusion import fold_bn_into_conv
 
-__all__ = ["Involution", "involution", "involution_shift", "involution_unfold"]
+__all__ = [
+    "LAYOUTS",
+    "Involution",
+    "involution",
+    "involution_from_features",
+    "involution_shift",
+    "involution_unfold",
+    "one_intra_op_thread",
+]
 
-# Output elements per chunk of the shift-and-accumulate loop: 4 MiB in float32, so the
-# output chunk and its input stay in cache across the K² passes while per-op overhead stays
-# small. Measured at B8 C64 56² K7 on 2 cores: 2^20 beat 2^18, 2^19, 2^21 and no chunking.
+LAYOUTS = ("mmcv", "yolov5")
+
+# Elements per chunk (padded input + kernels + accumulator): 4 MiB in float32, so the chunk
+# stays in cache across the K² passes while the per-op overhead stays small. Measured at
+# B8 C64 56² K7 on 2 cores: 2^20 beat 2^16, 2^18 and whole tensors.
 _CHUNK_ELEMENTS = 1 << 20
+_WIDE_ACCUMULATOR = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run the enclosed torch ops with one intra-op thread, restoring the count afterwards.
+
+    For loops of many memory-bound ops: each parallel op ends at a thread barrier, and when
+    another process holds one of the cores that barrier waits for a scheduler time slice,
+    so a loop of hundreds of such ops slows down several times on a busy machine while its
+    second thread gains little on a quiet one.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or torch.compiler.is_compiling():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _geometry(x: Tensor, weight: Tensor, kernel_size: int, stride: int, group_channels: int):
@@ -116,6 +164,95 @@ def _chunks(rows: int, row_elements: int):
     return [(start, min(start + step, rows)) for start in range(0, rows, step)] if rows else []
 
 
+def _sample_aligned_chunks(batch: int, groups: int, row_elements: int, limit: int):
+    """(start, stop) ranges over the B·G (sample, group) rows of at most ``limit`` elements,
+    each either whole samples or a range of groups of one sample (so that one matmul
+    generates its kernels)."""
+    step = max(1, limit // max(1, row_elements))
+    if step >= groups:
+        step -= step % groups
+        rows = batch * groups
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    return [
+        (b * groups + g, b * groups + min(g + step, groups))
+        for b in range(batch)
+        for g in range(0, groups, step)
+    ]
+
+
+def _generated_chunk_limit(input_elements: int) -> int:
+    """Chunk bound (elements) when kernels are generated per chunk.
+
+    A chunk's temporaries (its padded input and its kernels, K²/gc times its output) stay
+    below both the cache-sized chunk and the input's size, so the whole module needs at most
+    about its output, the reduced features and one input more. Half the input is allowed
+    even above the cache-sized chunk: smaller chunks mean many more, smaller ops, whose
+    per-op cost then dominates (measured 2x slower at a quarter of the input).
+    """
+    return min(max(_CHUNK_ELEMENTS, input_elements // 2), input_elements)
+
+
+KernelRows = Callable[[int, int], Tensor]
+
+
+def _accumulate(
+    x: Tensor,
+    kernel_rows: KernelRows,
+    kernel_size: int,
+    stride: int,
+    group_channels: int,
+    out_h: int,
+    out_w: int,
+    limit: int,
+) -> Tensor:
+    """The chunked shift-and-accumulate loop; ``kernel_rows(start, stop)`` gives the kernels
+    (stop − start, K², H', W') of (sample, group) rows start..stop."""
+    batch, channels, height, width = x.shape
+    groups, taps = channels // group_channels, kernel_size * kernel_size
+    rows = x.reshape(batch * groups, group_channels, height, width)
+    pads = _pads(x, kernel_size, stride, out_h, out_w)
+    out = x.new_empty((batch * groups, group_channels, out_h, out_w))
+    # bf16 / fp16: the K² products are summed in float32 and rounded once (error then no
+    # worse than the unfold form's, which reduces its product tensor in float32).
+    wide = x.dtype in _WIDE_ACCUMULATOR
+    span_h, span_w = stride * (out_h - 1) + kernel_size, stride * (out_w - 1) + kernel_size
+    row_elements = group_channels * (span_h * span_w + (out_h * out_w if wide else 0))
+    row_elements += taps * out_h * out_w
+    with one_intra_op_thread():
+        for start, stop in _sample_aligned_chunks(batch, groups, row_elements, limit):
+            source = F.pad(rows[start:stop], pads)
+            kernel = kernel_rows(start, stop).unsqueeze(2)  # n x K² x 1 x H' x W'
+            if wide:
+                target = x.new_zeros(out[start:stop].shape, dtype=torch.float32)
+            else:
+                target = out[start:stop]
+            for i in range(kernel_size):
+                for j in range(kernel_size):
+                    shifted = _tap_view(source, i, j, stride, out_h, out_w)
+                    tap = kernel[:, i * kernel_size + j]
+                    if i == 0 and j == 0 and not wide:
+                        torch.mul(shifted, tap, out=target)
+                    else:
+                        target.addcmul_(shifted, tap)
+            if wide:
+                out[start:stop].copy_(target)
+    return out.view(batch, channels, out_h, out_w)
+
+
+def _traced(x, weight, kernel_size, stride, group_channels, out_h, out_w) -> Tensor:
+    """Functional form for torch.export: one multiply-add per offset on whole tensors."""
+    batch, groups = x.shape[0], x.shape[1] // group_channels
+    padded = F.pad(x, _pads(x, kernel_size, stride, out_h, out_w))
+    padded = padded.view(batch * groups, group_channels, padded.shape[2], padded.shape[3])
+    kernels = weight.reshape(batch * groups, kernel_size * kernel_size, 1, out_h, out_w)
+    out = None
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            term = _tap_view(padded, i, j, stride, out_h, out_w) * kernels[:, i * kernel_size + j]
+            out = term if out is None else out + term
+    return out.reshape(batch, groups * group_channels, out_h, out_w)
+
+
 def involution_shift(
     x: Tensor, weight: Tensor, kernel_size: int, stride: int = 1, group_channels: int = 16
 ) -> Tensor:
@@ -125,31 +262,77 @@ def involution_shift(
     differentiable call.
     """
     batch, groups, out_h, out_w = _geometry(x, weight, kernel_size, stride, group_channels)
-    padded = F.pad(x, _pads(x, kernel_size, stride, out_h, out_w))
-    padded = padded.view(batch * groups, group_channels, padded.shape[2], padded.shape[3])
-    kernels = weight.reshape(batch * groups, kernel_size * kernel_size, 1, out_h, out_w)
-    out = x.new_empty((batch * groups, group_channels, out_h, out_w))
     if torch.compiler.is_compiling():
-        # Functional form for torch.export: one multiply-add per offset on whole tensors.
-        out = None
-        for i in range(kernel_size):
-            for j in range(kernel_size):
-                term = (
-                    _tap_view(padded, i, j, stride, out_h, out_w) * kernels[:, i * kernel_size + j]
-                )
-                out = term if out is None else out + term
-        return out.reshape(batch, groups * group_channels, out_h, out_w)
-    for start, stop in _chunks(batch * groups, group_channels * out_h * out_w):
-        target, source, kernel = out[start:stop], padded[start:stop], kernels[start:stop]
-        for i in range(kernel_size):
-            for j in range(kernel_size):
-                shifted = _tap_view(source, i, j, stride, out_h, out_w)
-                tap = kernel[:, i * kernel_size + j]
-                if i == 0 and j == 0:
-                    torch.mul(shifted, tap, out=target)
-                else:
-                    target.addcmul_(shifted, tap)
-    return out.view(batch, groups * group_channels, out_h, out_w)
+        return _traced(x, weight, kernel_size, stride, group_channels, out_h, out_w)
+    kernels = weight.reshape(batch * groups, kernel_size * kernel_size, out_h, out_w)
+    return _accumulate(
+        x, lambda start, stop: kernels[start:stop], kernel_size, stride, group_channels,
+        out_h, out_w, _CHUNK_ELEMENTS,
+    )  # fmt: skip
+
+
+def involution_from_features(
+    x: Tensor,
+    features: Tensor,
+    span_weight: Tensor,
+    span_bias: Tensor | None,
+    kernel_size: int,
+    stride: int = 1,
+    group_channels: int = 16,
+) -> Tensor:
+    """Involution whose kernels are a 1x1 conv of ``features``, generated chunk by chunk.
+
+    Computes ``involution_shift(x, conv2d(features, span_weight, span_bias), ...)`` without
+    the whole kernel tensor (B, G·K², H', W'): each chunk's kernels are one matmul of the
+    span weights with that chunk's samples of ``features``. No autograd.
+
+    Args:
+        x: input (B, C, H, W).
+        features: the reduced features (B, C_r, ceil(H/s), ceil(W/s)).
+        span_weight: (G·K², C_r, 1, 1) weight of the 1x1 span conv.
+        span_bias: its (G·K²) bias, or None.
+        kernel_size, stride, group_channels: as for :func:`involution_unfold`.
+    """
+    batch, channels, height, width = x.shape
+    taps = kernel_size * kernel_size
+    groups = channels // group_channels if group_channels > 0 else 0
+    out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+    reduced = span_weight.shape[1]
+    expected = (batch, reduced, out_h, out_w)
+    if (
+        channels % group_channels
+        or tuple(span_weight.shape) != (groups * taps, reduced, 1, 1)
+        or tuple(features.shape) != expected
+    ):
+        raise ValueError(
+            f"involution_from_features: for input {tuple(x.shape)}, K={kernel_size}, "
+            f"group_channels={group_channels}, need span_weight ({groups * taps}, C_r, 1, 1) "
+            f"and features {expected}, got {tuple(span_weight.shape)} and "
+            f"{tuple(features.shape)}"
+        )
+    weight = span_weight.reshape(groups * taps, reduced)
+    bias = span_bias.reshape(groups * taps, 1) if span_bias is not None else None
+    flat = features.reshape(batch, reduced, out_h * out_w)
+    if x.dtype in _WIDE_ACCUMULATOR:
+        # The kernels feed a float32 accumulator: generate them in float32 too.
+        weight, flat = weight.float(), flat.float()
+        bias = bias.float() if bias is not None else None
+
+    def kernel_rows(start: int, stop: int) -> Tensor:
+        first, group = divmod(start, groups)
+        if group or stop - start < groups:  # some groups of one sample
+            rows = slice(group * taps, (group + stop - start) * taps)
+            kernels = torch.matmul(weight[rows], flat[first])
+            if bias is not None:
+                kernels += bias[rows]
+        else:  # whole samples
+            kernels = torch.matmul(weight, flat[first : stop // groups])
+            if bias is not None:
+                kernels += bias
+        return kernels.view(stop - start, taps, out_h, out_w)
+
+    limit = _generated_chunk_limit(x.numel())
+    return _accumulate(x, kernel_rows, kernel_size, stride, group_channels, out_h, out_w, limit)
 
 
 def _involution_backward(
@@ -206,10 +389,11 @@ class _InvolutionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x, grad_weight = _involution_backward(
-            grad_out.contiguous(), x, weight, *ctx.params,
-            need_x=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-        )  # fmt: skip
+        with one_intra_op_thread():
+            grad_x, grad_weight = _involution_backward(
+                grad_out.contiguous(), x, weight, *ctx.params,
+                need_x=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            )  # fmt: skip
         return grad_x, grad_weight, None, None, None
 
 
@@ -278,7 +462,7 @@ class _ConvModule(nn.Module):
 
 
 class Involution(ReparamBlock):
-    """Involution with the published layout; shift-and-accumulate forward and backward.
+    """Involution in the mmcv or the YOLOv5 layout; chunked shift-and-accumulate forward.
 
     Args:
         channels: C, divisible by ``group_channels``.
@@ -286,7 +470,9 @@ class Involution(ReparamBlock):
         stride: s; average pooling (ceil mode) precedes the kernel generator when s > 1.
         group_channels: channels that share one generated kernel (16 in the paper).
         reduction_ratio: the reduce conv has ``channels // reduction_ratio`` outputs.
-        deploy: build the deploy form directly (conv1's BN folded into its conv).
+        deploy: build the deploy form directly (the reduce conv's BN folded into its conv).
+        layout: ``"mmcv"`` (``conv1``/``conv2``, ReLU) or ``"yolov5"`` (``cv1`` a YOLOv5
+            ``Conv`` with SiLU, ``cv2``); see the module docstring.
     """
 
     def __init__(
@@ -297,8 +483,11 @@ class Involution(ReparamBlock):
         group_channels: int = 16,
         reduction_ratio: int = 4,
         deploy: bool = False,
+        layout: str = "mmcv",
     ) -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise BlockConfigError(f"Involution: layout must be one of {LAYOUTS}, got {layout!r}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise UserInputError(
                 f"Involution needs an odd kernel_size (the kernel is centred on each output "
@@ -321,31 +510,49 @@ class Involution(ReparamBlock):
         self.groups = channels // group_channels
         self.reduction_ratio = reduction_ratio
         self.deploy = deploy
+        self.layout = layout
         reduced = channels // reduction_ratio
-        if deploy:
-            self.conv1 = _ConvModule(nn.Conv2d(channels, reduced, 1, bias=True), None, relu=True)
+        span = kernel_size * kernel_size * self.groups
+        if layout == "yolov5":
+            self.cv1 = Conv(channels, reduced, 1, deploy=deploy)
+            self.cv2 = nn.Conv2d(reduced, span, 1)
+            self.fuse_detail = "cv1.bn folded into cv1.conv"
         else:
-            self.conv1 = _ConvModule(
-                nn.Conv2d(channels, reduced, 1, bias=False), nn.BatchNorm2d(reduced), relu=True
-            )
-        self.conv2 = _ConvModule(
-            nn.Conv2d(reduced, kernel_size * kernel_size * self.groups, 1), None, relu=False
-        )
+            bn = None if deploy else nn.BatchNorm2d(reduced)
+            self.conv1 = _ConvModule(nn.Conv2d(channels, reduced, 1, bias=deploy), bn, relu=True)
+            self.conv2 = _ConvModule(nn.Conv2d(reduced, span, 1), None, relu=False)
+            self.fuse_detail = "conv1.bn folded into conv1.conv"
         if stride > 1:
             self.avgpool = _CeilAvgPool2d(stride)
-        self.fuse_detail = "conv1.bn folded into conv1.conv"
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """Pool (stride > 1), then the reduce conv with its BN and activation."""
+        x = self.avgpool(x) if self.stride > 1 else x
+        return self.cv1(x) if self.layout == "yolov5" else self.conv1(x)
+
+    def _span(self) -> nn.Conv2d:
+        return self.cv2 if self.layout == "yolov5" else self.conv2.conv
 
     def kernels(self, x: Tensor) -> Tensor:
         """The generated per-pixel kernels (B, G·K², ceil(H/s), ceil(W/s))."""
-        return self.conv2(self.conv1(self.avgpool(x) if self.stride > 1 else x))
+        return self._span()(self._reduce(x))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise UserInputError(
                 f"Involution expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
             )
-        weight = self.kernels(x)
-        return involution(x, weight, self.kernel_size, self.stride, self.group_channels)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if needs_grad or torch.compiler.is_compiling():
+            weight = self.kernels(x)
+            return involution(x, weight, self.kernel_size, self.stride, self.group_channels)
+        span = self._span()
+        return involution_from_features(
+            x, self._reduce(x), span.weight, span.bias, self.kernel_size, self.stride,
+            self.group_channels,
+        )  # fmt: skip
 
     def forward_unfold(self, x: Tensor) -> Tensor:
         """The published (unfold) formulation of :meth:`forward`, for tests and benchmarks."""
@@ -353,11 +560,14 @@ class Involution(ReparamBlock):
         return involution_unfold(x, weight, self.kernel_size, self.stride, self.group_channels)
 
     def _reparameterize(self) -> None:
+        if self.layout == "yolov5":
+            self.cv1.switch_to_deploy()
+            return
         fold_bn_into_conv(self.conv1.conv, self.conv1.bn)
         del self.conv1.bn
 
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"group_channels={self.group_channels}, deploy={self.deploy}"
+            f"group_channels={self.group_channels}, deploy={self.deploy}, layout={self.layout!r}"
         )
