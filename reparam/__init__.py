@@ -1,27 +1,74 @@
-"""reparam: fuse, export and verify PyTorch CNNs built from multi-branch and dynamic blocks."""
+"""reparam: fuse, export and verify PyTorch CNNs built from multi-branch and dynamic blocks.
 
-from reparam import blocks
+The public names below load on first use (PEP 562), so ``import reparam`` and the CLI's
+``--version``/``--help`` do not pay for importing torch. Any torch-side name also loads
+:mod:`reparam.blocks`, which registers the block fusers, the torch.fx leaf blocks and the
+adoption of users' copies of published blocks that :func:`reparam.fuse` relies on.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from reparam._version import __version__
-from reparam.checkpoint import load, save_fused
-from reparam.convert import (
-    FuseOutcome,
-    FuseReport,
-    fuse,
-    fuse_with_report,
-    get_fuser,
-    list_fusers,
-    register_fuser,
+from reparam.errors import (
+    BlockConfigError,
+    ExportError,
+    FusionError,
+    MissingCustomOpError,
+    ReparamError,
+    UnsafeInputError,
+    UserInputError,
 )
-from reparam.errors import FusionError, ReparamError, UserInputError
-from reparam.export import ExportError, ExportReport, VerifyReport, export_onnx, verify_onnx
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from reparam import blocks
+    from reparam.checkpoint import load, save_fused
+    from reparam.convert import FuseReport, fuse, fuse_with_report
+    from reparam.export import ExportReport, VerifyReport, export_onnx, verify_onnx
+    from reparam.fusers import (
+        FuseOutcome,
+        get_fuser,
+        list_fusers,
+        override_fuser,
+        register_fuser,
+        unregister_fuser,
+    )
+    from reparam.quantize import QuantizeReport, quantize_onnx
+
+_LAZY = {
+    "blocks": "reparam.blocks",
+    "load": "reparam.checkpoint",
+    "save_fused": "reparam.checkpoint",
+    "FuseReport": "reparam.convert",
+    "fuse": "reparam.convert",
+    "fuse_with_report": "reparam.convert",
+    "FuseOutcome": "reparam.fusers",
+    "get_fuser": "reparam.fusers",
+    "list_fusers": "reparam.fusers",
+    "override_fuser": "reparam.fusers",
+    "register_fuser": "reparam.fusers",
+    "unregister_fuser": "reparam.fusers",
+    "ExportReport": "reparam.export",
+    "VerifyReport": "reparam.export",
+    "export_onnx": "reparam.export",
+    "verify_onnx": "reparam.export",
+    "QuantizeReport": "reparam.quantize",
+    "quantize_onnx": "reparam.quantize",
+}
 
 __all__ = [
+    "BlockConfigError",
     "ExportError",
     "ExportReport",
     "FuseOutcome",
     "FuseReport",
     "FusionError",
+    "MissingCustomOpError",
+    "QuantizeReport",
     "ReparamError",
+    "UnsafeInputError",
     "UserInputError",
     "VerifyReport",
     "__version__",
@@ -32,7 +79,24 @@ __all__ = [
     "get_fuser",
     "list_fusers",
     "load",
+    "override_fuser",
+    "quantize_onnx",
     "register_fuser",
     "save_fused",
+    "unregister_fuser",
     "verify_onnx",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reparam' has no attribute {name!r}")
+    blocks_module = importlib.import_module("reparam.blocks")  # registers fusers and passes
+    module = blocks_module if name == "blocks" else importlib.import_module(_LAZY[name])
+    value = module if name == "blocks" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -37,6 +37,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from reparam.errors import FusionError, summarize
+from reparam.fusers import register_pre_fuse_pass
 
 __all__ = ["LAYOUT_ATTRIBUTES", "AdoptionNote", "adopt_foreign_blocks"]
 
@@ -515,6 +516,7 @@ def _matching_layout(module: nn.Module) -> _Layout | None:
     return None
 
 
+@register_pre_fuse_pass
 def adopt_foreign_blocks(model: nn.Module) -> list[AdoptionNote]:
     """Replace recognised foreign blocks in ``model`` (in place) by reparam blocks.
 

@@ -42,12 +42,13 @@ from torch.utils import _pytree as pytree
 from reparam.compare import compare_outputs
 from reparam.errors import FusionError, summarize
 from reparam.fusers import (
-    _FUSERS,  # noqa: F401  (re-exported: older code edits the registry through convert)
     FuseOutcome,
     Fuser,
     get_fuser,
+    leaf_module_types,
     list_fusers,
     override_fuser,
+    pre_fuse_passes,
     register_fuser,
     unregister_fuser,
 )
@@ -72,8 +73,6 @@ __all__ = [
 THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
 CONV_BN = "Conv+BatchNorm"
 LINEAR_BN = "Linear+BatchNorm1d"
-DYNAMIC_BLOCKS = ("ASFF", "DRConv2d", "Involution", "T2TModule")
-"""reparam.blocks whose forward is data-dependent: torch.fx leaves, never traced into."""
 
 # Largest relative output change accepted when checking probe-found folds on the probe input.
 PROBE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -224,17 +223,14 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _adopt(model: nn.Module, report: FuseReport) -> None:
-    """Replace users' copies of published blocks with reparam's, recording each decision."""
-    # Function-level import: adoption builds reparam.blocks, which import this module.
-    try:
-        from reparam.adopt import adopt_foreign_blocks
-    except ImportError:
-        return
-    for note in adopt_foreign_blocks(model):
-        if note.adopted_as is None:
-            report.skip(note.path, f"{note.foreign_type} not adopted: {note.reason}")
-        else:
-            report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
+    """Run the registered pre-fuse passes (adoption of users' copies of published blocks),
+    recording each decision."""
+    for pre_fuse_pass in pre_fuse_passes():
+        for note in pre_fuse_pass(model):
+            if note.adopted_as is None:
+                report.skip(note.path, f"{note.foreign_type} not adopted: {note.reason}")
+            else:
+                report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
 
 
 def _fuse_blocks(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
@@ -429,18 +425,10 @@ class _LeafTracer(fx.Tracer):
         )
 
 
-def _dynamic_block_types() -> tuple[type, ...]:
-    # Function-level import: reparam.blocks sits above this module (its base class imports
-    # the registry through here), and is always loaded by the time a model holds its blocks.
-    import reparam.blocks as blocks
-
-    return tuple(getattr(blocks, name) for name in DYNAMIC_BLOCKS if hasattr(blocks, name))
-
-
 def _traced_pairs(finder: _PairFinder) -> str:
     """Pairs from a torch.fx trace; returns why tracing failed, or ""."""
     try:
-        graph = _LeafTracer(_dynamic_block_types()).trace(finder.model)
+        graph = _LeafTracer(leaf_module_types()).trace(finder.model)
     except Exception as error:  # any tracing failure only skips the traced pairs
         return summarize(error, 160)
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")

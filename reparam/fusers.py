@@ -4,6 +4,12 @@ A fuser takes a block in eval mode and returns the module that replaces it (it m
 and return the block itself), a :class:`FuseOutcome` carrying a note for the fuse report, or
 ``None`` when the block is already in its deploy form. Lookup follows the MRO, so a fuser
 registered for a base class serves every subclass.
+
+Two more registries let higher layers extend model-wide fusion without this layer importing
+them: *leaf modules* (types that torch.fx tracing must not enter: dynamic blocks whose
+forward is data-dependent) and *pre-fuse passes* (functions run on the model before blocks
+are fused; :mod:`reparam.adopt` registers the one that adopts users' copies of published
+blocks). :mod:`reparam.blocks` registers both when it is imported.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ from torch import nn
 __all__ = [
     "FuseOutcome",
     "Fuser",
+    "PreFusePass",
     "get_fuser",
+    "leaf_module_types",
     "list_fusers",
     "override_fuser",
+    "pre_fuse_passes",
     "register_fuser",
+    "register_leaf_module",
+    "register_pre_fuse_pass",
     "unregister_fuser",
 ]
 
@@ -105,3 +116,35 @@ def list_fusers() -> list[str]:
         names.add(cls.__name__)
         names.update(sub.__name__ for sub in _concrete_subclasses(cls))
     return sorted(names)
+
+
+PreFusePass = Callable[[nn.Module], list]
+"""Takes the model (already a copy, eval mode), may replace submodules in place, and returns
+notes with ``path``, ``foreign_type``, ``adopted_as`` (None: left alone) and ``reason``."""
+
+_LEAF_TYPES: list[type] = []
+_PRE_FUSE_PASSES: list[PreFusePass] = []
+
+
+def register_leaf_module(module_type: type) -> type:
+    """Never trace into ``module_type`` with torch.fx; usable as a class decorator."""
+    if module_type not in _LEAF_TYPES:
+        _LEAF_TYPES.append(module_type)
+    return module_type
+
+
+def leaf_module_types() -> tuple[type, ...]:
+    """The types registered with :func:`register_leaf_module`."""
+    return tuple(_LEAF_TYPES)
+
+
+def register_pre_fuse_pass(fn: PreFusePass) -> PreFusePass:
+    """Run ``fn`` on every model before its blocks are fused; usable as a decorator."""
+    if fn not in _PRE_FUSE_PASSES:
+        _PRE_FUSE_PASSES.append(fn)
+    return fn
+
+
+def pre_fuse_passes() -> tuple[PreFusePass, ...]:
+    """The passes registered with :func:`register_pre_fuse_pass`, in registration order."""
+    return tuple(_PRE_FUSE_PASSES)

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reparam.convert import FuseOutcome, register_fuser
+from reparam.fusers import FuseOutcome, register_fuser
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.module_fusion import make_conv
 
