@@ -182,3 +182,17 @@ def test_dynamic_hw_refusal_writes_nothing(tmp_path: Path) -> None:
     result = invoke("export", f"{MODULE}:pool_net", "-s", "1,3,10,10", "-o", path, "--dynamic-hw")
     assert_error(result, "baked", "static sizes")
     assert not list(tmp_path.iterdir())
+
+
+def test_verify_json_on_stdout_and_report_file(tiny_onnx: Path, tmp_path: Path) -> None:
+    import json
+
+    report = tmp_path / "verify.json"
+    result = invoke("verify", tiny_onnx, "-m", "acnet_tiny", "--json", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout is the JSON alone
+    assert data["ok"] is True and data["batch_sizes"] == [1, 2, 3]
+    assert "OK: within rtol" in result.stderr  # the human summary went to stderr
+    assert json.loads(report.read_text()) == data
+    run = invoke("run", tiny_onnx, "--repeat", "1", "--json")
+    assert json.loads(run.stdout)["outputs"]["output"]["shape"] == [1, 10]

@@ -266,3 +266,46 @@ def test_exporter_failure_is_one_clear_error(tmp_path: Path) -> None:
         export_onnx(DataDependent(), tmp_path / "x.onnx", randn(2, 3))
     assert len(str(info.value).splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_float16_graph_verified_against_the_float32_model(tmp_path: Path) -> None:
+    model = randomize_batchnorm(ACBlock(4, 8), seed=2).eval()
+    path = tmp_path / "half.onnx"
+    report = export_onnx(model, path, randn(2, 4, 11, 9), dtype=torch.float16)
+    proto = onnx.load(str(path))
+    assert report.dtype == "float16" and report.metadata["reparam.dtype"] == "float16"
+    float16 = onnx.TensorProto.FLOAT16
+    assert proto.graph.input[0].type.tensor_type.elem_type == float16
+    assert all(init.data_type == float16 for init in proto.graph.initializer)
+    result = verify_onnx(model, path, rtol=1e-2, atol=1e-3)
+    assert result.ok, result.failures()
+    assert result.worst()[0].max_rel > 1e-6  # really float16: not the float32 rounding
+    # float32 at the boundary: same graph inside, a Cast at each end
+    boundary = tmp_path / "half32.onnx"
+    export_onnx(model, boundary, randn(2, 4, 11, 9), dtype=torch.float16, fp32_io=True)
+    io = onnx.load(str(boundary)).graph
+    assert io.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert io.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert verify_onnx(model, boundary, rtol=1e-2, atol=1e-3).ok
+
+
+def test_float16_overflow_is_refused_with_the_layer_name(tmp_path: Path) -> None:
+    model = ACBlock(4, 8).eval()
+    with torch.no_grad():
+        model.square_bn.weight.fill_(1e7)  # folded kernel ~ 1e7 x the conv weight
+    with pytest.raises(ExportError, match=r"layer '.*'.*beyond float16"):
+        export_onnx(model, tmp_path / "x.onnx", randn(1, 4, 9, 9), dtype=torch.float16)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(UserInputError, match="fp32_io"):
+        export_onnx(model, tmp_path / "x.onnx", randn(1, 4, 9, 9), fp32_io=True)
+
+
+def test_symbolic_axes_are_named(tmp_path: Path) -> None:
+    report = export_onnx(
+        ACBlock(4, 4).eval(), tmp_path / "hw.onnx", randn(2, 4, 11, 9), dynamic_hw=True
+    )
+    assert report.input_shapes == [("batch", 4, "height", "width")]
+    assert report.output_shapes[0][0] == "batch"
+    text = report.summary()
+    assert "(batch, 4, height, width)" in text and "Conv" in text
+    assert json.loads(json.dumps(report.to_dict()))["inputs"][0]["shape"][2] == "height"

@@ -38,7 +38,7 @@ from reparam.cli.verify_cmd import (
     parse_batch_sizes,
     reference_name,
 )
-from reparam.errors import ExportError
+from reparam.errors import ExportError, UserInputError
 
 __all__ = ["export"]
 
@@ -63,6 +63,11 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class Format(str, Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
 def export(
     model: ModelArg,
     weights: WeightsOpt = None,
@@ -70,8 +75,15 @@ def export(
     kwarg: KwargOpt = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="ONNX file to write [default: MODEL.onnx]"),
+        typer.Option("--output", "-o", help="File to write [default: MODEL.onnx or MODEL.pt2]"),
     ] = None,
+    format: Annotated[
+        Format,
+        typer.Option(
+            "--format",
+            help="onnx, or pt2: a torch.export program (torch.export.load), checked on reload.",
+        ),
+    ] = Format.onnx,
     input_shape: ShapeOpt = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset version [default: torch's]")] = None,
     dynamic_batch: Annotated[
@@ -105,6 +117,25 @@ def export(
     fp32_io: Annotated[
         bool, typer.Option("--fp32-io", help="With --dtype float16: float32 inputs and outputs.")
     ] = False,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also quantize the verified float32 graph to INT8 (onnxruntime, static QDQ).",
+        ),
+    ] = False,
+    int8_output: Annotated[
+        Path | None,
+        typer.Option("--int8-output", help="INT8 file [default: OUTPUT with -int8 before .onnx]"),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="INT8 calibration samples (.npy, .npz or a folder) [default: random, a smoke "
+            "test only]",
+        ),
+    ] = None,
     fuse: Annotated[bool, typer.Option(help="Fuse blocks and Conv→BN pairs first.")] = True,
     verify: Annotated[
         bool, typer.Option(help="Check the file against the model under onnxruntime.")
@@ -152,10 +183,20 @@ def export(
         )
         for note in loaded.notes:
             out.echo(note)
-        target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + ".onnx")
+        suffix = ".pt2" if format is Format.pt2 else ".onnx"
+        target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + suffix)
         if output is None:
             prepare_output(target, inputs=(weights, model_file, report))
         inputs = loaded.probe_inputs(seed)
+        if format is Format.pt2:
+            _export_pt2(loaded, target, inputs, dynamic_batch, fuse, half, int8, out)
+            return
+        int8_target = None
+        if int8:
+            if half:
+                raise UserInputError("--int8 quantizes a float32 graph: drop --dtype float16")
+            int8_target = int8_output or target.with_name(f"{target.stem}-int8.onnx")
+            prepare_output(int8_target, inputs=(weights, model_file, report, target))
         if half:  # float16 rounding: never stricter than what the format can meet
             rtol, atol = max(rtol, FP16_RTOL), max(atol, FP16_ATOL)
         verified: list[Any] = []
@@ -201,7 +242,36 @@ def export(
             out.wrote(f"wrote {target}")
         else:
             out.wrote(f"wrote {target} (not verified)")
-        out.result(result.to_dict())
+        data = result.to_dict()
+        if int8_target is not None:
+            from reparam.quantize import quantize_onnx
+
+            with out.progress() as say:
+                say("export: quantizing to INT8")
+                quantized = quantize_onnx(target, int8_target, calibration=calibration, seed=seed)
+            out.echo(str(quantized))
+            out.wrote(f"wrote {int8_target}")
+            data["int8"] = quantized.to_dict()
+        out.result(data)
+
+
+def _export_pt2(
+    loaded: Any, target: Path, inputs: list[Any], dynamic_batch: bool, fuse: bool, half: bool,
+    int8: bool, out: Output,
+) -> None:  # fmt: skip
+    """``--format pt2``: a torch.export program, checked by :func:`export_pt2` on reload."""
+    from reparam.export.pt2 import export_pt2
+
+    if half or int8:
+        raise UserInputError("--dtype float16 and --int8 apply to --format onnx")
+    with out.progress() as say:
+        say("export: torch.export program")
+        export_pt2(
+            loaded.model, target, inputs, dynamic_batch=dynamic_batch,
+            fuse=fuse and not loaded.fused,
+        )  # fmt: skip
+    out.wrote(f"wrote {target}")
+    out.result({"path": str(target), "format": "pt2", "dynamic_batch": dynamic_batch})
 
 
 def _register_until_the_app_names_functions() -> None:

@@ -38,7 +38,7 @@ def to_float16(model: nn.Module) -> nn.Module:
             raise ExportError(
                 f"layer '{layer or '(model)'}' has a {attribute} value of magnitude {peak:.4g}, "
                 f"beyond float16's largest ({FP16_MAX:g}): export in float32 (a BatchNorm "
-                "with a tiny running variance makes the folded kernel this large)"
+                "with a large weight or a tiny running variance makes a folded kernel this large)"
             )
     return model.half()
 
