@@ -1,5 +1,12 @@
 """Benchmark the dynamic operators against their reference formulations (CPU).
 
+Conditions table (the headline): Involution (B8 C64 56² K7) vs the unfold formulation and
+DRConv (B8 C64→64 32² K3, r = 8) vs the seed's formulation (grouped-conv Corr, all r region
+outputs, plain-autograd straight-through assignment), forward (eval, no grad) and training
+step (train mode, forward + backward), each in three conditions: one intra-op thread; all
+threads; all threads beside a busy process (a spin-loop subprocess, bounded in time and
+killed when the condition ends). Peak extra memory of the forwards is measured once.
+
 Involution: our shift-and-accumulate vs the published unfold formulation — the whole module
 (kernel generation included) and the operator alone, time and peak extra memory.
 DRConv: inference (``torch.no_grad``, eval) of our forward vs the reference formulation that
@@ -19,18 +26,22 @@ Usage: ``python benchmarks/bench_dynamic.py [--quick] [--threads N] [--output FI
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from reparam.blocks.drconv import DRConv2d
+from reparam.blocks.drconv import DRConv2d, assign_region_reference
 from reparam.blocks.involution import Involution, involution_shift, involution_unfold
-from reparam.ops.corr import corr_reference, corr_standard
+from reparam.ops.corr import corr, corr_reference, corr_standard
 
 MIB = 2**20
 
@@ -150,12 +161,157 @@ def bench_corr(shape, repeats: int) -> list[str]:
     ]
 
 
+# Longest the busy neighbour may live, whatever happens to this process.
+_SPIN_SECONDS = 900
+_SPIN = "import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass"
+
+
+@contextmanager
+def busy_neighbour() -> Iterator[None]:
+    """A spin-loop subprocess holding one core for the duration of the ``with`` block."""
+    spinner = subprocess.Popen([sys.executable, "-c", _SPIN.format(seconds=_SPIN_SECONDS)])
+    try:
+        time.sleep(0.5)  # let it start spinning
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _drconv_seed_forward(block: DRConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The seed's DRConv: all r region outputs by grouped-conv Corr, hard + soft − soft.detach()."""
+    outputs = corr(x, block._kernels(x), 1, block.stride, block.padding, block.dilation)
+    batch, _, height, width = outputs.shape
+    outputs = outputs.reshape(batch, block.region_num, block.out_channels, height, width)
+    return assign_region_reference(outputs, block.conv_guide(x))
+
+
+def _train_step(forward: Callable[[torch.Tensor], torch.Tensor], module, x, grad) -> None:
+    module.zero_grad(set_to_none=True)
+    forward(x).backward(grad)
+
+
+def condition_cases(quick: bool):
+    """(name, [ours, reference]) pairs of callables for the conditions table."""
+    if quick:
+        inv_shape, dr_shape = (2, 32, 28, 7), (2, 16, 16, 16, 3)
+    else:
+        inv_shape, dr_shape = (8, 64, 56, 7), (8, 64, 64, 32, 3)
+    batch, channels, size, kernel = inv_shape
+    torch.manual_seed(0)
+    inv = Involution(channels, kernel)
+    x = torch.randn(batch, channels, size, size)
+    grad = torch.randn(batch, channels, size, size)
+    b, c_in, c_out, dsize, dk = dr_shape
+    dr = DRConv2d(c_in, c_out, dk, region_num=8, padding=dk // 2)
+    xd = torch.randn(b, c_in, dsize, dsize)
+    grad_d = torch.randn(b, c_out, dsize, dsize)
+
+    def eval_no_grad(module, fn):
+        def run():
+            module.eval()
+            with torch.no_grad():
+                return fn()
+
+        return run
+
+    def train(module, forward, inp, g):
+        def run():
+            module.train()
+            _train_step(forward, module, inp, g)
+
+        return run
+
+    inv_label = f"Involution B{batch} C{channels} {size}² K{kernel}"
+    dr_label = f"DRConv B{b} C{c_in}→{c_out} {dsize}² K{dk} r=8"
+    return [
+        (f"{inv_label} forward, vs unfold", 12.0,
+         [eval_no_grad(inv, partial(inv, x)), eval_no_grad(inv, partial(inv.forward_unfold, x))]),
+        (f"{inv_label} training step, vs unfold", 5.0,
+         [train(inv, inv, x, grad), train(inv, inv.forward_unfold, x, grad)]),
+        (f"{dr_label} forward, vs seed", 3.0,
+         [eval_no_grad(dr, partial(dr, xd)),
+          eval_no_grad(dr, partial(_drconv_seed_forward, dr, xd))]),
+        (f"{dr_label} training step, vs seed", 1.5,
+         [train(dr, dr, xd, grad_d), train(dr, partial(_drconv_seed_forward, dr), xd, grad_d)]),
+    ], (inv, x, dr, xd)  # fmt: skip
+
+
+def bench_conditions(quick: bool, repeats: int) -> list[str]:
+    """The three-condition table: medians per condition, ratio reference / ours."""
+    cases, (inv, x, dr, xd) = condition_cases(quick)
+    all_threads = os.cpu_count() or 1
+    conditions = [
+        ("1 thread", 1, False),
+        (f"{all_threads} threads", all_threads, False),
+        (f"{all_threads} threads + busy process", all_threads, True),
+    ]
+    results = {}
+    for name, threads, busy in conditions:
+        with _threads(threads), busy_neighbour() if busy else _nothing():
+            load = os.getloadavg()[0]
+            for label, _, functions in cases:
+                ours, reference = interleaved_medians(functions, repeats)
+                results[label, name] = (ours, reference, load)
+    header = "| case | target | " + " | ".join(
+        f"{name}: ours / reference ms (ratio)" for name, _, _ in conditions
+    )
+    rows = [header + " | met |", "|---|---|" + "---|" * len(conditions) + "---|"]
+    for label, target, _ in cases:
+        cells, met = [], True
+        for name, _, _ in conditions:
+            ours, reference, _ = results[label, name]
+            ratio = reference / ours
+            met &= ratio >= target
+            cells.append(f"{ours * 1e3:.1f} / {reference * 1e3:.1f} ({ratio:.1f}×)")
+        rows.append(
+            f"| {label} | ≥ {target:g}× | "
+            + " | ".join(cells)
+            + f" | {'yes' if met else '**no**'} |"
+        )
+    loads = ", ".join(f"{name}: {results[cases[0][0], name][2]:.2f}" for name, _, _ in conditions)
+    rows += ["", f"1-minute load average when each condition started: {loads}."]
+    with torch.no_grad():
+        inv.eval()
+        dr.eval()
+        input_mib = x.numel() * x.element_size() / MIB
+        mem = [peak_extra_bytes(partial(inv, x)) / MIB,
+               peak_extra_bytes(partial(inv.forward_unfold, x)) / MIB]  # fmt: skip
+        dmem = [peak_extra_bytes(partial(dr, xd)) / MIB,
+                peak_extra_bytes(partial(_drconv_seed_forward, dr, xd)) / MIB]  # fmt: skip
+    rows += [
+        "",
+        f"Peak extra memory, eval forward: Involution ours {mem[0]:.1f} MiB "
+        f"({mem[0] / input_mib:.2f}× its {input_mib:.1f} MiB input) vs unfold {mem[1]:.1f} MiB; "
+        f"DRConv ours {dmem[0]:.1f} MiB vs seed {dmem[1]:.1f} MiB.",
+    ]
+    return rows
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per function")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables here")
+    parser.add_argument(
+        "--conditions-only", action="store_true", help="only the three-condition table"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -173,16 +329,37 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, medians of {repeats} interleaved runs"
     )
-    lines = [header, "", "### Involution (eval, no grad)", ""]
+    load_before = os.getloadavg()
+    lines = [header, "", "### Three conditions", ""]
+    lines += bench_conditions(args.quick, repeats)
+    if args.conditions_only:
+        lines += _load_line(load_before)
+        return _emit(lines, args.output)
+    lines += ["", "### Involution (eval, no grad)", ""]
     lines += bench_involution(involution_shapes, repeats)
     lines += ["", "### DRConv inference (eval, no grad)", ""]
     lines += bench_drconv(drconv_shape, regions, repeats)
     lines += ["", "### Corr", ""]
     lines += bench_corr(corr_shape, repeats)
+    lines += _load_line(load_before)
+    _emit(lines, args.output)
+
+
+def _load_line(before) -> list[str]:
+    after = os.getloadavg()
+    fmt = ", ".join
+    return [
+        "",
+        f"Load average (1, 5, 15 min) before: {fmt(f'{v:.2f}' for v in before)}; "
+        f"after: {fmt(f'{v:.2f}' for v in after)}.",
+    ]
+
+
+def _emit(lines: list[str], output: Path | None) -> None:
     text = "\n".join(lines)
     print(text)
-    if args.output is not None:
-        args.output.write_text(text + "\n")
+    if output is not None:
+        output.write_text(text + "\n")
 
 
 if __name__ == "__main__":

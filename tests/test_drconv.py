@@ -203,3 +203,39 @@ def test_errors():
         DRConv2d(4, 4, 3)(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="assign_region"):
         assign_region(torch.randn(2, 3, 4, 5, 5), torch.randn(2, 2, 5, 5))
+
+
+def _seed_formulation(block: DRConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The seed's training computation in plain autograd: per-sample conv Corr, all r region
+    outputs, hard + soft − soft.detach() assignment."""
+    batch, k = x.shape[0], block.kernel_size
+    kernel = block.conv_kernel(x).view(batch, block.region_num * block.out_channels, -1, k, k)
+    out = corr_reference(x, kernel, 1, block.stride, block.padding, block.dilation)
+    out = out.view(batch, block.region_num, block.out_channels, out.shape[2], out.shape[3])
+    return assign_region_reference(out, block.conv_guide(x))
+
+
+@pytest.mark.parametrize("dtype,tol", TOLERANCES, ids=["float32", "float64"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_chosen_region_backward_matches_the_seed_formulation(config, dtype, tol):
+    block = _block(config, dtype).train()
+    x = _input(config, dtype, batch=3).requires_grad_()
+    inputs = [x, *block.parameters()]
+    out = block(x)
+    assert out.grad_fn is not None and "RegionCorr" in type(out.grad_fn).__name__
+    weights = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    ours = torch.autograd.grad((out * weights).sum(), inputs)
+    expected = torch.autograd.grad((_seed_formulation(block, x) * weights).sum(), inputs)
+    for got, want in zip(ours, expected, strict=True):
+        assert _rel(got, want) <= tol
+
+
+def test_chosen_region_backward_without_input_gradient():
+    config = CONFIGS[2]
+    block = _block(config, torch.float64).train()
+    x = _input(config, torch.float64)
+    params = list(block.parameters())
+    ours = torch.autograd.grad(block(x).square().sum(), params)
+    expected = torch.autograd.grad(_seed_formulation(block, x).square().sum(), params)
+    for got, want in zip(ours, expected, strict=True):
+        assert _rel(got, want) <= 1e-10

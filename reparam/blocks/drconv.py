@@ -24,6 +24,13 @@ that region's kernels only: 1/r of the correlation work, same outputs up to roun
 tracing (``torch.export``, ONNX export) or under ``corr_mode("standard")`` it always uses
 the reference formulation, which exports with a dynamic batch.
 
+Training (an autograd graph is needed) computes all r region outputs, as the guide's
+softmax gradient needs them, but the correlation's backward only for the region each pixel
+chose (the straight-through gradient is zero elsewhere): per (sample, region), one matmul
+for the kernels' gradient and one for the im2col columns' gradient, folded back onto the
+input (:class:`_RegionCorr`): 1/r of the backward work of the grouped convolution. The
+gradients are those of the seed's formulation, :meth:`DRConv2d.forward_reference`.
+
 State-dict keys follow the seed: ``conv_kernel.{1,3}.*`` (index 0 is the pool, 2 the
 sigmoid) and ``conv_guide.*``. Index 0 is :class:`~reparam.ops.AdaptiveAvgPool2dExact`, which
 exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from reparam.blocks.involution import one_intra_op_thread
 from reparam.errors import UserInputError
@@ -104,6 +112,101 @@ def assign_region_reference(outputs: Tensor, guide: Tensor) -> Tensor:
     hard = _hard_select(outputs, guide)
     soft = (torch.softmax(guide, dim=1).unsqueeze(2) * outputs.detach()).sum(dim=1)
     return hard + soft - soft.detach()
+
+
+def _region_order(guide: Tensor, regions: int) -> tuple[Tensor, list[int]]:
+    """Pixels sorted by (sample, chosen region): the flat order and each segment's size.
+
+    Pixel b·H'·W' + p is in segment b·r + argmax_ρ guide[b, ρ, p]; segment sizes are in
+    segment order, so segment s occupies ``order[sum(counts[:s]) : sum(counts[:s + 1])]``.
+    """
+    batch = guide.shape[0]
+    # argmax over the last, contiguous axis is several times faster than over dim 1.
+    key = guide.permute(0, 2, 3, 1).contiguous().argmax(dim=-1).reshape(batch, -1)
+    key = key + regions * torch.arange(batch, device=guide.device).unsqueeze(1)
+    key = key.reshape(-1)
+    order = torch.argsort(key, stable=True)
+    return order, torch.bincount(key, minlength=batch * regions).tolist()
+
+
+def _chosen_region_corr_backward(
+    x: Tensor,
+    kernel: Tensor,
+    guide: Tensor,
+    grad: Tensor,
+    geometry: tuple[int, int, int, int],
+    need_x: bool,
+    need_kernel: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of corr(x, kernel) when only each pixel's chosen region gets gradient.
+
+    With P the im2col columns (pixel × C·K²), G the output gradient (pixel × O) and
+    W_{b,ρ} the kernel (O × C·K²) of sample b, region ρ, over the pixels S_{b,ρ} that chose
+    ρ: ∂W_{b,ρ} = G_Sᵀ · P_S and ∂P_S = G_S · W_{b,ρ}; ∂x is ∂P folded back (col2im).
+    """
+    regions, stride, padding, dilation = geometry
+    batch, _, height, width = x.shape
+    out_channels, k = grad.shape[1], kernel.shape[-1]
+    pixels = grad.shape[2] * grad.shape[3]
+    order, counts = _region_order(guide, regions)
+    g = grad.permute(0, 2, 3, 1).reshape(batch * pixels, out_channels)
+    columns = None
+    if need_kernel:
+        columns = F.unfold(x, k, dilation, padding, stride).transpose(1, 2)
+        columns = columns.reshape(batch * pixels, -1)
+    weights = kernel.reshape(batch, regions, out_channels, -1)
+    grad_kernel = torch.zeros_like(weights) if need_kernel else None
+    grad_columns = x.new_empty((batch * pixels, weights.shape[-1])) if need_x else None
+    start = 0
+    with one_intra_op_thread():  # many small matmuls: no thread barrier per op
+        for segment, count in enumerate(counts):
+            if count == 0:
+                continue
+            stop = start + count
+            b, rho = divmod(segment, regions)
+            index = order[start:stop]
+            g_segment = g[index]
+            if need_kernel:
+                torch.mm(g_segment.t(), columns[index], out=grad_kernel[b, rho])
+            if need_x:
+                torch.mm(g_segment, weights[b, rho], out=grad_columns[start:stop])
+            start = stop
+    grad_x = None
+    if need_x:
+        unsorted = torch.empty_like(grad_columns).index_copy_(0, order, grad_columns)
+        unsorted = unsorted.reshape(batch, pixels, -1).transpose(1, 2)
+        grad_x = F.fold(unsorted, (height, width), k, dilation, padding, stride)
+    return grad_x, grad_kernel.reshape(kernel.shape) if need_kernel else None
+
+
+class _RegionCorr(torch.autograd.Function):
+    """``assign_region(corr(x, kernel), guide)`` with the chosen-region-only corr backward."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, guide, regions, stride, padding, dilation):
+        outputs = torch.ops.reparam.corr(x, kernel, 1, stride, padding, dilation)
+        batch, _, height, width = outputs.shape
+        outputs = outputs.view(batch, regions, -1, height, width)
+        ctx.save_for_backward(x, kernel, guide, outputs)
+        ctx.geometry = (regions, stride, padding, dilation)
+        return _hard_select(outputs, guide)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, kernel, guide, outputs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_guide = None
+        if ctx.needs_input_grad[2]:
+            # Softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ (straight-through).
+            mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)
+            soft = torch.softmax(guide, dim=1)
+            grad_guide = soft * (mixed - (soft * mixed).sum(dim=1, keepdim=True))
+        grad_x, grad_kernel = _chosen_region_corr_backward(
+            x, kernel, guide, grad, ctx.geometry, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+        )  # fmt: skip
+        return grad_x, grad_kernel, grad_guide, None, None, None, None
 
 
 class DRConv2d(nn.Module):
@@ -224,7 +327,12 @@ class DRConv2d(nn.Module):
         self._check_input(x)
         if self.uses_fast_path(x):
             return self._forward_fast(x)
-        return self.forward_reference(x)
+        if self._tracing_or_standard() or not self._needs_grad(x):
+            return self.forward_reference(x)
+        return _RegionCorr.apply(
+            x, self._kernels(x), self.conv_guide(x), self.region_num, self.stride,
+            self.padding, self.dilation,
+        )  # fmt: skip
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The seed's formulation: all r region outputs, then one kept per pixel."""
@@ -266,12 +374,7 @@ class DRConv2d(nn.Module):
         pixels = out_h * out_w
         kernels = self._tap_major_kernels(x)
         # Global pixel order sorted by (sample, region): every region's pixels form a slice.
-        # argmax over the last, contiguous axis is several times faster than over dim 1.
-        key = guide.permute(0, 2, 3, 1).contiguous().argmax(dim=-1).reshape(batch, pixels)
-        key = key + regions * torch.arange(batch, device=x.device).unsqueeze(1)
-        key = key.reshape(-1)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=batch * regions).tolist()
+        order, counts = _region_order(guide, regions)
         # im2col and the sort in one gather: the padded input channels-last, seen as one
         # (K, K, C) patch per flat position b·Hp·Wp + y·Wp + x (a strided view), indexed
         # at the sorted pixels' top-left corners.
