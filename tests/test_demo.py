@@ -28,6 +28,7 @@ def test_demo_runs_every_stage_and_they_agree(tmp_path):
         "fused (torch)",
         "ONNX, Corr standard",
         "ONNX, Corr custom",
+        "ONNX INT8",
     ]
     for stage in stages:
         assert any(line.startswith(stage) for line in lines), stage
@@ -35,8 +36,11 @@ def test_demo_runs_every_stage_and_they_agree(tmp_path):
     assert result.output.count("verify ok") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "digits_net-custom.onnx",
+        "digits_net-int8.onnx",
         "digits_net-standard.onnx",
     ]
+    int8 = next(line for line in lines if line.startswith("ONNX INT8"))
+    assert "same as fp32" in int8 and "cosine" in int8
 
 
 def test_demo_output_path_that_is_a_file_is_refused(tmp_path):
