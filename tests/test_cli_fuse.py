@@ -111,6 +111,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny: nn.Module) -> Path:
     torch.save(tiny, directory / "full_module.pt")
     torch.save({"epoch": 3, "lr": 0.1}, directory / "no_state_dict.pt")
     torch.save(reparam.fuse(tiny).state_dict(), directory / "fused_keys.pt")
+    renamed = {key.replace("square_", "sq_"): value for key, value in tiny.state_dict().items()}
+    torch.save(renamed, directory / "renamed_keys.pt")
     with torch.random.fork_rng():
         torch.save(create_model("acnet_tiny", width=8).state_dict(), directory / "width8.pt")
     (directory / "garbage.pt").write_text("this is not a checkpoint\n" * 4)
@@ -335,8 +337,8 @@ BAD_INPUTS: list[tuple[str, Args, tuple[str, ...]]] = [
     ),
     (
         "keys-do-not-match",
-        lambda i, o: ["acnet_tiny", "-w", i / "fused_keys.pt", "-o", o / "f.pt"],
-        ("do not match the model", "missing (e.g.", "unexpected (e.g.", "fused_conv"),
+        lambda i, o: ["acnet_tiny", "-w", i / "renamed_keys.pt", "-o", o / "f.pt"],
+        ("do not match the model", "missing (e.g.", "unexpected (e.g.", "sq_conv"),
     ),
     (
         "shapes-do-not-match",
@@ -491,9 +493,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
 def test_key_mismatch_names_the_first_five_keys_of_each_kind(
     inputs: Path, out: Path, tiny: nn.Module
 ):
-    result = invoke("fuse", "acnet_tiny", "-w", inputs / "fused_keys.pt", "-o", out / "f.pt")
+    result = invoke("fuse", "acnet_tiny", "-w", inputs / "renamed_keys.pt", "-o", out / "f.pt")
     line = assert_user_error(result)
-    expected, given = list(tiny.state_dict()), list(reparam.fuse(tiny).state_dict())
+    expected = list(tiny.state_dict())
+    given = [key.replace("square_", "sq_") for key in expected]
     keys = {
         "missing": [key for key in expected if key not in given],
         "unexpected": [key for key in given if key not in expected],
@@ -503,6 +506,17 @@ def test_key_mismatch_names_the_first_five_keys_of_each_kind(
         assert shown is not None, line
         assert int(shown.group(1)) == len(names)
         assert shown.group(2).split(", ") == names[:5]
+
+
+def test_deploy_form_weights_load_into_the_deploy_model(inputs: Path, out: Path, tiny):
+    """A state dict with the fused keys is a deploy checkpoint: it loads, nothing to fuse."""
+    result = invoke("fuse", "acnet_tiny", "-w", inputs / "fused_keys.pt", "-o", out / "f.pt")
+    assert result.exit_code == 0, result.output
+    assert "deploy form" in result.output
+    fused = reparam.load(out / "f.pt")
+    reference = reparam.fuse(tiny)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- atomic output

@@ -328,7 +328,8 @@ def load_model(
     """
     import torch
 
-    from reparam.checkpoint import ModelSpec, apply_state_dict, load, read_weights
+    from reparam.checkpoint import ModelSpec, load, read_weights
+    from reparam.models.weights import DEPLOY, load_weights
     from reparam.testing import randomize_batchnorm
 
     check_seed(seed)
@@ -374,17 +375,20 @@ def load_model(
     torch.manual_seed(seed)
     model = _build(spec)
     notes = []
+    deploy_form = False
     if weights is not None:
         read = read_weights(weights, trust_pickle=trust_pickle, key=weights_key)
-        apply_state_dict(model, read.state_dict, str(weights))
+        # The checkpoint may be the training form or a deploy (fused) form: its keys tell.
+        model, form = load_weights(model, read.state_dict, f"'{printable(weights)}'")
+        deploy_form = form == DEPLOY
         description = f"{printable(name)} with weights {printable(weights)} ({read.entry})"
-        notes.append(f"weights: {read.entry} of {printable(weights)}")
+        notes.append(f"weights: {read.entry} of {printable(weights)}, {form} form")
     else:
         randomize_batchnorm(model, seed)
         description = f"{printable(name)} (initial weights, randomised BN statistics)"
     if not shapes:
         shapes = _default_shapes(spec, model)
-    return LoadedModel(model.eval(), spec, shapes, description, notes=notes)
+    return LoadedModel(model.eval(), spec, shapes, description, fused=deploy_form, notes=notes)
 
 
 def _build(spec: ModelSpec) -> nn.Module:

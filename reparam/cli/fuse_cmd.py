@@ -131,6 +131,12 @@ def render_report(description: str, input_shapes: list[tuple[int, ...]], run: Fu
     ]
     if run.report.details:
         lines += ["", "notes:", *(f"  {detail}" for detail in run.report.details)]
+    if run.report.adopted:
+        lines += ["", "adopted (your copies of published blocks, checked equal on a probe):"]
+        lines += [f"  {printable(entry)}" for entry in run.report.adopted]
+    if run.report.not_fused:
+        lines += ["", "not fused:"]
+        lines += [f"  {printable(path)}: {printable(why)}" for path, why in run.report.not_fused]
     if run.report.traced is False:
         lines += ["", f"note: model does not trace with torch.fx ({run.report.trace_error});"]
         lines += ["      only Conv→BN pairs inside nn.Sequential were folded"]

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from reparam.convert import fuse
-from reparam.errors import ReparamError, UserInputError, summarize
+from reparam.errors import ReparamError, UserInputError, printable, summarize
 
 __all__ = ["DEPLOY", "TRAINING", "load_weights", "looks_like_deploy"]
 
 TRAINING, DEPLOY = "training", "deploy"
-_EXAMPLES = 3
+_EXAMPLES = 5
 # Key fragments that only a fused block has: a state dict holding them is a deploy form.
 _DEPLOY_MARKERS = ("rbr_reparam.", "reparam_conv.", "dbb_reparam.", "fused_conv.", ".l2x.")
 
@@ -51,14 +51,27 @@ def _candidates(model: nn.Module):
     yield DEPLOY, lambda: fuse(model), "the fully fused form (reparam.fuse)"
 
 
-def _key_report(expected: set[str], given: set[str]) -> tuple[int, str]:
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
+def _key_report(expected: list[str], given: list[str]) -> tuple[int, str]:
+    """``(count, "N missing (e.g. …); M unexpected (e.g. …)")``, keys in state-dict order."""
+    expected_set, given_set = set(expected), set(given)
+    missing = [key for key in expected if key not in given_set]
+    unexpected = [key for key in given if key not in expected_set]
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
-            shown = ", ".join(keys[:_EXAMPLES]) + (", …" if len(keys) > _EXAMPLES else "")
-            parts.append(f"{len(keys)} {label} keys ({shown})")
+            shown = ", ".join(printable(key) for key in keys[:_EXAMPLES])
+            parts.append(f"{len(keys)} {label} (e.g. {shown})")
     return len(missing) + len(unexpected), "; ".join(parts)
+
+
+def _check_shapes(target: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    expected = target.state_dict()
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserInputError(
+                f"{source}: {printable(key)} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(expected[key].shape)}"
+            )
 
 
 def looks_like_deploy(keys: set[str]) -> bool:
@@ -80,12 +93,13 @@ def load_weights(
             of missing and unexpected keys against the closest form, and says when the
             checkpoint looks like a deploy checkpoint), or a tensor's shape differs.
     """
-    given = set(state_dict)
+    given = list(state_dict)
     closest: tuple[int, str, str] | None = None
     for form, build, description in _candidates(model):
         target = build()
-        expected = set(target.state_dict())
-        if expected == given:
+        expected = list(target.state_dict())
+        if set(expected) == set(given):
+            _check_shapes(target, state_dict, source)
             try:
                 target.load_state_dict(state_dict, strict=True)
             except (RuntimeError, ReparamError) as error:
@@ -102,7 +116,9 @@ def load_weights(
     hint = (
         " This looks like a deploy checkpoint (fused blocks), but it does not match the "
         "model's deploy form either: is it the same architecture?"
-        if looks_like_deploy(given)
+        if looks_like_deploy(set(given))
         else ""
     )
-    raise UserInputError(f"{source} does not fit the model: against {description}, {detail}.{hint}")
+    raise UserInputError(
+        f"keys in {source} do not match the model (closest: {description}): {detail}.{hint}"
+    )
