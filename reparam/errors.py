@@ -30,12 +30,17 @@ class FusionError(ReparamError, ValueError):
     """A block or layer cannot be fused exactly as configured."""
 
 
-class BlockConfigError(FusionError):
-    """A block constructor was given arguments it cannot honour (odd kernel, groups, ...)."""
-
-
 class UserInputError(ReparamError, ValueError):
     """A file, model name or option given by the user is missing or malformed."""
+
+
+class BlockConfigError(FusionError, UserInputError, TypeError):
+    """A block constructor was given arguments it cannot honour (odd kernel, groups, ...).
+
+    The one class every block constructor raises. It is also a ``FusionError``, a
+    ``UserInputError``, a ``ValueError`` and a ``TypeError``, so code written against the
+    classes the blocks raised before keeps catching it.
+    """
 
 
 class UnsafeInputError(UserInputError):

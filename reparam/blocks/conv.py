@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from reparam.blocks.base import ReparamBlock
+from reparam.errors import BlockConfigError
 from reparam.module_fusion import conv_bn_kernel, make_conv
 
 __all__ = ["Conv", "autopad"]
@@ -41,7 +42,7 @@ def _activation(act: bool | nn.Module | None) -> nn.Module:
         return nn.Identity()
     if isinstance(act, nn.Module):
         return act
-    raise TypeError(f"act must be True, False or an nn.Module instance, got {act!r}")
+    raise BlockConfigError(f"act must be True, False or an nn.Module instance, got {act!r}")
 
 
 class Conv(ReparamBlock):

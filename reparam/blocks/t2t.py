@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from reparam.errors import UserInputError
+from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr_output_size
 
 __all__ = ["T2TModule", "TokenPerformer", "TokenTransformer"]
@@ -167,7 +167,7 @@ class T2TModule(nn.Module):
     ) -> None:
         super().__init__()
         if tokens_type not in TOKENS_TYPES:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"T2TModule: tokens_type must be one of {TOKENS_TYPES}, got {tokens_type!r}"
             )
         self.tokens_type = tokens_type
@@ -178,7 +178,7 @@ class T2TModule(nn.Module):
             ("token_dim", token_dim),
         ):
             if value < 1:
-                raise UserInputError(f"T2TModule: {name} must be >= 1, got {value}")
+                raise BlockConfigError(f"T2TModule: {name} must be >= 1, got {value}")
         self.img_size, self.in_chans = img_size, in_chans
         self.embed_dim, self.token_dim = embed_dim, token_dim
         self.soft_split0 = nn.Unfold(kernel_size=7, stride=4, padding=2)
