@@ -26,8 +26,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from reparam.fusers import FuseOutcome, register_fuser
 from reparam.errors import BlockConfigError, UserInputError
+from reparam.fusers import FuseOutcome, register_fuser
 from reparam.module_fusion import make_conv
 
 __all__ = [
