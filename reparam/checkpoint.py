@@ -20,10 +20,12 @@ trusts the file (``trust_code=True``). Every field of the metadata is type-check
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,25 @@ class ModelSpec:
         return ":" in self.name
 
 
+def _import_user_module(module_name: str):
+    """Import a module the user named, finding it in the current directory too.
+
+    As ``uvicorn app:app`` does: ``reparam fuse mynet:build`` next to ``mynet.py`` works
+    although a console script's ``sys.path`` does not hold the current directory. Only ever
+    called for a factory the caller named (never for one a file names without trust).
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the training-time model ``spec`` names; clear errors for every way it can fail."""
     if not spec.is_factory:
@@ -93,7 +114,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
                 f"factory '{printable(spec.name)}' must look like package.module:callable"
             )
         try:
-            module = importlib.import_module(module_name)
+            module = _import_user_module(module_name)
         except ImportError as error:
             raise UserInputError(
                 f"cannot import module '{printable(module_name)}': {printable(error)}"

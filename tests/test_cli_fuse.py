@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -554,3 +555,41 @@ def test_kwargs_with_a_fused_checkpoint_are_refused(tmp_path):
     assert runner.invoke(app, ["fuse", "acnet_tiny", "-o", str(fused)]).exit_code == 0
     result = runner.invoke(app, ["fuse", str(fused), "-k", "width=8", "-o", str(tmp_path / "b.pt")])
     assert result.exit_code == 1 and "drop --kwarg" in result.stderr
+
+
+# --------------------------------------------------------------------------- user factories
+
+USER_NET = """
+import torch.nn as nn
+
+
+def build(width: int = 4):
+    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU())
+
+
+class Net(nn.Module):
+    pass
+"""
+
+
+def test_factory_resolves_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`reparam fuse usernet_cwd:build` next to usernet_cwd.py works, as `uvicorn app:app`."""
+    (tmp_path / "usernet_cwd.py").write_text(USER_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "usernet_cwd", raising=False)
+    result = invoke("fuse", "usernet_cwd:build", "-s", "1,3,8,8", "-o", tmp_path / "f.pt")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "f.pt").is_file()
+    assert str(tmp_path) not in sys.path  # the import did not leave the directory behind
+
+
+def test_a_python_file_as_model_suggests_its_factories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    (tmp_path / "usernet_hint.py").write_text(USER_NET + "\nraise SystemExit('ran')\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fuse", "usernet_hint.py", "-o", tmp_path / "f.pt")
+    assert_user_error(result, "usernet_hint:build", "build, Net")
+    assert "usernet_hint" not in sys.modules  # parsed, never imported

@@ -397,6 +397,8 @@ def _build(spec: ModelSpec) -> nn.Module:
     try:
         return build_model(spec)
     except UserInputError as error:
+        if ":" not in spec.name and spec.name.endswith(".py"):
+            raise UserInputError(_python_file_hint(Path(spec.name))) from None
         # A bare name that is not bundled but is a file: say how to read it as one.
         if ":" not in spec.name and Path(spec.name).is_file():
             raise UserInputError(
@@ -404,6 +406,28 @@ def _build(spec: ModelSpec) -> nn.Module:
                 f"./{printable(spec.name)})"
             ) from None
         raise
+
+
+def _python_file_hint(path: Path) -> str:
+    """What to write instead of ``mynet.py``: ``mynet:FACTORY``, naming the candidates.
+
+    The file is parsed, never run: its top-level functions and classes are the candidates.
+    """
+    import ast
+
+    module = path.with_suffix("").as_posix().replace("/", ".").lstrip(".")
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return f"'{printable(path)}' is a Python file: name a factory in it as {module}:FACTORY"
+    names = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_")
+    ]
+    found = f" (callables defined there: {', '.join(names)})" if names else ""
+    example = f"{module}:{names[0] if names else 'FACTORY'}"
+    return f"'{printable(path)}' is a Python file: name a factory in it, e.g. {example}{found}"
 
 
 def _default_shapes(spec: ModelSpec, model: nn.Module) -> list[tuple[int, ...]]:
