@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 import typer
 from torch import nn
 from typer.testing import CliRunner
 
 from reparam.bench import (
+    Timing,
     bench_blocks,
+    check_memory,
     count_macs,
     list_blocks,
     peak_memory,
     time_candidates,
-    time_module,
+    verdict,
 )
 from reparam.cli.bench_cmd import bench
 from reparam.errors import UserInputError
@@ -32,9 +37,9 @@ def cli() -> typer.Typer:
     return app
 
 
-def test_time_module_returns_positive_median():
-    conv = nn.Conv2d(2, 2, 3)
-    seconds = time_module(conv, [torch.randn(1, 2, 8, 8)], repeats=3, warmup=1)
+def test_time_candidates_returns_positive_median():
+    conv, x = nn.Conv2d(2, 2, 3), torch.randn(1, 2, 8, 8)
+    seconds = time_candidates({"conv": lambda: conv(x)}, repeats=3, warmup=1)["conv"].median
     assert isinstance(seconds, float) and seconds > 0
 
 
@@ -72,6 +77,52 @@ def test_count_macs_counts_convs_and_linears():
     assert macs == 2 * (8 * 35 * 4 * 9 + 8 * 35 * 2 * 9 + 3 * 8 * 35)
 
 
+class _FunctionalConv(nn.Module):
+    """A conv written as ``F.conv2d`` in ``forward``: no ``nn.Conv2d`` for a hook to see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, padding=1)
+
+
+def test_count_macs_counts_functional_convs():
+    assert count_macs(_FunctionalConv(), torch.randn(2, 3, 4, 5)) == 2 * 6 * 20 * 3 * 9
+
+
+def test_count_macs_counts_the_corr_custom_op():
+    class Corr(nn.Module):
+        def forward(self, x, kernel):
+            return torch.ops.reparam.corr(x, kernel, 1, 1, 1, 1)
+
+    x, kernel = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 4, 3, 3)
+    assert count_macs(Corr(), x, kernel) == 2 * 6 * 25 * 4 * 9
+
+
+def test_verdict_calls_a_miss_within_the_spread_noisy():
+    steady = Timing(1.0, (1.0, 1.0, 1.0, 1.0))
+    shaky = Timing(1.0, (0.6, 0.8, 1.0, 1.2, 1.4))  # interquartile range / median = 0.6
+    assert verdict(1.02, 1.05, [steady]) == "met"
+    assert verdict(1.20, 1.05, [steady, steady]) == "missed"
+    assert verdict(1.20, 1.05, [steady, shaky]) == "noisy"
+    assert verdict(2.0, 1.05, [shaky]) == "missed"  # missed by 90%, more than the spread
+    assert verdict(1.2, 1.5, [steady], at_least=True) == "missed"
+    assert verdict(1.6, 1.5, [steady], at_least=True) == "met"
+
+
+def test_check_memory_refuses_a_run_larger_than_the_machine():
+    with pytest.raises(UserInputError, match=r"needs about .* GiB .* 1.0 GiB available"):
+        check_memory(
+            ["acnet_tiny"], [], batch=8, size=100_000, block_shape=(1, 8, 8, 8), available=2**30
+        )
+    # a block too: the estimate runs it on the meta device, allocating nothing
+    with pytest.raises(UserInputError, match="block ACBlock"):
+        check_memory([], ["ACBlock"], batch=4, size=None, block_shape=(4, 64, 56, 56), available=1)
+    check_memory(["acnet_tiny"], ["ACBlock"], batch=2, size=None, block_shape=(2, 8, 16, 16))
+
+
 def test_peak_memory_is_bytes_or_unavailable():
     value = peak_memory(lambda: torch.ones(1 << 20).sum())
     assert value is None or value >= 0
@@ -96,6 +147,8 @@ def test_bench_quick_writes_markdown_atomically(cli, tmp_path):
     assert "2×3×32×32" in text and "CPU:" in text
     row = next(line for line in text.splitlines() if line.startswith("| repvgg_tiny |"))
     assert "onnxruntime skipped" not in text and row.split(" | ")[5] != "—"  # ORT timed
+    assert "fused ORT vs ORT-optimised unfused" in text
+    assert row.split(" | ")[6] != "—" and row.split(" | ")[10].endswith("×")  # unfused ORT
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temporary left
 
 
@@ -123,3 +176,33 @@ def test_bench_bad_input_is_one_line_error(cli, tmp_path, args, message):
     assert result.output.startswith("error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "missing-dir").exists()
+
+
+def test_bench_prints_a_table_that_fits_the_terminal_and_progress_lines(cli):
+    args = ["bench", "--quick", "--models", "none", "--blocks", "ACBlock", "--no-onnx"]
+    result = CliRunner().invoke(cli, [*args, "--repeats", "1"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "… block ACBlock" in result.output  # piped: a plain progress line
+    assert "ACBlock" in result.output and "| ACBlock |" not in result.output  # no markdown
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_bench_json_on_stdout_and_report_file(cli, tmp_path):
+    target = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--models", "none", "--blocks", "ACBlock", "--no-onnx", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--repeats", "2", "--json", "--report", str(target)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert json.loads(target.read_text()) == data
+    (block,) = data["blocks"]
+    assert block["name"] == "ACBlock" and block["shape"] == [2, 8, 16, 16]
+    assert len(block["fused"]["samples"]) == 2 and block["fused_vs_plain"] > 0
+    assert data["settings"]["threads"] == 1 and data["machine"]["cores"] >= 1
+
+
+def test_bench_refuses_an_absurd_size_before_allocating(cli):
+    args = ["bench", "--models", "acnet_resnet18", "--blocks", "none", "--size", "100000"]
+    result = CliRunner().invoke(cli, [*args, "--no-onnx"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: model acnet_resnet18 at input 8×3×100000×100000")
+    assert "GiB available" in result.output and len(result.output.strip().splitlines()) == 1

@@ -1,11 +1,19 @@
-"""``reparam bench``: time blocks and bundled models before and after fusion, write markdown."""
+"""``reparam bench``: time blocks and bundled models before and after fusion.
+
+Tables on the terminal; markdown with ``-o``; the report as JSON with ``--json`` (stdout)
+or ``--report FILE``. Progress goes to stderr: a status line on a terminal, one plain line
+per stage when piped, so a log shows where the time went.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from reparam._io import atomic_write
 from reparam.cli._common import user_errors
@@ -22,11 +30,34 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _check_output(path: Path) -> None:
-    """Fail before minutes of benchmarking, not after, when the report cannot be written."""
+    """Fail before minutes of benchmarking, not after, when a file cannot be written."""
     if not path.parent.is_dir():
         raise UserInputError(f"output directory '{path.parent}' does not exist")
     if path.is_dir():
         raise UserInputError(f"output path '{path}' is a directory")
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
+    """A progress callback: a rich status line on a terminal, plain stderr lines otherwise."""
+    if quiet:
+        yield lambda _line: None
+        return
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda line: typer.echo(f"… {line}", err=True)
+        return
+    with console.status("starting") as status:
+
+        def update(line: str) -> None:
+            console.log(line, highlight=False, markup=False)  # a line per stage stays
+            status.update(line)
+
+        yield update
+
+
+def _write(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def bench(
@@ -38,7 +69,15 @@ def bench(
     ] = False,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Also write the markdown report to this file."),
+        typer.Option("--output", "-o", help="Write the markdown report to this file."),
+    ] = None,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print the report as JSON on stdout instead of the tables."),
+    ] = False,
+    report_file: Annotated[
+        Path | None,
+        typer.Option("--report", help="Write the report as JSON to this file."),
     ] = None,
     models: Annotated[
         str | None,
@@ -63,7 +102,7 @@ def bench(
         int | None,
         typer.Option(
             min=1,
-            help="Timed rounds per comparison. (default: 10; 5 with --quick)",
+            help="Timed rounds per comparison. (default: 10, 30 for blocks; 5 with --quick)",
             show_default=False,
         ),
     ] = None,
@@ -90,32 +129,44 @@ def bench(
         ),
     ] = None,
     onnx: Annotated[
-        bool, typer.Option(help="Also export the fused models and time them in onnxruntime.")
+        bool,
+        typer.Option(help="Also time the fused and the unfused models under onnxruntime."),
     ] = True,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")
+    ] = False,
 ) -> None:
-    """Time blocks and bundled models: training-time form vs fused vs plain conv, torch vs ORT.
+    """Time blocks and bundled models: training form vs fused vs plain conv, torch vs ORT.
 
-    Prints a markdown table (medians of interleaved runs, ratios, targets met or missed,
-    parameters, multiply-adds, peak memory) and with --output writes it to a file.
+    Shows tables of medians of interleaved runs, ratios, targets met, missed or noisy,
+    parameters, multiply-adds and peak memory.
     """
-    from reparam.bench import run_benchmark
+    from reparam.bench import print_tables, render_json, render_markdown, run_suite
 
     with user_errors():
+        for path in (output, report_file):
+            if path is not None:
+                _check_output(path)
+        with _progress(quiet) as progress:
+            report = run_suite(
+                quick=quick,
+                models=_names(models),
+                blocks=_names(blocks),
+                batch=batch,
+                repeats=repeats,
+                warmup=warmup,
+                size=size,
+                threads=threads,
+                onnx=onnx,
+                progress=progress,
+            )
+        if json_out:
+            typer.echo(render_json(report))
+        else:
+            print_tables(report, Console())
         if output is not None:
-            _check_output(output)
-        report = run_benchmark(
-            quick=quick,
-            models=_names(models),
-            blocks=_names(blocks),
-            batch=batch,
-            repeats=repeats,
-            warmup=warmup,
-            size=size,
-            threads=threads,
-            onnx=onnx,
-            progress=lambda line: typer.echo(f"… {line}", err=True),
-        )
-        typer.echo(report)
-        if output is not None:
-            atomic_write(output, lambda tmp: tmp.write_text(report, encoding="utf-8"))
-            typer.echo(f"wrote {output}")
+            _write(output, render_markdown(report))
+            typer.echo(f"wrote {output}", err=True)
+        if report_file is not None:
+            _write(report_file, render_json(report))
+            typer.echo(f"wrote {report_file}", err=True)
