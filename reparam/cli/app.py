@@ -104,11 +104,39 @@ def _real_command(name: str) -> Any:
         info = _registered(name)
     if info is None:
         raise RuntimeError(f"{module_name} does not define the command '{name}'")
-    return typer.main.get_command_from_info(
+    command = typer.main.get_command_from_info(
         info,
         pretty_exceptions_short=app.pretty_exceptions_short,
         rich_markup_mode=app.rich_markup_mode,
     )
+    _plain_metavars(command)
+    return command
+
+
+# Help placeholders: click's plain words (FILE, SHAPE, INTEGER) instead of typer's `<str>`,
+# `<list[str]>` and `<bool>` type labels; flags get none.
+_METAVAR_BY_NAME = {
+    "kwarg": "KEY=VALUE",
+    "input_shape": "SHAPE",
+    "size": "SIZE",
+    "weights": "FILE",
+    "output": "FILE",
+    "report": "FILE",
+    "input": "FILE",
+}
+
+
+def _plain_metavars(command: Any) -> None:
+    for param in command.params:
+        if param.metavar is not None or getattr(param, "is_flag", False):
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the name says it: MODEL, ONNX_FILE
+        else:
+            words = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH"}
+            bare = param.bare_type()
+            param.metavar = _METAVAR_BY_NAME.get(param.name, words.get(bare, bare.upper()))
 
 
 class _LazyCommand(typer.core.TyperCommand):
@@ -166,7 +194,8 @@ app = typer.Typer(
     help="Fuse, export and verify CNNs trained with multi-branch and dynamic blocks.",
     cls=LazyGroup,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 
