@@ -12,6 +12,7 @@ __all__ = [
     "FusionError",
     "MissingCustomOpError",
     "NotAFusedCheckpointError",
+    "QualityGateError",
     "ReparamError",
     "UnsafeInputError",
     "UserInputError",
@@ -53,6 +54,10 @@ class NotAFusedCheckpointError(UserInputError):
 
 class ExportError(ReparamError):
     """The model cannot be exported as asked (unsupported operator, opset or dynamic axis)."""
+
+
+class QualityGateError(ExportError):
+    """An output fails an accuracy gate the user asked for (``--min-cosine`` and the like)."""
 
 
 class MissingCustomOpError(ReparamError):

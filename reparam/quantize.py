@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from reparam._io import atomic_write, prepare_output
-from reparam.errors import ExportError, UserInputError
+from reparam.errors import ExportError, QualityGateError, UserInputError, summarize
 
 __all__ = [
     "METHODS",
@@ -202,7 +202,7 @@ def _read_array_file(path: Path, input_names: Sequence[str]) -> dict[str, np.nda
         raise UserInputError(f"calibration file '{path}' is not a numeric array: {error}") from None
     except Exception as error:  # OSError, EOFError, zipfile.BadZipFile, corrupt members
         raise UserInputError(
-            f"calibration file '{path}' is not a readable .npy/.npz: {_first_line(error)}"
+            f"calibration file '{path}' is not a readable .npy/.npz: {summarize(error)}"
         ) from None
     if len(contents) == 1 and len(input_names) == 1:
         return {input_names[0]: next(iter(contents.values()))}
@@ -568,7 +568,7 @@ def _prepare(proto: Any, work: Path, report: QuantizeReport) -> Path:
         quant_pre_process(str(named), str(prepared), skip_symbolic_shape=bool(corr_nodes(model)))
     except Exception as error:  # the pre-processing is an optimisation, not a requirement
         report.notes.append(
-            f"onnxruntime's pre-processing failed, quantized as exported ({_first_line(error)})"
+            f"onnxruntime's pre-processing failed, quantized as exported ({summarize(error)})"
         )
         return named
     return prepared
@@ -620,7 +620,7 @@ def _quantize(
         raise
     except Exception as error:  # onnxruntime's quantizer raises many types
         raise ExportError(
-            f"onnxruntime could not quantize '{report.model_path}': {_first_line(error)}"
+            f"onnxruntime could not quantize '{report.model_path}': {summarize(error)}"
         ) from None
     quantized = onnx.load(str(output))
     # The quantizer imports domains it never uses (training, preview, aten...); a loader that
@@ -656,11 +656,6 @@ def _quiet_logging() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 # -- measurements -------------------------------------------------------------------------
@@ -805,7 +800,7 @@ def _enforce_gates(
                 f"top-1 agreement {report.agreement:.2%} < --min-agreement {min_agreement:.2%}"
             )
     if failures:
-        raise ExportError(
+        raise QualityGateError(
             f"INT8 model rejected, nothing written: {'; '.join(failures)} (max rel error "
             f"{report.max_rel:.3g}, mean rel {report.mean_rel:.3g}, {report.held_out_samples} "
             "held-out samples); try --method entropy or percentile, more calibration data, or "

@@ -32,7 +32,7 @@ def register_model(name: str, *input_shapes: tuple[int, ...], description: str =
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             warnings.warn(f"replacing the bundled model registered as '{name}'", stacklevel=2)
-        doc = description or (factory.__doc__ or "").strip().splitlines()[0]
+        doc = description or next(iter((factory.__doc__ or "").strip().splitlines()), name)
         _MODELS[name] = ModelInfo(name, factory, tuple(input_shapes), doc)
         return factory
 
