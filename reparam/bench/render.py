@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from reparam.bench.suite import BenchReport
@@ -221,28 +222,78 @@ def render_markdown(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-# The terminal shows the columns that carry the comparison; the markdown file has them all.
-_BLOCK_TERMINAL = (0, 2, 3, 4, 5, 6, 8, 9)
-_MODEL_TERMINAL = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15)
+# The terminal shows the columns that carry the comparison, under short headers; the
+# markdown file has them all. Index into BLOCK_HEADERS / MODEL_HEADERS → terminal header.
+_BLOCK_TERMINAL = {
+    0: "block",
+    2: "train ms",
+    3: "fused ms",
+    4: "plain ms",
+    5: "speedup",
+    6: f"fused/plain ≤{BLOCK_TARGET}",
+    8: "rel err",
+    9: "spread",
+}
+_MODEL_TERMINAL = {
+    0: "model",
+    2: "train ms",
+    3: "fused ms",
+    5: "ORT ms",
+    6: "ORT unfused ms",
+    7: "train/fused",
+    8: f"fused/baseline ≤{MODEL_LIMIT_TARGET}",
+    9: "ORT/torch ≤1",
+    10: "ORT unfused/fused",
+    12: "MMACs/image",
+    15: "spread",
+}
 
 
-def _rich_table(
-    title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], columns: Sequence[int]
-) -> Table:
-    table = Table(title=title, title_justify="left", expand=False)
-    for index in columns:
-        table.add_column(headers[index], justify="left" if index == 0 else "right", overflow="fold")
+def _rich_table(title: str, rows: Sequence[Sequence[str]], columns: dict[int, str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for index, header in columns.items():
+        table.add_column(header, justify="left" if index == 0 else "right")
     for row in rows:
         table.add_row(*(_style(row[index]) for index in columns))
     return table
+
+
+def _panels(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[Table]:
+    """One key/value table per row, every field: what a narrow terminal can show."""
+    panels = []
+    for row in rows:
+        panel = Table(title=f"{title}: {row[0]}", title_justify="left", show_header=False)
+        panel.add_column(style="bold")
+        panel.add_column()
+        for header, cell in zip(headers[1:], row[1:], strict=True):
+            panel.add_row(escape(header), _style(cell))
+        panels.append(panel)
+    return panels
 
 
 def _style(cell: str) -> str:
     """Colour a verdict; escape anything else that rich would read as markup."""
     for word, colour in (("missed", "red"), ("noisy", "yellow"), ("met", "green")):
         if cell.startswith(word):
-            return f"[{colour}]{word}[/{colour}]{cell[len(word) :]}"
+            return f"[{colour}]{word}[/{colour}]{escape(cell[len(word) :])}"
     return escape(cell)
+
+
+def _print_section(
+    console: Console,
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    columns: dict[int, str],
+) -> None:
+    """A table where it fits the console unwrapped, else one key/value panel per row."""
+    table = _rich_table(title, rows, columns)
+    unbounded = console.options.update_width(1_000_000)  # the width it wants, not the clamp
+    if Measurement.get(console, unbounded, table).maximum <= console.width:
+        console.print(table)
+    else:
+        for panel in _panels(title, headers, rows):
+            console.print(panel)
 
 
 def print_tables(report: BenchReport, console: Console) -> None:
@@ -252,11 +303,11 @@ def print_tables(report: BenchReport, console: Console) -> None:
     if report.blocks:
         shape = "×".join(map(str, report.blocks[0].shape))
         rows = _block_rows(report, markdown=False)
-        console.print(_rich_table(f"Blocks ({shape})", BLOCK_HEADERS, rows, _BLOCK_TERMINAL))
+        _print_section(console, f"Blocks ({shape})", BLOCK_HEADERS, rows, _BLOCK_TERMINAL)
     if report.models:
         rows = _model_rows(report, markdown=False)
         title = f"Models (batch {report.settings.batch})"
-        console.print(_rich_table(title, MODEL_HEADERS, rows, _MODEL_TERMINAL))
+        _print_section(console, title, MODEL_HEADERS, rows, _MODEL_TERMINAL)
         for r in report.models:
             for note in r.notes:
                 console.print(f"{r.name}: {note}", highlight=False, markup=False)
