@@ -1,4 +1,4 @@
-"""The full fusion benchmark behind BENCHMARKS.md (the issue's targets: batch 8, 224², CPU).
+"""The full fusion benchmark behind BENCHMARKS.md (batch 8, 224², CPU).
 
     python benchmarks/bench_fusion.py [OUTPUT.md] [--threads N] [--repeats N] [--quick]
 

@@ -91,7 +91,7 @@ def test_fuses_exactly(in_channels, out_channels, kwargs, dtype, rtol):
 
 
 def test_zero_padding_the_intermediate_would_be_wrong(monkeypatch):
-    """The BN-bias border is what makes the merge exact (REFERENCE.md §1.6)."""
+    """The BN-bias border is what makes the merge exact (DBB's BNAndPadLayer)."""
     block = _block(4, 4, dict()).double().eval()
     x = _input(4, torch.float64)
     with torch.no_grad():

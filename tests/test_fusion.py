@@ -159,7 +159,8 @@ def test_merge_1x1_kxk_with_bias_padding(groups, kernel_size, stride, dilation):
 
 
 def test_merge_1x1_kxk_needs_zero_padding_to_differ():
-    """Zero padding of the intermediate is wrong at the border (REFERENCE.md §1.6)."""
+    """Zero padding of the intermediate is wrong at the border (the 1x1 maps a zero pixel to
+    its folded bias, not to zero)."""
     k1, b1 = rand(3, 3, 1, 1), rand(3, seed=1) + 2
     k2, b2 = rand(3, 3, 3, 3, seed=2), rand(3, seed=3)
     x = rand(1, 3, 6, 6, seed=4)

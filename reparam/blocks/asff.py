@@ -9,8 +9,8 @@ levels down, from a finer level), then fuses them with per-pixel weights:
     w = softmax(weight_levels(cat(weight_level_0(r0), weight_level_1(r1), weight_level_2(r2))))
     out = expand(w₀·r0 + w₁·r1 + w₂·r2)
 
-Every convolution is a YOLOv5 :class:`~reparam.blocks.conv.Conv` (Conv2d + BN + SiLU), as in
-the seed, so fusing folds every BatchNorm into its conv; nothing else changes.
+Every convolution is a YOLOv5 :class:`~reparam.blocks.conv.Conv` (Conv2d + BN + SiLU), as
+in the YOLOv5 port of ASFF (https://github.com/GOATmessi7/ASFF), so fusing folds every BatchNorm into its conv; nothing else changes.
 
 Channels are int((1024, 512, 256)·multiplier) for levels 0, 1, 2 (the published defaults);
 ``channels=(c0, c1, c2)`` replaces (1024, 512, 256) for smaller models. State-dict keys follow the
@@ -38,7 +38,7 @@ class ASFF(ReparamBlock):
 
     Args:
         level: 0, 1 or 2: the level whose size and width the output has.
-        multiplier: width multiplier of the channels; the seed uses 1 or 0.5.
+        multiplier: width multiplier of the channels; YOLOv5 ports use 1 or 0.5.
         rfb: use 8 instead of 16 channels for the fusion weights (ASFF's RFB setting).
         vis: also return the fusion weights and the channel sum of the fused map.
         channels: the level widths (c0, c1, c2) at multiplier 1, instead of the published

@@ -1,7 +1,7 @@
 """YOLOv5's ``Conv`` block: Conv2d (no bias) → BatchNorm2d → SiLU.
 
 Training form: y = act(BN(W ⋆ x)). Deploy form: y = act(W' ⋆ x + b') with the BatchNorm folded
-into the conv, W' = W·γ/σ and b' = β − μ·γ/σ (REFERENCE.md §1.1).
+into the conv, W' = W·γ/σ and b' = β − μ·γ/σ.
 
 Attribute names follow ultralytics/yolov5 ``models/common.py`` (conv, bn, act), so YOLOv5
 checkpoints load into the training form, and YOLOv5's fused checkpoints (``conv.weight``,

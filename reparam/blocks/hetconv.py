@@ -1,12 +1,13 @@
 """HetConv: heterogeneous kernels (Singh et al., CVPR 2019), as a groupwise KxK + pointwise 1x1.
 
-Training form (the common implementation, the seed's):
+Training form (the common implementation of blog posts and YOLO forks):
     y = BN_g(W_g ⋆ x) + BN_p(W_p ⋆ x)
 with W_g a KxK conv with ``groups=p`` (each filter sees Cin/p channels through a KxK kernel)
 and W_p a dense 1x1. Every filter then has a KxK kernel on its own group's channels *and* a
 1x1 on all channels, so the centre tap of its own group counts twice.
 
-The paper's exact heterogeneous filter (``exact=True``, REFERENCE.md §1.5) has a 1x1 kernel
+The paper's exact heterogeneous filter (``exact=True``, https://arxiv.org/abs/1903.04120,
+Fig. 2) has a 1x1 kernel
 only on the channels *outside* its group: gwc3x3 + pwc1x1 − gwc1x1. It is implemented by
 masking the pointwise kernel to zero on each filter's own group (a fixed, non-persistent mask;
 state-dict keys are unchanged).
@@ -14,7 +15,7 @@ state-dict keys are unchanged).
 Deploy forms (both exact):
 
 - ``"dense"``: one dense KxK conv, W = grouped_to_dense(W_g') + centre(W_p'),
-  b = b_g' + b_p' (' marks the BN-folded kernels; REFERENCE.md §1.1, 1.3, 1.5).
+  b = b_g' + b_p' (' marks the BN-folded kernels).
 - ``"separate"``: the two convs kept, each with its BN folded in; the summed bias sits on
   ``gwc``.
 
@@ -22,7 +23,8 @@ A dense KxK costs K²·Cin·Cout multiply-adds per output pixel against (K²/p +
 the two convs, so fusing can make a network slower. ``fuse_mode="auto"`` picks the form
 (see :func:`choose_form`) and says why in ``fuse_detail``.
 
-State-dict keys: training form gwc, gwc_bn, pwc, pwc_bn (gwc/pwc as in the seed); deploy form
+State-dict keys: training form gwc, gwc_bn, pwc, pwc_bn (gwc/pwc as the common
+implementation names them); deploy form
 ``fused_conv`` ("dense") or gwc, pwc ("separate").
 """
 
@@ -66,7 +68,8 @@ class HetConv(ReparamBlock):
             The 1x1 conv is padded (or its input cropped) to read the KxK's centre tap.
         dilation: the KxK conv's dilation.
         bias: give the two convs a bias.
-        use_bn: a BatchNorm after each conv (``gwc_bn``, ``pwc_bn``); the seed has none.
+        use_bn: a BatchNorm after each conv (``gwc_bn``, ``pwc_bn``); the common
+            implementation has none.
         exact: the paper's exact heterogeneous filter (no 1x1 on a filter's own group).
         fuse_mode: "auto" (decide at fuse time, see :func:`choose_form`), "dense" (one KxK
             conv) or "separate" (two convs with their BNs folded).

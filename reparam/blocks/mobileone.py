@@ -3,7 +3,7 @@
 Training form: y = ReLU(SE(Σ_i BN_i(W_i ⋆ x) + BN_s(W_s ⋆ x) + BN_id(x))) with N
 over-parameterised KxK conv-BN branches W_i, a 1x1 "scale" conv-BN W_s (when K > 1), a BN
 skip branch where the shapes allow it, and an optional squeeze-excitation SE. The branches
-are linear, so the deploy form is one KxK conv (REFERENCE.md §1.1–1.4):
+are linear, so the deploy form is one KxK conv (https://arxiv.org/abs/2206.04040, Sec. 3.1):
 
     W = Σ_i W_i' + centre(W_s') + centre(I'),   b = Σ_i b_i' + b_s' + b_id'
 

@@ -15,7 +15,7 @@ Odd sizes are handled exactly: the low-resolution size is ceil(H/2) × ceil(W/2)
 averages the 1 or 2 pixels of an edge window (``ceil_mode=True``), and upsampling crops its
 2·ceil(H/2) rows to H. A low input of any other size is refused with a ValueError.
 
-The paths mix two resolutions, so the block cannot become one conv (REFERENCE.md §1.8).
+The paths mix two resolutions, so the block cannot become one conv.
 Deploy form: BNs folded into each path, and — at stride 1, where both read X_l — l2h and l2l
 merged into one conv ``l2x`` whose output is split (per group, so grouped convs merge too).
 A BN after a sum distributes over it: BN_h(h2h + up(l2h)) = h2h·s + up(l2h·s) + (β − μ·s),

@@ -3,7 +3,7 @@
 Training form: y = ReLU(SE(BN_d(W_d ⋆ x) + BN_1(W_1 ⋆ x) + BN_id(x))) with a KxK kernel W_d, a
 1x1 kernel W_1, an identity branch where the shapes allow it, and an optional
 squeeze-excitation SE. The three branches are linear, so the deploy form is one KxK conv
-(REFERENCE.md §1.1–1.4):
+(https://arxiv.org/abs/2101.03697, Sec. 3.3):
 
     W = W_d' + centre(W_1') + centre(I'),   b = b_d' + b_1' + b_id'
 

@@ -7,7 +7,8 @@ folded, unfolded once more (3x3, stride 2, padding 1) and projected to ``embed_d
 
 The published code folds tokens back with ``int(sqrt(N))``: square inputs only, and under
 export the traced size is baked into the graph, which then fails at other resolutions
-(REFERENCE.md §3). Here every grid size comes from the unfold formula
+(https://github.com/yitu-opensource/T2T-ViT, ``models/t2t_vit.py``). Here every grid
+size comes from the unfold formula
 floor((L + 2p − d(k − 1) − 1) / s) + 1 applied to the input's height and width, so
 non-square inputs work and exported graphs keep dynamic H/W.
 

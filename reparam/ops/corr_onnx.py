@@ -3,10 +3,10 @@
 The node has inputs ``x`` (B, C, H, W) and ``kernel`` (B, O, C/groups, kh, kw), one output
 (B, O, H', W') with H' = floor((H + 2p − d(kh−1) − 1)/s) + 1, and int attributes
 ``groups``, ``stride``, ``padding``, ``dilation`` — the operator's own arguments, always
-written out (the seed's ``Corr.symbolic`` dropped stride/padding and gave no domain,
-REFERENCE.md §3).
+written out (a symbolic that drops stride/padding or gives no domain exports a node no
+runtime can interpret).
 
-Two exporters, two routes (REFERENCE.md §4):
+Two exporters, two routes (https://pytorch.org/docs/stable/onnx.html):
 
 - the torch.export-based exporter ignores ``autograd.Function.symbolic``; it maps the
   registered op ``torch.ops.reparam.corr.default`` through :func:`translation_table`, an

