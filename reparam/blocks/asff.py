@@ -10,7 +10,8 @@ levels down, from a finer level), then fuses them with per-pixel weights:
     out = expand(w₀·r0 + w₁·r1 + w₂·r2)
 
 Every convolution is a YOLOv5 :class:`~reparam.blocks.conv.Conv` (Conv2d + BN + SiLU), as
-in the YOLOv5 port of ASFF (https://github.com/GOATmessi7/ASFF), so fusing folds every BatchNorm into its conv; nothing else changes.
+in the YOLOv5 port of ASFF (https://github.com/GOATmessi7/ASFF), so fusing folds every
+BatchNorm into its conv; nothing else changes.
 
 Channels are int((1024, 512, 256)·multiplier) for levels 0, 1, 2 (the published defaults);
 ``channels=(c0, c1, c2)`` replaces (1024, 512, 256) for smaller models. State-dict keys follow the
