@@ -47,10 +47,11 @@ def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
     if not console.is_terminal:
         yield lambda line: typer.echo(f"… {line}", err=True)
         return
-    with console.status("starting") as status:
+    with console.status("checking the settings") as status:
 
         def update(line: str) -> None:
-            console.log(line, highlight=False, markup=False)  # a line per stage stays
+            # Each finished stage stays on screen above the status line.
+            console.print(f"… {line}", style="dim", highlight=False, markup=False)
             status.update(line)
 
         yield update
