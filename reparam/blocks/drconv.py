@@ -129,6 +129,26 @@ def _region_order(guide: Tensor, regions: int) -> tuple[Tensor, list[int]]:
     return order, torch.bincount(key, minlength=batch * regions).tolist()
 
 
+def _sorted_patches(
+    x: Tensor, k: int, stride: int, padding: int, dilation: int, out_w: int, order, pixels: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """im2col and the sort in one gather: the zero-padded input channels-last (returned),
+    seen as one (K, K, C) patch per flat position b·Hp·Wp + y·Wp + x (a strided view,
+    returned), and the sorted pixels' top-left corners (returned) to index it with."""
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
+    padded = padded.contiguous()
+    padded_h, padded_w, channels = padded.shape[1], padded.shape[2], padded.shape[3]
+    reach = (k - 1) * dilation
+    positions = padded.numel() // channels - reach * (padded_w + 1)
+    patches = padded.as_strided(
+        (positions, k, k, channels),
+        (channels, dilation * padded_w * channels, dilation * channels, 1),
+    )
+    sample, pixel = order // pixels, order % pixels
+    corner = sample * (padded_h * padded_w) + stride * ((pixel // out_w) * padded_w + pixel % out_w)
+    return padded, patches, corner
+
+
 def _chosen_region_corr_backward(
     x: Tensor,
     kernel: Tensor,
@@ -145,18 +165,20 @@ def _chosen_region_corr_backward(
     ρ: ∂W_{b,ρ} = G_Sᵀ · P_S and ∂P_S = G_S · W_{b,ρ}; ∂x is ∂P folded back (col2im).
     """
     regions, stride, padding, dilation = geometry
-    batch, _, height, width = x.shape
+    batch, channels, height, width = x.shape
     out_channels, k = grad.shape[1], kernel.shape[-1]
-    pixels = grad.shape[2] * grad.shape[3]
+    out_h, out_w = grad.shape[2], grad.shape[3]
+    pixels = out_h * out_w
     order, counts = _region_order(guide, regions)
     g = grad.permute(0, 2, 3, 1).reshape(batch * pixels, out_channels)
-    columns = None
-    if need_kernel:
-        columns = F.unfold(x, k, dilation, padding, stride).transpose(1, 2)
-        columns = columns.reshape(batch * pixels, -1)
-    weights = kernel.reshape(batch, regions, out_channels, -1)
-    grad_kernel = torch.zeros_like(weights) if need_kernel else None
-    grad_columns = x.new_empty((batch * pixels, weights.shape[-1])) if need_x else None
+    padded, patches, corner = _sorted_patches(x, k, stride, padding, dilation, out_w, order, pixels)
+    # Columns and kernels tap-major, (K, K, C), as the channels-last patches are.
+    shape = (batch, regions, out_channels, channels, k, k)
+    weights = (
+        kernel.reshape(shape).permute(0, 1, 2, 4, 5, 3).reshape(batch, regions, out_channels, -1)
+    )
+    grad_weights = torch.zeros_like(weights) if need_kernel else None
+    grad_columns = x.new_empty((order.numel(), weights.shape[-1])) if need_x else None
     start = 0
     with one_intra_op_thread():  # many small matmuls: no thread barrier per op
         for segment, count in enumerate(counts):
@@ -164,19 +186,34 @@ def _chosen_region_corr_backward(
                 continue
             stop = start + count
             b, rho = divmod(segment, regions)
-            index = order[start:stop]
-            g_segment = g[index]
+            g_segment = g[order[start:stop]]
             if need_kernel:
-                torch.mm(g_segment.t(), columns[index], out=grad_kernel[b, rho])
+                rows = patches[corner[start:stop]].reshape(count, -1)
+                torch.mm(g_segment.t(), rows, out=grad_weights[b, rho])
             if need_x:
                 torch.mm(g_segment, weights[b, rho], out=grad_columns[start:stop])
             start = stop
-    grad_x = None
+    grad_kernel = grad_x = None
+    if need_kernel:
+        grad_kernel = grad_weights.reshape(batch, regions, out_channels, k, k, channels)
+        grad_kernel = grad_kernel.permute(0, 1, 2, 5, 3, 4).reshape(kernel.shape)
     if need_x:
-        unsorted = torch.empty_like(grad_columns).index_copy_(0, order, grad_columns)
-        unsorted = unsorted.reshape(batch, pixels, -1).transpose(1, 2)
-        grad_x = F.fold(unsorted, (height, width), k, dilation, padding, stride)
-    return grad_x, grad_kernel.reshape(kernel.shape) if need_kernel else None
+        # col2im channels-last: each tap's columns added onto a strided view of the padded
+        # gradient (K² adds, no (C·K²)-row fold of a transposed copy).
+        columns = torch.empty_like(grad_columns).index_copy_(0, order, grad_columns)
+        columns = columns.view(batch, out_h, out_w, k, k, channels)
+        grad_padded = torch.zeros_like(padded)
+        rows_span, cols_span = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+        for i in range(k):
+            for j in range(k):
+                top, left = i * dilation, j * dilation
+                view = grad_padded[
+                    :, top : top + rows_span : stride, left : left + cols_span : stride
+                ]
+                view += columns[:, :, :, i, j]
+        grad_x = grad_padded[:, padding : padding + height, padding : padding + width]
+        grad_x = grad_x.permute(0, 3, 1, 2)
+    return grad_x, grad_kernel
 
 
 class _RegionCorr(torch.autograd.Function):
@@ -375,21 +412,7 @@ class DRConv2d(nn.Module):
         kernels = self._tap_major_kernels(x)
         # Global pixel order sorted by (sample, region): every region's pixels form a slice.
         order, counts = _region_order(guide, regions)
-        # im2col and the sort in one gather: the padded input channels-last, seen as one
-        # (K, K, C) patch per flat position b·Hp·Wp + y·Wp + x (a strided view), indexed
-        # at the sorted pixels' top-left corners.
-        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).contiguous()
-        padded_h, padded_w, channels = padded.shape[1], padded.shape[2], padded.shape[3]
-        reach = (k - 1) * dilation
-        positions = padded.numel() // channels - reach * (padded_w + 1)
-        patches = padded.as_strided(
-            (positions, k, k, channels),
-            (channels, dilation * padded_w * channels, dilation * channels, 1),
-        )
-        sample, pixel = order // pixels, order % pixels
-        corner = sample * (padded_h * padded_w) + stride * (
-            (pixel // out_w) * padded_w + pixel % out_w
-        )
+        _, patches, corner = _sorted_patches(x, k, stride, pad, dilation, out_w, order, pixels)
         sorted_out = x.new_empty((order.numel(), out_channels))
         start = 0
         # Many small gathers and matmuls: with one intra-op thread they pay no thread
