@@ -549,10 +549,13 @@ class Involution(ReparamBlock):
             weight = self.kernels(x)
             return involution(x, weight, self.kernel_size, self.stride, self.group_channels)
         span = self._span()
-        return involution_from_features(
-            x, self._reduce(x), span.weight, span.bias, self.kernel_size, self.stride,
-            self.group_channels,
-        )  # fmt: skip
+        # The reduce conv is small (C → C/4, 1x1): one thread for it too, so the whole
+        # inference call pays no thread barrier.
+        with one_intra_op_thread():
+            return involution_from_features(
+                x, self._reduce(x), span.weight, span.bias, self.kernel_size, self.stride,
+                self.group_channels,
+            )  # fmt: skip
 
     def forward_unfold(self, x: Tensor) -> Tensor:
         """The published (unfold) formulation of :meth:`forward`, for tests and benchmarks."""
