@@ -226,6 +226,8 @@ def export(
                     fp32_io=fp32_io,
                     source=loaded.spec.name,
                     check=check if verify else None,
+                    # verify runs every batch size: only other heights/widths need this check
+                    check_dynamic_axes=dynamic_hw or not verify,
                     progress=say,
                 )
             except ExportError:

@@ -25,13 +25,17 @@ DYNAMIC_CHECK_RTOL = 1e-3  # a baked-in size gives errors of order 1, not 1e-6
 def other_size_inputs(
     inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool
 ) -> tuple[Tensor, ...]:
-    """Inputs at another batch size and, with ``dynamic_hw``, twice the spatial size."""
+    """Inputs at another batch size and, with ``dynamic_hw``, twice the spatial size.
+
+    ``inputs`` are those the graph was traced with; the other batch is one smaller (one
+    larger from a batch of one), the cheapest size that still differs from the traced one.
+    """
     generator = torch.Generator().manual_seed(1)
     second = []
     for tensor in inputs:
         shape = list(tensor.shape)
         if dynamic_batch and shape:
-            shape[0] += 1
+            shape[0] = shape[0] - 1 if shape[0] > 1 else 2
         if dynamic_hw:
             shape[2:] = [2 * s for s in shape[2:]]
         values = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -65,8 +69,8 @@ def check_dynamic_axes(
 ) -> list[OutputDiff]:
     """Run the graph at other sizes under onnxruntime; refuse it if it disagrees with torch.
 
-    ``model`` takes the flat graph inputs (``forward(*tensors)``). Notes say why a check
-    was skipped.
+    ``model`` takes the flat graph inputs (``forward(*tensors)``); ``inputs`` are those the
+    graph was traced with. Notes say why a check was skipped.
 
     Raises:
         ExportError: the graph is wrong at the other size, or the model fails there.

@@ -36,14 +36,15 @@ from reparam._version import __version__
 from reparam.compare import OutputDiff, flatten_outputs
 from reparam.convert import fuse_with_report
 from reparam.errors import ExportError, UserInputError, summarize
+from reparam.export import dynamic_check
 from reparam.export._torch_exporter import run_exporter
-from reparam.export.dynamic_check import DYNAMIC_CHECK_RTOL, check_dynamic_axes
 from reparam.export.fp16 import Float32Boundary, to_float16
 from reparam.export.graph import (
     check_and_infer,
     check_symbolic_axes,
     custom_ops,
     op_name,
+    rename_outputs,
     set_metadata,
     value_shape,
 )
@@ -100,6 +101,7 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     source: str | None = None,
     check: Callable[[Path], Any] | None = None,
+    check_dynamic_axes: bool = True,
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export ``model`` to an ONNX file at ``path``.
@@ -132,6 +134,9 @@ def export_onnx(
             checked, before it replaces ``path``; an exception (or a falsy ``ok`` attribute
             of its result, as a failed :class:`~reparam.export.VerifyReport` has) aborts the
             export and leaves ``path`` as it was. Its result is ``report.check``.
+        check_dynamic_axes: run the graph at other sizes (see
+            :mod:`~reparam.export.dynamic_check`); a caller whose ``check`` already runs it at
+            several batch sizes may skip it for a dynamic batch alone.
         progress: called with a short line before each slow step.
 
     Returns:
@@ -152,9 +157,14 @@ def export_onnx(
         raise UserInputError(f"output file '{path}' should end in .onnx")
 
     args, kwargs = tree.rebuild(inputs)
-    with eval_mode_of(model):
-        outputs = _run_model(model, args, kwargs, inputs, "the model")
-    n_outputs = _count_outputs(outputs)
+    out_names: list[str] | None = None
+    if exporter == "legacy":  # it needs every output name up front: count them by a run
+        with eval_mode_of(model):
+            outputs = _run_model(model, args, kwargs, inputs, "the model")
+        out_names = _names(output_names, _count_outputs(outputs), "output")
+    # The torch.export-based exporter runs the model symbolically, so no eager run is spent
+    # here (a second of a ResNet-18 export): output names are set on the graph afterwards,
+    # and the model is run only to explain an exporter failure.
     fuse_report = None
     if fuse:
         say("export: fusing")
@@ -171,7 +181,6 @@ def export_onnx(
         inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
     written_dtype = "float16" if half else _dtype_name(inputs)
     in_names = _names(input_names, len(inputs), "input")
-    out_names = _names(output_names, n_outputs, "output")
 
     # torch.export specialises a size-1 axis to the constant 1: trace a batch of two.
     traced = (
@@ -180,13 +189,22 @@ def export_onnx(
         else inputs
     )
     say(f"export: {exporter} exporter")
-    proto, tracer_warnings = run_exporter(
-        flat, traced, opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
-        corr=corr, exporter=exporter, input_names=in_names, output_names=out_names,
-    )  # fmt: skip
+    try:
+        proto, tracer_warnings = run_exporter(
+            flat, traced, opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
+            corr=corr, exporter=exporter, input_names=in_names, output_names=out_names,
+        )  # fmt: skip
+        check_symbolic_axes(proto, dynamic_batch, dynamic_hw)
+    except ExportError:
+        if out_names is None:  # inputs the model cannot take: say so, not the exporter's trace
+            with eval_mode_of(model):
+                _run_model(model, args, kwargs, inputs, "the model")
+        raise
+    if out_names is None:
+        out_names = _names(output_names, len(proto.graph.output), "output")
+        rename_outputs(proto, out_names)
     say("export: ONNX checker and shape inference")
-    proto = check_and_infer(proto)
-    check_symbolic_axes(proto, dynamic_batch, dynamic_hw)
+    proto = check_and_infer(proto, infer=exporter == "legacy")
     opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset is not None and opset_written != opset:
         raise ExportError(f"asked for opset {opset}, the exporter wrote opset {opset_written}")
@@ -212,21 +230,21 @@ def export_onnx(
     set_metadata(proto, metadata)
 
     notes = [f"TracerWarning: {line}" for line in tracer_warnings]
-    dynamic_check: list[OutputDiff] = []
+    dynamic_diffs: list[OutputDiff] = []
     checked: list[Any] = []
 
     def write(tmp: Path) -> None:
         import onnx  # heavy, optional at import time
 
         onnx.save(proto, str(tmp))
-        if dynamic_batch or dynamic_hw:
+        if check_dynamic_axes and (dynamic_batch or dynamic_hw):
             say("export: checking the dynamic axes under onnxruntime")
-            rtol = FP16_DYNAMIC_CHECK_RTOL if half else DYNAMIC_CHECK_RTOL
-            dynamic_check.extend(
-                check_dynamic_axes(
+            rtol = FP16_DYNAMIC_CHECK_RTOL if half else dynamic_check.DYNAMIC_CHECK_RTOL
+            dynamic_diffs.extend(
+                dynamic_check.check_dynamic_axes(
                     flat,
                     tmp,
-                    inputs,
+                    traced,
                     dynamic_batch,
                     dynamic_hw,
                     notes,
@@ -263,7 +281,7 @@ def export_onnx(
         metadata=metadata,
         seconds=time.perf_counter() - started,
         fuse_report=fuse_report,
-        dynamic_check=dynamic_check,
+        dynamic_check=dynamic_diffs,
         notes=notes,
         dtype=written_dtype,
         check=checked[0] if checked else None,
