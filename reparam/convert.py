@@ -132,6 +132,19 @@ class FuseReport:
     def __str__(self) -> str:
         return self.summary()
 
+    def to_dict(self) -> dict:
+        """The report as plain JSON-able types."""
+        return {
+            "blocks": dict(sorted(self.blocks.items())),
+            "details": list(self.details),
+            "traced": self.traced,
+            "trace_error": self.trace_error,
+            "probed": self.probed,
+            "probe_error": self.probe_error,
+            "adopted": list(self.adopted),
+            "not_fused": [{"path": path, "reason": reason} for path, reason in self.not_fused],
+        }
+
 
 def fuse(
     model: nn.Module,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,18 @@ class FuseRun:
     @property
     def max_rel(self) -> float:
         return max(d.max_rel for d in self.diffs)
+
+    def to_dict(self) -> dict:
+        """Everything but the model, as plain JSON-able types."""
+        return {
+            "report": self.report.to_dict(),
+            "before": dataclasses.asdict(self.before),
+            "after": dataclasses.asdict(self.after),
+            "outputs": [dataclasses.asdict(diff) for diff in self.diffs],
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "fuse_seconds": self.fuse_seconds,
+        }
 
 
 def fuse_and_check(
