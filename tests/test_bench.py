@@ -16,6 +16,7 @@ from reparam.bench import (
     bench_blocks,
     check_memory,
     count_macs,
+    estimate_forward_bytes,
     list_blocks,
     peak_memory,
     time_candidates,
@@ -185,6 +186,26 @@ def test_bench_prints_a_table_that_fits_the_terminal_and_progress_lines(cli):
     assert "… block ACBlock" in result.output  # piped: a plain progress line
     assert "ACBlock" in result.output and "| ACBlock |" not in result.output  # no markdown
     assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+@pytest.mark.parametrize(("columns", "header"), [(200, "fused/plain ≤1.05"), (60, "max rel err")])
+def test_bench_terminal_shows_a_table_when_wide_and_panels_when_narrow(cli, columns, header):
+    args = ["bench", "--quick", "--models", "none", "--blocks", "ACBlock", "--no-onnx", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--repeats", "1"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    assert header in result.output  # the panel lists every field under its full name
+    assert max(len(line) for line in result.output.splitlines()) <= columns
+
+
+def test_estimate_forward_bytes_counts_modules_before_an_op_without_meta_kernel():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x[: int(x.sum().item())]  # needs real data: fails on the meta device
+
+    model = lambda: nn.Sequential(nn.Conv2d(1, 4, 1), DataDependent())  # noqa: E731
+    inputs_bytes = 4 * 2 * 1 * 8 * 8
+    conv_pair = inputs_bytes + 4 * 2 * 4 * 8 * 8
+    assert estimate_forward_bytes(model, [(2, 1, 8, 8)]) == inputs_bytes + 2 * conv_pair
 
 
 def test_bench_json_on_stdout_and_report_file(cli, tmp_path):
