@@ -96,14 +96,15 @@ def check_memory(
     for what, build, shapes in jobs:
         copies = 3 if onnx and what.startswith("model") else 1
         # The inputs alone are checked first: beyond memory, building the model is wasted.
-        needed = sum(4 * _numel(shape) for shape in shapes)
+        needed, where = sum(4 * _numel(shape) for shape in shapes), "the input alone"
         if needed <= available:
             needed = estimate_forward_bytes(build, shapes) * copies
+            where = "torch and 2 onnxruntime sessions" if copies == 3 else "one forward pass"
+            where += ", estimated"
         if needed > available:
             shape = "×".join(map(str, shapes[0]))
-            where = "torch and 2 onnxruntime sessions" if copies == 3 else "one forward pass"
             raise UserInputError(
-                f"{what} at input {shape} needs about {_gib(needed)} ({where}, estimated); "
+                f"{what} at input {shape} needs about {_gib(needed)} ({where}); "
                 f"this machine has {_gib(available)} available: use a smaller --size or --batch"
             )
 
