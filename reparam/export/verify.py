@@ -104,7 +104,7 @@ def verify_onnx(
     sizes = _check_tolerances(rtol, atol, batch_sizes)
     say = progress or (lambda line: None)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
-    say(f"verify: loading {Path(path).name} into onnxruntime")
+    say("verify: loading the graph into onnxruntime")
     sessions = {
         level: OnnxModel(path, providers=providers, optimization=level) for level in OPTIMIZATIONS
     }
