@@ -52,10 +52,19 @@ def rename_outputs(proto: Any, names: list[str]) -> None:
     }
     if not mapping:
         return
+    graph = proto.graph
+    used = {name for node in graph.node for name in [*node.input, *node.output]}
+    used |= {value.name for value in [*graph.input, *graph.initializer]}
+    for taken in set(mapping.values()) & (used - set(mapping)):  # an inner value has the name
+        spare = next(
+            f"{taken}_inner{i}" for i in range(len(used) + 1) if f"{taken}_inner{i}" not in used
+        )
+        mapping[taken] = spare
+        used.add(spare)
     for node in proto.graph.node:
         node.input[:] = [mapping.get(n, n) for n in node.input]
         node.output[:] = [mapping.get(n, n) for n in node.output]
-    for value in [*proto.graph.output, *proto.graph.value_info]:
+    for value in [*graph.output, *graph.value_info, *graph.input, *graph.initializer]:
         value.name = mapping.get(value.name, value.name)
 
 

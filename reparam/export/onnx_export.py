@@ -157,7 +157,7 @@ def export_onnx(
         raise UserInputError(f"output file '{path}' should end in .onnx")
 
     args, kwargs = tree.rebuild(inputs)
-    out_names: list[str] | None = None
+    out_names = list(output_names) if output_names is not None else None
     if exporter == "legacy":  # it needs every output name up front: count them by a run
         with eval_mode_of(model):
             outputs = _run_model(model, args, kwargs, inputs, "the model")
@@ -196,13 +196,15 @@ def export_onnx(
         )  # fmt: skip
         check_symbolic_axes(proto, dynamic_batch, dynamic_hw)
     except ExportError:
-        if out_names is None:  # inputs the model cannot take: say so, not the exporter's trace
+        if exporter == "dynamo":  # inputs the model cannot take: say so, not the exporter's trace
             with eval_mode_of(model):
                 _run_model(model, args, kwargs, inputs, "the model")
         raise
-    if out_names is None:
-        out_names = _names(output_names, len(proto.graph.output), "output")
+    if output_names is None:
+        out_names = _names(None, len(proto.graph.output), "output")
         rename_outputs(proto, out_names)
+    else:
+        out_names = _names(output_names, len(proto.graph.output), "output")
     say("export: ONNX checker and shape inference")
     proto = check_and_infer(proto, infer=exporter == "legacy")
     opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
