@@ -133,10 +133,7 @@ class ExportReport:
             "notes": list(self.notes),
         }
         if self.fuse_report is not None:
-            result["fuse"] = {
-                "blocks": dict(self.fuse_report.blocks),
-                "details": list(self.fuse_report.details),
-            }
+            result["fuse"] = self.fuse_report.to_dict()
         if hasattr(self.check, "to_dict"):
             result["verify"] = self.check.to_dict()
         return result
