@@ -130,7 +130,7 @@ def _has_se(foreign: nn.Module) -> bool:
 
 
 def _build_acb(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import ACBlock
+    from reparam.blocks.acb import ACBlock
 
     square = _child(foreign, "square_conv", nn.Conv2d)
     ver = _child(foreign, "ver_conv", nn.Conv2d)
@@ -152,7 +152,7 @@ def _build_acb(foreign: nn.Module) -> nn.Module:
 
 
 def _build_repvgg(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import RepVGGBlock
+    from reparam.blocks.repvgg import RepVGGBlock
 
     geometry = _geometry(_child(foreign, "rbr_dense.conv", nn.Conv2d), "rbr_dense.conv")
     block = RepVGGBlock(**geometry, use_se=_has_se(foreign))
@@ -163,7 +163,7 @@ def _build_repvgg(foreign: nn.Module) -> nn.Module:
 
 
 def _build_dbb(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import DiverseBranchBlock
+    from reparam.blocks.dbb import DiverseBranchBlock
 
     geometry = _geometry(_child(foreign, "dbb_origin.conv", nn.Conv2d), "dbb_origin.conv")
     conv2 = _child(foreign, "dbb_1x1_kxk.conv2", nn.Conv2d)
@@ -175,7 +175,7 @@ def _build_dbb(foreign: nn.Module) -> nn.Module:
 
 
 def _build_mobileone(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import MobileOneBlock
+    from reparam.blocks.mobileone import MobileOneBlock
 
     branches = _child(foreign, "rbr_conv", nn.ModuleList)
     scale = getattr(foreign, "rbr_scale", None)
@@ -237,19 +237,19 @@ def _involution_args(foreign: nn.Module, reduce_path: str, span_path: str) -> di
 
 
 def _build_involution_mmcv(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import Involution
+    from reparam.blocks.involution import Involution
 
     return Involution(**_involution_args(foreign, "conv1.conv", "conv2.conv"))
 
 
 def _involution_has_yolov5_layout() -> bool:
-    from reparam.blocks import Involution
+    from reparam.blocks.involution import Involution
 
     return "layout" in inspect.signature(Involution.__init__).parameters
 
 
 def _build_involution_yolov5(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import Involution
+    from reparam.blocks.involution import Involution
 
     if not _involution_has_yolov5_layout():
         raise FusionError("reparam's Involution has no YOLOv5 (cv1/cv2) layout in this version")
@@ -263,7 +263,7 @@ def _probe_involution(foreign: nn.Module) -> tuple:
 
 
 def _build_drconv(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import DRConv2d
+    from reparam.blocks.drconv import DRConv2d
 
     guide = _child(foreign, "conv_guide", nn.Conv2d)
     generator = _child(foreign, "conv_kernel.3", nn.Conv2d)
@@ -301,7 +301,7 @@ def _asff_widths(foreign: nn.Module) -> tuple[int, int, tuple[int, int, int]]:
 
 
 def _build_asff(foreign: nn.Module) -> nn.Module:
-    from reparam.blocks import ASFF
+    from reparam.blocks.asff import ASFF
 
     level, _, widths = _asff_widths(foreign)
     compress = _child(foreign, "weight_level_0.conv", nn.Conv2d).out_channels

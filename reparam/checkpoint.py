@@ -135,12 +135,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
         label = f"factory '{printable(spec.name)}'"
     try:
         model = factory(**spec.kwargs)
+    except ReparamError:  # first: a block's BlockConfigError is also a TypeError
+        raise
     except TypeError as error:
         raise UserInputError(
             f"{label} rejected its arguments {spec.kwargs!r}: {printable(error)}"
         ) from None
-    except ReparamError:
-        raise
     except Exception as error:  # e.g. a negative width reaching torch.empty
         raise UserInputError(
             f"{label} failed with arguments {spec.kwargs!r}: {_reason(error)}"

@@ -60,7 +60,7 @@ class QualityGateError(ExportError):
     """An output fails an accuracy gate the user asked for (``--min-cosine`` and the like)."""
 
 
-class MissingCustomOpError(ReparamError):
+class MissingCustomOpError(UserInputError):
     """A graph uses a custom operator whose kernel library is not installed."""
 
 

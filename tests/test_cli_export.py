@@ -171,10 +171,22 @@ def test_custom_corr_without_onnxruntime_extensions(
     assert_ok(
         invoke("export", f"{MODULE}:drconv_net", "-o", path, "--corr", "custom", "--no-verify")
     )
+    import onnx
+
+    # The same graph without the model-local function Corr ships with: a bare custom node.
+    bare = onnx.load(str(path))
+    del bare.functions[:]
+    bare_path = tmp_path / "bare.onnx"
+    onnx.save(bare, str(bare_path))
     monkeypatch.setattr(ort_corr, "_library_path", None)
     monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
-    assert_error(invoke("run", path), "onnxruntime-extensions", "reparam[custom-ops]")
-    assert_error(invoke("verify", path, "-m", f"{MODULE}:drconv_net"), "onnxruntime-extensions")
+    # The exported graph carries Corr as a function of standard ops: plain onnxruntime runs it.
+    assert_ok(invoke("run", path))
+    assert_ok(invoke("verify", path, "-m", f"{MODULE}:drconv_net"))
+    assert_error(invoke("run", bare_path), "onnxruntime-extensions", "reparam[custom-ops]")
+    assert_error(
+        invoke("verify", bare_path, "-m", f"{MODULE}:drconv_net"), "onnxruntime-extensions"
+    )
 
 
 def test_dynamic_hw_refusal_writes_nothing(tmp_path: Path) -> None:
@@ -196,3 +208,38 @@ def test_verify_json_on_stdout_and_report_file(tiny_onnx: Path, tmp_path: Path) 
     assert json.loads(report.read_text()) == data
     run = invoke("run", tiny_onnx, "--repeat", "1", "--json")
     assert json.loads(run.stdout)["outputs"]["output"]["shape"] == [1, 10]
+
+
+def test_export_pt2_loads_without_reparam_and_matches(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.pt2"
+    assert_ok(invoke("export", "acnet_tiny", "--format", "pt2", "-o", path))
+    import torch
+
+    import reparam
+    from reparam.models import create_model
+    from reparam.testing import randomize_batchnorm
+
+    with open(path, "rb") as handle:
+        program = torch.export.load(handle).module()
+    torch.manual_seed(0)  # the CLI's seed: same initial weights and BN statistics
+    model = randomize_batchnorm(create_model("acnet_tiny"), 0).eval()
+    x = torch.randn(3, 3, 32, 32)  # another batch size than the example
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), reparam.fuse(model)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_int8_writes_a_verified_fp32_graph_and_a_qdq_graph(tmp_path: Path) -> None:
+    import json
+
+    import onnx
+
+    path = tmp_path / "tiny.onnx"
+    result = invoke("export", "acnet_tiny", "-o", path, "--int8", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    int8 = tmp_path / "tiny-int8.onnx"
+    assert path.is_file() and int8.is_file()
+    assert report["int8"]["cosine"] > 0.99
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "random" in result.stderr  # calibration without data is said out loud

@@ -65,7 +65,8 @@ def report_row(text: str, label: str) -> list[str]:
 def assert_succeeded(result) -> None:
     assert result.exit_code == 0, result.output
     assert result.exception is None
-    assert result.stderr == ""
+    # stderr holds nothing but progress lines ("… step", shown when piped)
+    assert all(line.startswith("… ") for line in result.stderr.splitlines()), result.stderr
 
 
 def assert_user_error(result, *fragments: str) -> str:
@@ -73,7 +74,8 @@ def assert_user_error(result, *fragments: str) -> str:
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
+    # Besides the error, stderr may hold only progress lines ("… step", shown when piped).
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("… ")]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     for fragment in fragments:
@@ -593,3 +595,16 @@ def test_a_python_file_as_model_suggests_its_factories(
     result = invoke("fuse", "usernet_hint.py", "-o", tmp_path / "f.pt")
     assert_user_error(result, "usernet_hint:build", "build, Net")
     assert "usernet_hint" not in sys.modules  # parsed, never imported
+
+
+def test_fuse_json_on_stdout_and_report_file(out: Path):
+    import json
+
+    report = out / "fuse.json"
+    result = invoke("fuse", "acnet_tiny", "-o", out / "f.pt", "--json", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout holds the JSON alone
+    assert data == json.loads(report.read_text())
+    assert data["passed"] is True and data["max_rel"] <= 1e-4
+    assert data["report"]["blocks"]["ACBlock"] > 0
+    assert data["after"]["batchnorms"] == 0

@@ -53,7 +53,9 @@ def assert_one_error(result, *fragments: str) -> str:
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
-    assert result.stderr.splitlines() == lines, result.stderr
+    # Besides the error, stderr may hold only progress lines ("… step", shown when piped).
+    stderr = [line for line in result.stderr.splitlines() if not line.startswith("… ")]
+    assert stderr == lines, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]

@@ -128,8 +128,9 @@ def user_errors() -> Iterator[None]:
     A :class:`ReparamError` prints its message (exit 1). Anything else is a bug or an
     environment failure: ``error: internal error: <Type: first line>`` (exit 1), with the
     traceback only under ``--verbose``. Warnings raised meanwhile (torch's, onnx's) are held
-    back: shown again after success, dropped on failure unless ``--verbose``, so the user
-    sees one line. ``typer.Exit``, ``KeyboardInterrupt`` and ``SystemExit`` pass through.
+    back: shown after success as ``warning: <line>`` (each once), dropped on failure unless
+    ``--verbose``, so a failing user sees one line. ``typer.Exit``, ``KeyboardInterrupt``
+    and ``SystemExit`` pass through.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -145,9 +146,9 @@ def user_errors() -> Iterator[None]:
             if settings.verbose:
                 traceback.print_exc()
             _fail(f"internal error: {summarize(error)}", caught)
-    if not settings.quiet:
-        for item in caught:  # success: let the held-back warnings through as usual
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    if not settings.quiet:  # success: the held-back warnings, one line each, once
+        for message in dict.fromkeys(str(item.message) for item in caught):
+            typer.echo(f"warning: {printable(' '.join(message.split()))}", err=True)
 
 
 def _fail(message: str, caught: list[warnings.WarningMessage]) -> None:

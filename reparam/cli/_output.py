@@ -15,14 +15,22 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from reparam._io import atomic_write
 from reparam.cli.app import settings
 
-__all__ = ["Output", "json_safe"]
+__all__ = ["JsonOpt", "Output", "ReportOpt", "json_safe"]
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the report as JSON on stdout (human output on stderr)."),
+]
+ReportOpt = Annotated[
+    Path | None, typer.Option("--report", help="Also write the JSON report to this file.")
+]
 
 
 def json_safe(value: Any) -> Any:

@@ -183,6 +183,8 @@ class LazyGroup(TyperGroup):
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
+        if command is not None and not isinstance(command, _LazyCommand):
+            _plain_metavars(command)  # registered earlier in this process: built anew here
         if command is None and cmd_name in COMMANDS and _available(cmd_name):
             command = _LazyCommand(cmd_name)
             self.add_command(command, cmd_name)

@@ -28,12 +28,10 @@ from reparam.cli._common import (
     model_arg_kind,
     user_errors,
 )
-from reparam.cli._output import Output
+from reparam.cli._output import JsonOpt, Output, ReportOpt
 from reparam.cli.verify_cmd import (
     AtolOpt,
     BatchSizesOpt,
-    JsonOpt,
-    ReportOpt,
     RtolOpt,
     parse_batch_sizes,
     reference_name,
@@ -274,26 +272,3 @@ def _export_pt2(
         )  # fmt: skip
     out.wrote(f"wrote {target}")
     out.result({"path": str(target), "format": "pt2", "dynamic_batch": dynamic_batch})
-
-
-def _register_until_the_app_names_functions() -> None:
-    """Backward compatibility: an app whose command table lists this module with no function
-    name expects importing it to register export, verify and run. Does nothing once the
-    table names ``export_cmd.export``, ``verify_cmd.verify`` and ``run_cmd.run``."""
-    import importlib
-
-    from reparam.cli import run_cmd, verify_cmd
-
-    # the module, not the Typer object that reparam.cli re-exports under the same name
-    app_module = importlib.import_module("reparam.cli.app")
-
-    functions = {"export": export, "verify": verify_cmd.verify, "run": run_cmd.run}
-    table = getattr(app_module, "COMMANDS", {})
-    registered = {info.name for info in app_module.app.registered_commands}
-    for name, function in functions.items():
-        entry = table.get(name)
-        if entry and entry[0] == __name__ and entry[1] is None and name not in registered:
-            app_module.app.command(name)(function)
-
-
-_register_until_the_app_names_functions()

@@ -22,9 +22,9 @@ from reparam.cli._common import (
     WeightsOpt,
     load_model,
     model_arg_kind,
-    settings,
     user_errors,
 )
+from reparam.cli._output import JsonOpt, Output, ReportOpt
 from reparam.errors import ReparamError, UserInputError, printable, summarize
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ def fuse(
     weights_key: WeightsKeyOpt = None,
     model_override: ModelOverrideOpt = None,
     trust_code: TrustCodeOpt = False,
+    as_json: JsonOpt = False,
+    report: ReportOpt = None,
 ) -> None:
     """Fuse every block and Conv→BN pair of MODEL into plain convs and write the weights.
 
@@ -62,12 +64,15 @@ def fuse(
     from reparam.checkpoint import save_fused
     from reparam.summary import fuse_and_check
 
+    out = Output(as_json, report)
     with user_errors():
         if not math.isfinite(rtol) or rtol < 0:
             raise UserInputError(f"--rtol must be a finite number >= 0, not {rtol}")
         inputs = [weights, Path(model) if model_arg_kind(model) == "file" else None]
         if output is not None:  # checked before any work, so a bad -o fails at once
             prepare_output(output, inputs=inputs)
+        if report is not None:
+            prepare_output(report, inputs=inputs)
         loaded = load_model(
             model,
             weights=weights,
@@ -82,10 +87,11 @@ def fuse(
         target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + "-fused.pt")
         prepare_output(target, inputs=inputs)
         for note in loaded.notes:
-            if not settings.quiet:
-                typer.echo(f"note: {note}")
+            out.echo(f"note: {note}")
         try:
-            run = fuse_and_check(loaded.model, loaded.probe_inputs(seed), trace=trace)
+            with out.progress() as say:
+                say(f"fusing {printable(loaded.spec.name)} and checking it on a probe input")
+                run = fuse_and_check(loaded.model, loaded.probe_inputs(seed), trace=trace)
         except ReparamError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # probe does not fit
@@ -93,16 +99,26 @@ def fuse(
                 f"running {printable(loaded.spec.name)} on input shape(s) "
                 f"{loaded.input_shapes} failed: {printable(summarize(error))}"
             ) from None
-        if not settings.quiet:
-            typer.echo(render_report(loaded.description, loaded.input_shapes, run))
-        # Written so that NaN differences fail too (NaN > rtol is False).
-        if not (run.max_rel <= rtol and math.isfinite(run.max_abs)):
+        out.echo(render_report(loaded.description, loaded.input_shapes, run))
+        passed = run.max_rel <= rtol and math.isfinite(run.max_abs)  # NaN fails too
+        out.result(
+            {
+                "model": loaded.spec.name,
+                "description": loaded.description,
+                "input_shapes": [list(shape) for shape in loaded.input_shapes],
+                "rtol": rtol,
+                "passed": passed,
+                "output": None if not passed else str(target),
+                **run.to_dict(),
+            }
+        )
+        if not passed:
             raise UserInputError(
                 f"fused model differs from the original: max rel {run.max_rel:.3g} > rtol "
                 f"{rtol:g} (max abs {run.max_abs:.3g}); nothing written"
             )
         save_fused(run.fused, target, loaded.spec, input_shapes=loaded.input_shapes, trace=trace)
-        typer.echo(f"wrote {printable(target)}")
+        out.wrote(f"wrote {printable(target)}")
 
 
 def render_report(description: str, input_shapes: list[tuple[int, ...]], run: FuseRun) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +9,7 @@ from typing import Annotated
 import typer
 
 from reparam.cli._common import SeedOpt, user_errors
+from reparam.cli._output import JsonOpt, Output, ReportOpt
 
 
 class Method(str, Enum):
@@ -77,9 +77,8 @@ def quantize(
             "--dynamic", help="Dynamic quantization: refused for conv nets (it slows them)."
         ),
     ] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the report as JSON on stdout.")
-    ] = False,
+    as_json: JsonOpt = False,
+    report_file: ReportOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
     """Quantize MODEL to INT8 with onnxruntime (static, QDQ, per-channel weights) and report
@@ -87,25 +86,30 @@ def quantize(
     --min-cosine / --min-agreement gate fails.
     """
     # The library imports onnx and onnxruntime: imported here so that `reparam --help` does not.
+    from reparam._io import prepare_output
     from reparam.quantize import quantize_onnx
 
+    out = Output(as_json, report_file)
     with user_errors():
-        report = quantize_onnx(
-            model,
-            output,
-            calibration=calibration,
-            per_channel=per_channel,
-            method=method.value,
-            report_layers=report_layers,
-            min_cosine=min_cosine,
-            min_agreement=min_agreement,
-            batch_sizes=_parse_batches(batch_sizes),
-            dynamic=dynamic,
-            seed=seed,
-        )
-    if json_out:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    width = max(len(key) for key, _ in report.summary())
-    for key, value in report.summary():
-        typer.echo(f"{key.ljust(width)}  {value}")
+        if report_file is not None:
+            prepare_output(report_file, inputs=[model, calibration])
+        with out.progress() as say:
+            say(f"quantizing {model} (calibration, then timing and accuracy against fp32)")
+            report = quantize_onnx(
+                model,
+                output,
+                calibration=calibration,
+                per_channel=per_channel,
+                method=method.value,
+                report_layers=report_layers,
+                min_cosine=min_cosine,
+                min_agreement=min_agreement,
+                batch_sizes=_parse_batches(batch_sizes),
+                dynamic=dynamic,
+                seed=seed,
+            )
+        width = max(len(key) for key, _ in report.summary())
+        for key, value in report.summary():
+            out.echo(f"{key.ljust(width)}  {value}")
+        out.result(report.to_dict())
+        out.wrote(f"wrote {output}")

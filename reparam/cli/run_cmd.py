@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from reparam.cli._common import SeedOpt, check_seed, user_errors
-from reparam.cli._output import Output
-from reparam.cli.verify_cmd import InputOpt, JsonOpt, OnnxArg, ReportOpt
+from reparam.cli._output import JsonOpt, Output, ReportOpt
+from reparam.cli.verify_cmd import InputOpt, OnnxArg
 from reparam.errors import UserInputError
 
 __all__ = ["run"]

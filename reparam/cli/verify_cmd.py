@@ -22,16 +22,14 @@ from reparam.cli._common import (
     load_model,
     user_errors,
 )
-from reparam.cli._output import Output
+from reparam.cli._output import JsonOpt, Output, ReportOpt
 from reparam.errors import UserInputError
 
 __all__ = [
     "AtolOpt",
     "BatchSizesOpt",
     "InputOpt",
-    "JsonOpt",
     "OnnxArg",
-    "ReportOpt",
     "RtolOpt",
     "parse_batch_sizes",
     "reference_name",
@@ -54,13 +52,6 @@ InputOpt = Annotated[
         help="Input arrays: .npy for a one-input model, or .npz with one array per graph "
         "input (by input name, or in order). Default: random normal of the graph's shape.",
     ),
-]
-JsonOpt = Annotated[
-    bool,
-    typer.Option("--json", help="Print the report as JSON on stdout (human output on stderr)."),
-]
-ReportOpt = Annotated[
-    Path | None, typer.Option("--report", help="Also write the JSON report to this file.")
 ]
 
 

@@ -119,6 +119,10 @@ def run_exporter(
         raise
     except Exception as error:
         raise ExportError(_export_failure(error, exporter, dynamic_hw)) from error
+    if corr == "custom":
+        # Ship Corr's meaning in the file: plain onnxruntime (and any runtime that inlines
+        # functions) runs the node; a runtime with a native Corr kernel may use its own.
+        corr_onnx.attach_corr_function(proto)
     return proto, tracer_warnings
 
 

@@ -90,7 +90,10 @@ def export_pt2(
         raise ExportError(f"the program still calls reparam operators: {', '.join(custom)}")
 
     def write(tmp: Path) -> None:
-        torch.export.save(program, str(tmp))
+        # Through a file object: given a path, torch warns that the temporary name does not
+        # end in .pt2.
+        with open(tmp, "wb") as handle:
+            torch.export.save(program, handle)
         _check_loaded(tmp, program_model, inputs, dynamic_batch)
 
     atomic_write(target, write)
@@ -101,7 +104,8 @@ def _check_loaded(
     file: Path, model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool
 ) -> None:
     """Load the written file back and compare it with the model at one or two batch sizes."""
-    loaded = torch.export.load(str(file)).module()
+    with open(file, "rb") as handle:
+        loaded = torch.export.load(handle).module()
     batches = [inputs]
     if dynamic_batch:
         batches.append(tuple(torch.cat([t, t, t]) for t in inputs))

@@ -10,16 +10,9 @@ from typing import Any
 
 from reparam.compare import OutputDiff
 from reparam.convert import FuseReport
-from reparam.runtime.text import format_size, printable
+from reparam.runtime.text import format_shape, format_size, printable
 
 __all__ = ["ExportReport", "format_shape", "format_size", "key_values"]
-
-
-def format_shape(shape: Sequence[Any]) -> str:
-    """``2x3x32x32``, or ``(batch, 3, 32, 32)`` when an axis is symbolic."""
-    if any(isinstance(d, str) for d in shape):
-        return "(" + ", ".join(printable(str(d)) for d in shape) + ")"
-    return "x".join(str(d) for d in shape)
 
 
 def key_values(rows: Sequence[tuple[str, str]]) -> list[str]:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from reparam.compare import OutputDiff
-from reparam.export.report import format_shape
-from reparam.runtime.text import printable
+from reparam.runtime.text import format_shape, printable
 
 __all__ = ["VerifyCase", "VerifyReport"]
 

@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from reparam.errors import UserInputError
+from reparam.errors import MissingCustomOpError
 from reparam.ops.corr_onnx import DOMAIN, OP_TYPE
 
 __all__ = ["MISSING_EXTENSIONS", "check_kernel_call", "custom_ops_library", "pop_kernel_errors"]
@@ -107,7 +107,7 @@ def custom_ops_library() -> str:
     """Register the Corr kernel (once) and return the library path for SessionOptions.
 
     Raises:
-        UserInputError: onnxruntime-extensions is not installed.
+        MissingCustomOpError: onnxruntime-extensions is not installed.
     """
     global _library_path
     if _library_path is not None:
@@ -115,7 +115,7 @@ def custom_ops_library() -> str:
     try:
         from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
     except ImportError:
-        raise UserInputError(MISSING_EXTENSIONS) from None
+        raise MissingCustomOpError(MISSING_EXTENSIONS) from None
     import torch
 
     import reparam.ops.corr  # noqa: F401  (registers torch.ops.reparam.corr)

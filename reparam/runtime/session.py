@@ -167,10 +167,20 @@ class OnnxModel:
         self.metadata = {prop.key: prop.value for prop in proto.metadata_props}
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         check_graph(proto, self.path)
-        from reparam.ops.corr_onnx import DOMAIN
+        from reparam.ops.corr_onnx import DOMAIN, OP_TYPE, validate_corr_nodes
 
         self.custom_domains = check_domains(proto, self.path, {DOMAIN})
+        # A crafted Corr node (groups 0, negative padding, a kernel of the wrong rank) is
+        # refused here, before any kernel could trip over it.
+        problems = validate_corr_nodes(proto)
+        if problems:
+            raise UserInputError(f"'{printable(str(self.path))}': {printable(problems[0])}")
         self.node_count = len(proto.graph.node)
+        # A graph that ships Corr's meaning as a model-local function runs on plain
+        # onnxruntime (it inlines functions it has no kernel for); only a bare Corr node
+        # needs the onnxruntime-extensions Python kernel.
+        shipped = {(f.domain, f.name) for f in proto.functions}
+        self.python_corr_kernel = bool(self.custom_domains) and (DOMAIN, OP_TYPE) not in shipped
 
         options = ort.SessionOptions()
         options.graph_optimization_level = {
@@ -186,7 +196,7 @@ class OnnxModel:
         # onnxruntime prints coloured warnings to stderr unasked: they would precede the one
         # line a user should see. 3 = errors, 4 = fatal only.
         options.log_severity_level = 4 if quiet else 3
-        if self.custom_domains:
+        if self.python_corr_kernel:
             from reparam.ops.corr_ort import custom_ops_library  # imports onnxruntime-extensions
 
             options.register_custom_ops_library(custom_ops_library())
@@ -333,6 +343,17 @@ class OnnxModel:
             raise UserInputError(
                 f"onnxruntime failed on '{printable(str(self.path))}': {message[:400]}"
             ) from None
+        if self.python_corr_kernel:
+            # The Python kernel never raises (an exception there aborts the process): it
+            # records what went wrong and returns NaN, which is reported here instead.
+            from reparam.ops.corr_ort import pop_kernel_errors
+
+            errors = pop_kernel_errors()
+            if errors:
+                raise UserInputError(
+                    f"the Corr kernel failed on '{printable(str(self.path))}': "
+                    f"{printable(errors[-1])}"
+                )
         return dict(zip(self.output_names, values, strict=True))
 
 
