@@ -20,7 +20,10 @@ def test_digits_split_is_real_data_and_deterministic():
 
 
 def test_demo_runs_every_stage_and_they_agree(tmp_path):
-    result = runner.invoke(app, ["demo", "--epochs", "1", "-o", str(tmp_path)])
+    # A wide terminal: one table row per stage (a narrow one gets a block per stage).
+    result = runner.invoke(
+        app, ["demo", "--epochs", "1", "-o", str(tmp_path)], env={"COLUMNS": "250"}
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     stages = [
