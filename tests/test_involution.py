@@ -316,7 +316,7 @@ def test_module_peak_extra_memory_within_three_inputs():
 
 
 def test_intra_op_threads_restored():
-    from reparam.blocks.involution import one_intra_op_thread
+    from reparam.ops.threads import one_intra_op_thread
 
     saved = torch.get_num_threads()
     try:

@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from reparam.blocks.involution import one_intra_op_thread
-from reparam.errors import UserInputError
+from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
+from reparam.ops.threads import one_intra_op_thread
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
@@ -275,19 +275,19 @@ class DRConv2d(nn.Module):
     ) -> None:
         super().__init__()
         if region_num < 1:
-            raise UserInputError(f"DRConv2d: region_num must be >= 1, got {region_num}")
+            raise BlockConfigError(f"DRConv2d: region_num must be >= 1, got {region_num}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"DRConv2d needs an odd kernel_size (the generated kernels and the guide "
                 f"conv are centred on the output pixel), got {kernel_size}"
             )
         if in_channels < 1 or out_channels < 1:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"DRConv2d: in_channels and out_channels must be >= 1, got {in_channels} "
                 f"and {out_channels}"
             )
         if stride < 1 or dilation < 1 or padding < 0:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"DRConv2d: need stride, dilation >= 1 and padding >= 0, got stride={stride}, "
                 f"padding={padding}, dilation={dilation}"
             )

@@ -17,7 +17,8 @@ accumulate in float32 and round once.
 Threads: these are memory-bound element-wise ops; a second intra-op thread barely speeds
 them up, but every parallel op waits at a thread barrier, which stalls for a whole
 scheduler time slice when another process holds a core. The loops therefore run with one
-intra-op thread (:func:`one_intra_op_thread`), which keeps their speed on a busy machine.
+intra-op thread (:func:`~reparam.ops.threads.one_intra_op_thread`), which keeps their speed
+on a busy machine.
 
 The backward is the same loop transposed (:class:`_InvolutionFunction`; first-order only).
 While tracing (``torch.export``, ONNX export) the loop runs out of place on whole tensors,
@@ -44,8 +45,7 @@ window averages the pixels that exist otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,7 @@ from reparam.blocks.base import ReparamBlock
 from reparam.blocks.conv import Conv
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.module_fusion import fold_bn_into_conv
+from reparam.ops.threads import one_intra_op_thread
 
 __all__ = [
     "LAYOUTS",
@@ -64,7 +65,6 @@ __all__ = [
     "involution_from_features",
     "involution_shift",
     "involution_unfold",
-    "one_intra_op_thread",
 ]
 
 LAYOUTS = ("mmcv", "yolov5")
@@ -74,26 +74,6 @@ LAYOUTS = ("mmcv", "yolov5")
 # B8 C64 56² K7 on 2 cores: 2^20 beat 2^18, 2^19, 2^21 and no chunking.
 _CHUNK_ELEMENTS = 1 << 20
 _WIDE_ACCUMULATOR = (torch.float16, torch.bfloat16)
-
-
-@contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Run the enclosed torch ops with one intra-op thread, restoring the count afterwards.
-
-    For loops of many memory-bound ops: each parallel op ends at a thread barrier, and when
-    another process holds one of the cores that barrier waits for a scheduler time slice,
-    so a loop of hundreds of such ops slows down several times on a busy machine while its
-    second thread gains little on a quiet one.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1 or torch.compiler.is_compiling():
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _geometry(x: Tensor, weight: Tensor, kernel_size: int, stride: int, group_channels: int):
@@ -489,19 +469,19 @@ class Involution(ReparamBlock):
         if layout not in LAYOUTS:
             raise BlockConfigError(f"Involution: layout must be one of {LAYOUTS}, got {layout!r}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"Involution needs an odd kernel_size (the kernel is centred on each output "
                 f"pixel with padding (K-1)/2), got {kernel_size}"
             )
         if group_channels < 1 or channels < 1 or channels % group_channels:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"Involution: channels ({channels}) must be a positive multiple of "
                 f"group_channels ({group_channels})"
             )
         if stride < 1:
-            raise UserInputError(f"Involution: stride must be >= 1, got {stride}")
+            raise BlockConfigError(f"Involution: stride must be >= 1, got {stride}")
         if reduction_ratio < 1 or channels // reduction_ratio < 1:
-            raise UserInputError(
+            raise BlockConfigError(
                 f"Involution: reduction_ratio ({reduction_ratio}) must be >= 1 and leave at "
                 f"least one channel out of {channels}"
             )
