@@ -2,7 +2,7 @@
 
 The layers, bottom up (a module may import its own layer and the layers below it)::
 
-    errors, utilities → ops → fusion math → module fusion → fuser registry, model-wide fuse
+    errors, utilities (resources, _io, compare) → ops → fusion math → module fusion → fuser registry, model-wide fuse
     → blocks, adoption → models → checkpoint → runtime ← verify ← export, quantize
     → bench, demo → cli
 
@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "reparam._version": 0,
     "reparam.errors": 0,
     "reparam._io": 0,
+    "reparam.resources": 0,
     "reparam._table": 0,
     "reparam.compare": 0,
     "reparam.ops": 1,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from reparam.resources import available_memory  # re-exported: one place reads it
 
 __all__ = ["available_memory", "estimate_forward_bytes", "peak_memory"]
 
@@ -48,21 +49,6 @@ def _proc_status(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
-
-
-def available_memory() -> int | None:
-    """Bytes the system can give a new allocation without swapping (MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # not Linux, or an old kernel: total physical memory, the loosest honest bound
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def estimate_forward_bytes(

@@ -11,11 +11,11 @@ import json
 import os
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +27,7 @@ from reparam.errors import (
     printable,
     summarize,
 )
+from reparam.resources import check_allocation, check_threads
 
 if TYPE_CHECKING:  # annotations only: no torch import at run time
     import torch
@@ -34,8 +35,9 @@ if TYPE_CHECKING:  # annotations only: no torch import at run time
 
     from reparam.checkpoint import ModelSpec
 
+__all__ = ["check_allocation", "check_threads"]  # shared checks, re-exported for commands
+
 MAX_SEED = 2**63 - 1
-THREADS_PER_CORE = 4
 MODEL_FILE_SUFFIXES = (".pt", ".pth")
 
 
@@ -164,74 +166,6 @@ def check_seed(seed: int) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise UserInputError(f"--seed {seed} is outside 0..{MAX_SEED}")
     return seed
-
-
-def check_threads(threads: int | None) -> int | None:
-    """A thread count between 1 and a few per core (None: the runtime's default)."""
-    if threads is None:
-        return None
-    limit = THREADS_PER_CORE * (os.cpu_count() or 1)
-    if not 1 <= threads <= limit:
-        raise UserInputError(
-            f"--threads {threads} is outside 1..{limit} ({THREADS_PER_CORE} per CPU core)"
-        )
-    return threads
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation, or None if the OS does not say."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if size < 1024 or unit == "PiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def check_allocation(
-    shapes: Iterable[Sequence[int]], dtype: Any, what: str, *, copies: int = 1
-) -> int:
-    """Refuse, before allocating, tensors of ``shapes`` that the machine cannot hold.
-
-    Args:
-        shapes: One shape per tensor.
-        dtype: A torch or numpy dtype (anything with ``itemsize``), or the item size in bytes.
-        what: What the tensors are, for the message ("probe input", "--batch 1000000").
-        copies: How many such sets are alive at once (e.g. inputs plus outputs).
-
-    Returns:
-        The bytes the tensors take.
-    """
-    itemsize = dtype if isinstance(dtype, int) else int(getattr(dtype, "itemsize", 4))
-    shapes = [tuple(shape) for shape in shapes]
-    total = 0
-    for shape in shapes:
-        count = 1
-        for size in shape:
-            count *= int(size)
-        total += count
-    needed = total * itemsize * copies
-    available = available_memory()
-    if available is not None and needed > available:
-        shown = ", ".join("x".join(map(str, shape)) for shape in shapes)
-        raise UserInputError(
-            f"{what} of shape {shown} would take {_bytes(needed)}; this machine has "
-            f"{_bytes(available)} available"
-        )
-    return needed
 
 
 def parse_kwargs(pairs: Sequence[str] | None) -> dict:

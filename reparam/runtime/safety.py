@@ -5,22 +5,21 @@
   of an allowed domain can wrap any operator, so its body is checked too.
 - :func:`check_graph`: a graph with no nodes, no inputs, or non-tensor inputs/outputs
   (strings, sequences, maps) is refused with a line saying what it is.
-- :func:`check_allocation`: the bytes an input would take, against the memory available,
-  before numpy is asked for them.
+- :func:`check_allocation` (from :mod:`reparam.resources`, with ``share=MEMORY_SHARE``):
+  the bytes an input would take, against the memory available, before numpy is asked for
+  them.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from reparam.errors import UserInputError
-from reparam.runtime.text import format_size, printable
+from reparam.resources import available_memory
+from reparam.resources import check_allocation as _check_allocation
+from reparam.runtime.text import printable
 
 __all__ = [
     "STANDARD_DOMAINS",
@@ -122,36 +121,7 @@ def check_graph(model: Any, path: Path) -> None:
                 )
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_allocation(shapes: Sequence[Sequence[int]], dtypes: Sequence[Any], what: str) -> None:
-    """Refuse input shapes that are negative or would not fit in memory, before allocating.
-
-    Raises:
-        UserInputError: naming the bytes needed against the bytes available.
-    """
-    total = 0
-    for shape, dtype in zip(shapes, dtypes, strict=True):
-        if any(not isinstance(d, int | np.integer) or d < 0 for d in shape):
-            raise UserInputError(f"{what} has an invalid shape {tuple(shape)}: sizes must be ≥ 0")
-        total += math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
-    available = available_memory()
-    if available is not None and total > MEMORY_SHARE * available:
-        shown = ", ".join("x".join(map(str, s)) for s in shapes)
-        raise UserInputError(
-            f"{what} ({shown}) would take {format_size(total)}; this machine has "
-            f"{format_size(available)} available: use a smaller batch or size"
-        )
+def check_allocation(shapes: Sequence[Sequence[int]], dtypes: Sequence[Any], what: str) -> int:
+    """:func:`reparam.resources.check_allocation` for graph inputs: they may take at most
+    :data:`MEMORY_SHARE` of the available memory."""
+    return _check_allocation(shapes, list(dtypes), what, share=MEMORY_SHARE)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from reparam.errors import UserInputError, summarize
+from reparam.resources import max_threads, usable_cpus
 from reparam.runtime.safety import (
     check_allocation,
     check_domains,
@@ -52,7 +53,6 @@ __all__ = [
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 OPTIMIZATION_LEVELS = ("all", "basic", "extended", "disable")
 MAX_THREADS = 16  # the default: more rarely helps a CNN and costs memory per thread
-THREADS_PER_CPU = 4  # an explicit --threads is capped at this many per usable CPU
 
 _ELEMENT_TYPES = {
     "tensor(float)": np.float32,
@@ -114,19 +114,12 @@ def default_providers() -> list[str]:
     return chosen or list(available)
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def thread_count(requested: int | None = None) -> int:
     """Intra-op threads: the usable CPUs (at most 16) by default; a requested count is kept
     between 1 and four per usable CPU."""
     if requested is None:
-        return max(1, min(_usable_cpus(), MAX_THREADS))
-    return max(1, min(int(requested), THREADS_PER_CPU * _usable_cpus()))
+        return max(1, min(usable_cpus(), MAX_THREADS))
+    return max(1, min(int(requested), max_threads()))
 
 
 class OnnxModel:

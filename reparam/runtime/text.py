@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from reparam.errors import printable
+from reparam.resources import format_bytes
 
 __all__ = ["format_shape", "format_size", "printable"]
 
@@ -17,10 +18,4 @@ def format_shape(shape: Sequence[Any]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def format_size(num_bytes: float) -> str:
-    """``812 B``, ``3.4 KiB``, ``44.6 MiB``, ``1.2 GiB``."""
-    for unit in ("B", "KiB", "MiB"):
-        if num_bytes < 1024:
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return f"{num_bytes:.1f} GiB"
+format_size = format_bytes  # the name the export reports use
