@@ -2,8 +2,8 @@
 
 The layers, bottom up (a module may import its own layer and the layers below it)::
 
-    errors, utilities (resources, _io, compare) → ops → fusion math → module fusion → fuser registry, model-wide fuse
-    → blocks, adoption → models → checkpoint → runtime ← verify ← export, quantize
+    errors, utilities (resources, _io, compare) → ops → fusion math → module fusion
+    → fuser registry, model-wide fuse → blocks, adoption → models → checkpoint → runtime ← verify ← export, quantize
     → bench, demo → cli
 
 The test parses every module with ``ast`` (so imports inside functions count), maps each

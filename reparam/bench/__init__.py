@@ -17,7 +17,7 @@ tables, JSON).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from typing import Any
 
 from reparam.bench.blocks import BlockResult, BlockSpec, bench_blocks, list_blocks
 from reparam.bench.machine import MachineInfo, machine_info
@@ -67,31 +67,7 @@ __all__ = [
 ]
 
 
-def run_benchmark(
-    *,
-    quick: bool = False,
-    models: Sequence[str] | None = None,
-    blocks: Sequence[str] | None = None,
-    batch: int | None = None,
-    repeats: int | None = None,
-    warmup: int | None = None,
-    size: int | None = None,
-    threads: int | None = None,
-    onnx: bool = True,
-    progress: Callable[[str], object] | None = None,
-) -> str:
-    """Run the benchmarks (see :func:`run_suite`, same arguments) and return the markdown."""
-    return render_markdown(
-        run_suite(
-            quick=quick,
-            models=models,
-            blocks=blocks,
-            batch=batch,
-            repeats=repeats,
-            warmup=warmup,
-            size=size,
-            threads=threads,
-            onnx=onnx,
-            progress=progress,
-        )
-    )
+def run_benchmark(**options: Any) -> str:
+    """Run the benchmarks and return the markdown: ``render_markdown(run_suite(**options))``
+    (see :func:`run_suite` for the keyword arguments)."""
+    return render_markdown(run_suite(**options))
