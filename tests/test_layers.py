@@ -3,8 +3,8 @@
 The layers, bottom up (a module may import its own layer and the layers below it)::
 
     errors, utilities (resources, _io, compare) → ops → fusion math → module fusion
-    → fuser registry, model-wide fuse → blocks, adoption → models → checkpoint → runtime ← verify ← export, quantize
-    → bench, demo → cli
+    → fuser registry, model-wide fuse → blocks, adoption → models → checkpoint
+    → runtime ← verify ← export, quantize → bench, demo → cli
 
 The test parses every module with ``ast`` (so imports inside functions count), maps each
 ``reparam`` import to its layer, and fails on an upward import or an import cycle.
