@@ -44,6 +44,7 @@ from reparam.errors import (
     printable,
     summarize,
 )
+from reparam.resources import check_allocation
 
 __all__ = [
     "ModelSpec",
@@ -99,6 +100,27 @@ def _import_user_module(module_name: str):
                 sys.path.remove(cwd)
 
 
+def _check_model_size(factory: Any, kwargs: dict, label: str) -> None:
+    """Refuse a model whose parameters and buffers would not fit in memory, before building it.
+
+    The model is built once on the meta device (shapes only, no memory, the random-number
+    stream untouched). A factory that cannot build there is left to the real build.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = factory(**kwargs)
+    except Exception:
+        return
+    if isinstance(probe, nn.Module):
+        tensors = [*probe.parameters(), *probe.buffers()]
+        check_allocation(
+            [tuple(t.shape) for t in tensors],
+            [t.dtype for t in tensors],
+            f"{label} with arguments {printable(repr(kwargs))[:120]}",
+            hint="use smaller arguments",
+        )
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the training-time model ``spec`` names; clear errors for every way it can fail."""
     if not spec.is_factory:
@@ -133,6 +155,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         if not callable(factory):
             raise UserInputError(f"'{printable(spec.name)}' is not callable")
         label = f"factory '{printable(spec.name)}'"
+    if spec.kwargs:  # arguments from the command line or a file may ask for absurd sizes
+        _check_model_size(factory, spec.kwargs, label)
     try:
         model = factory(**spec.kwargs)
     except ReparamError:  # first: a block's BlockConfigError is also a TypeError

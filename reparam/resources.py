@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 THREADS_PER_CPU = 4  # an explicit thread count is capped at this many per usable CPU
+MAX_SHAPES_SHOWN = 3  # a message lists at most this many shapes, else counts the tensors
 
 
 def available_memory() -> int | None:
@@ -72,6 +73,7 @@ def check_allocation(
     *,
     copies: int = 1,
     share: float = 1.0,
+    hint: str = "use a smaller batch or size",
 ) -> int:
     """Refuse, before allocating, tensors of ``shapes`` that the machine cannot hold.
 
@@ -81,6 +83,7 @@ def check_allocation(
         what: What the tensors are, for the message ("probe input", "--batch 1000000").
         copies: How many such sets are alive at once (e.g. inputs plus outputs).
         share: The fraction of the available memory they may take.
+        hint: What to do instead, ending the message.
 
     Returns:
         The bytes the tensors take.
@@ -99,10 +102,13 @@ def check_allocation(
     needed *= copies
     available = available_memory()
     if available is not None and needed > share * available:
-        shown = ", ".join("x".join(map(str, shape)) for shape in shapes)
+        if len(shapes) <= MAX_SHAPES_SHOWN:
+            shown = "of shape " + ", ".join("x".join(map(str, shape)) for shape in shapes)
+        else:
+            shown = f"({len(shapes)} tensors)"
         raise UserInputError(
-            f"{what} of shape {shown} would take {format_bytes(needed)}; this machine has "
-            f"{format_bytes(available)} available: use a smaller batch or size"
+            f"{what} {shown} would take {format_bytes(needed)}; this machine has "
+            f"{format_bytes(available)} available: {hint}"
         )
     return needed
 

@@ -384,6 +384,10 @@ def test_demo_on_a_read_only_location(work, monkeypatch):
 
 HYGIENE = {
     "huge-shape": (["acnet_tiny", "-s", "1,3,100000,100000"], ("would take", "available")),
+    "huge-model-argument": (
+        ["acnet_tiny", "-k", "width=1000000"],
+        ("width", "would take", "TiB", "available", "smaller arguments"),
+    ),
     "seed-negative": (["acnet_tiny", "--seed", "-1"], ("outside 0..",)),
     "seed-too-big": (["acnet_tiny", "--seed", str(2**63)], ("outside 0..",)),
     "nested-json": (["acnet_tiny", "-k", "width=" + "[" * 100000], ("nested too deeply",)),
@@ -491,3 +495,15 @@ def test_sigterm_during_a_write_leaves_no_temp_and_the_old_file(tmp_path):
     ]
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+
+
+def test_a_fused_checkpoint_with_huge_model_arguments_is_refused_before_building(
+    work, fused_payload
+):
+    """A bundled model recorded with absurd kwargs: refused from its meta-device shapes."""
+    path = fused_file(fused_payload, work["inp"] / "huge.pt", kwargs={"width": 10**6})
+    before = digest(work["inp"])
+    assert_one_error(invoke("fuse", path, "-o", work["out"] / "f.pt"), "would take", "TiB")
+    with pytest.raises(UserInputError, match="would take"):
+        reparam.load(path)
+    assert digest(work["inp"]) == before and list(work["out"].iterdir()) == []
