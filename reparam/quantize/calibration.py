@@ -1,0 +1,194 @@
+"""Calibration inputs: reading, checking, splitting and feeding them to onnxruntime.
+
+:func:`load_calibration` reads an .npy (one input), an .npz (one array per input name) or a
+folder of them, never unpickling, and checks dtype, rank, sizes and finiteness against the
+graph's inputs; without a source it draws random normal inputs with a warning.
+:func:`split_samples` holds out a fifth of the samples (at least :data:`MIN_HELD_OUT`) for the
+accuracy check, and :func:`calibration_reader` wraps the rest as onnxruntime's
+``CalibrationDataReader``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reparam.errors import UserInputError, summarize
+
+RANDOM_SAMPLES = 32
+MIN_HELD_OUT = 4  # below 2·this samples, accuracy is measured on the calibration samples
+CALIBRATION_BATCH = 16
+RANDOM_WARNING = (
+    "no calibration data: calibrating on random normal inputs, which is only good for smoke "
+    "tests (activation ranges, hence the INT8 model's accuracy, depend on real data); pass "
+    "--calibration with a few hundred real inputs"
+)
+
+
+@dataclass
+class CalibrationData:
+    """Named float32 input arrays, all with the same number of samples (axis 0)."""
+
+    arrays: dict[str, np.ndarray]
+    source: str
+
+    @property
+    def count(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def take(self, index: slice | np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[index] for name, array in self.arrays.items()}
+
+
+def _read_array_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """One .npy (a single-input model) or .npz (arrays by input name) → arrays by name."""
+    try:
+        loaded = np.load(path, allow_pickle=False)  # never unpickle: it runs code
+        if isinstance(loaded, np.ndarray):
+            contents = {"": loaded}
+        else:
+            with loaded:
+                contents = {key: loaded[key] for key in loaded.files}
+    except ValueError as error:  # object arrays need pickle
+        raise UserInputError(f"calibration file '{path}' is not a numeric array: {error}") from None
+    except Exception as error:  # OSError, EOFError, zipfile.BadZipFile, corrupt members
+        raise UserInputError(
+            f"calibration file '{path}' is not a readable .npy/.npz: {summarize(error)}"
+        ) from None
+    if len(contents) == 1 and len(input_names) == 1:
+        return {input_names[0]: next(iter(contents.values()))}
+    missing = [name for name in input_names if name not in contents]
+    if missing:
+        found = ", ".join(sorted(k for k in contents if k)) or "one unnamed array"
+        raise UserInputError(
+            f"calibration file '{path}' has {found}; the model's inputs are "
+            f"{', '.join(input_names)}: use an .npz with one array per input name"
+        )
+    return {name: contents[name] for name in input_names}
+
+
+def load_calibration(
+    source: str | os.PathLike | None,
+    inputs: Sequence[Any],
+    *,
+    random_shapes: Sequence[tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> CalibrationData:
+    """Read calibration inputs from an .npy/.npz file or a folder of them, checked.
+
+    Args:
+        source: the file or folder; ``None`` draws random normal inputs (with a warning).
+        inputs: the graph's inputs (:class:`reparam.runtime.TensorSpec`).
+        random_shapes: per-input shapes of one sample (batch axis included, size 1) for
+            random data.
+
+    Raises:
+        UserInputError: missing file, empty folder, non-numeric data, wrong rank or size.
+    """
+    names = [spec.name for spec in inputs]
+    if source is None:
+        warnings.warn(RANDOM_WARNING, UserWarning, stacklevel=3)
+        rng = np.random.default_rng(seed)
+        shapes = random_shapes or [(1, *spec.shape[1:]) for spec in inputs]
+        return CalibrationData(
+            {
+                name: rng.standard_normal((RANDOM_SAMPLES, *shape[1:])).astype(np.float32)
+                for name, shape in zip(names, shapes, strict=True)
+            },
+            "random normal (smoke test only)",
+        )
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
+        if not files:
+            raise UserInputError(f"calibration folder '{path}' has no .npy or .npz files")
+    elif path.is_file():
+        if path.suffix not in (".npy", ".npz"):
+            raise UserInputError(
+                f"calibration data '{path}' must be an .npy or .npz file or a folder"
+            )
+        files = [path]
+    else:
+        raise UserInputError(f"calibration data '{path}' does not exist")
+    parts = [_read_array_file(file, names) for file in files]
+    arrays = {}
+    for spec in inputs:
+        checked = [
+            _check_calibration_array(part[spec.name], spec, f)
+            for part, f in zip(parts, files, strict=True)
+        ]
+        arrays[spec.name] = np.concatenate(checked) if len(checked) > 1 else checked[0]
+    counts = {name: len(array) for name, array in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise UserInputError(f"calibration inputs have different sample counts: {counts}")
+    if next(iter(counts.values())) == 0:
+        raise UserInputError(f"calibration data '{path}' has no samples")
+    return CalibrationData(arrays, f"{path} ({len(files)} file{'s' * (len(files) > 1)})")
+
+
+def _check_calibration_array(array: np.ndarray, spec: Any, file: Path) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserInputError(
+            f"calibration input '{spec.name}' in '{file}' has dtype {array.dtype}; the model "
+            f"takes {np.dtype(spec.dtype).name} (give floating-point data)"
+        )
+    if array.ndim != len(spec.shape):
+        raise UserInputError(
+            f"calibration input '{spec.name}' in '{file}' has shape {array.shape}; the model "
+            f"takes rank {len(spec.shape)} ({spec.describe()}), samples along axis 0"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if axis and isinstance(want, int) and want > 0 and want != got:
+            raise UserInputError(
+                f"calibration input '{spec.name}' in '{file}' has shape {array.shape}; the "
+                f"model takes {spec.describe()}"
+            )
+    if not np.isfinite(array).all():
+        raise UserInputError(f"calibration input '{spec.name}' in '{file}' holds NaN or inf")
+    return np.ascontiguousarray(array, dtype=spec.dtype)
+
+
+def calibration_reader(data: dict[str, np.ndarray], batch: int | None) -> Any:
+    """An onnxruntime CalibrationDataReader over ``data`` in batches (fixed ``batch`` if set)."""
+    from onnxruntime.quantization import CalibrationDataReader  # heavy: imported on use
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = self._iterate()
+
+        def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
+            count = len(next(iter(data.values())))
+            step = batch or CALIBRATION_BATCH
+            for start in range(0, count - (count % step if batch else 0), step):
+                yield {name: array[start : start + step] for name, array in data.items()}
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+        def rewind(self) -> None:
+            self.batches = self._iterate()
+
+    return Reader()
+
+
+def split_samples(count: int, fixed_batch: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Indices to calibrate on and to hold out for the accuracy check (a fifth, ≥ 4)."""
+    notes = []
+    order = np.arange(count)
+    held = max(MIN_HELD_OUT, count // 5)
+    if fixed_batch:
+        held = max(fixed_batch, held - held % fixed_batch)
+    if count - held < max(held, fixed_batch or 1):
+        notes.append(
+            f"only {count} calibration samples: accuracy is measured on the calibration "
+            "samples themselves (optimistic); give more data to hold some out"
+        )
+        usable = count - count % fixed_batch if fixed_batch else count
+        return order[:count], order[:usable], notes
+    return order[: count - held], order[count - held :], notes
