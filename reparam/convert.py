@@ -567,7 +567,10 @@ def _fold_pairs(model: nn.Module, report: FuseReport, trace: bool, inputs: tuple
         report.traced = not report.trace_error
     probe_only: set[str] = set()
     reference = None
-    if inputs is not None:
+    # The probe forward is for models torch.fx cannot trace: where the trace succeeded it
+    # has found every pair already, and the probe (a forward under a TorchFunctionMode, then
+    # a second one to check the folds) would cost more than the whole fuse.
+    if inputs is not None and not report.traced:
         probe_only, report.probe_error = _probe_pairs(finder, inputs)
         report.probed = not report.probe_error
         if probe_only:
