@@ -24,12 +24,13 @@ Conv-BN (the paper converts every conv).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from reparam.blocks.dbb import DiverseBranchBlock
 from reparam.blocks.mobileone import MobileOneBlock
 from reparam.models.registry import register_model
 from reparam.models.resnet import ResNet
+from reparam.models.staged import StagedClassifier
 
 __all__ = [
     "MobileOne",
@@ -51,7 +52,7 @@ def mobileone_widths(multipliers: tuple[float, float, float, float]) -> tuple[in
     return (min(64, int(64 * w1)), int(64 * w1), int(128 * w2), int(256 * w3), int(512 * w4))
 
 
-class MobileOne(nn.Module):
+class MobileOne(StagedClassifier):
     """stage0 (one block), stages 1–4 of depthwise + pointwise pairs, pooling, a classifier.
 
     Args:
@@ -105,17 +106,6 @@ class MobileOne(nn.Module):
             self.add_module(f"stage{stage}", nn.Sequential(*blocks))
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(channels, num_classes)
-
-    @property
-    def stages(self) -> tuple[nn.Sequential, ...]:
-        """stage1..stage4 (stage0 is a single block)."""
-        return (self.stage1, self.stage2, self.stage3, self.stage4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stage0(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.linear(self.gap(x).flatten(1))
 
 
 # The published variants: width multipliers, conv branches, SE.

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor, nn
+from torch import nn
 
 from reparam.blocks.repvgg import RepVGGBlock
 from reparam.models.registry import register_model
+from reparam.models.staged import StagedClassifier
 
 __all__ = [
     "RepVGG",
@@ -54,7 +55,7 @@ def repvgg_widths(a: float, b: float) -> tuple[int, ...]:
     return (min(64, int(64 * a)), int(64 * a), int(128 * a), int(256 * a), int(512 * b))
 
 
-class RepVGG(nn.Module):
+class RepVGG(StagedClassifier):
     """stage0 (one block) and stages 1–4 of RepVGGBlocks, pooling and a linear classifier.
 
     Args:
@@ -96,17 +97,6 @@ class RepVGG(nn.Module):
             self.add_module(f"stage{stage}", nn.Sequential(*blocks))
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(channels, num_classes)
-
-    @property
-    def stages(self) -> tuple[nn.Sequential, ...]:
-        """stage1..stage4 (stage0 is a single block)."""
-        return (self.stage1, self.stage2, self.stage3, self.stage4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stage0(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.linear(self.gap(x).flatten(1))
 
 
 # name: (num_blocks, (a, b), groups) of the published variants.
