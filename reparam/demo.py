@@ -116,8 +116,14 @@ def run_demo(
     epochs: int = 8,
     seed: int = 0,
     progress: Callable[[int], AbstractContextManager] | None = None,
+    announce: Callable[[str], object] | None = None,
 ) -> DemoResult:
-    """Train, fuse, export (both Corr modes), verify and run; see the module docstring."""
+    """Train, fuse, export (both Corr modes), verify and run; see the module docstring.
+
+    ``progress(steps)`` gives the training progress bar; ``announce(line)`` is called as each
+    later stage starts (a status line on a terminal, a log line when piped).
+    """
+    say = announce or (lambda line: None)
     from reparam.export import export_onnx, verify_onnx
     from reparam.runtime import load as load_onnx_model
 
@@ -142,6 +148,7 @@ def run_demo(
         )
     )
 
+    say("fusing the trained model")
     start = time.perf_counter()
     fused, report = fuse_with_report(model)
     with torch.no_grad():
@@ -166,6 +173,7 @@ def run_demo(
     for corr in ("standard", "custom"):
         path = output_dir / f"digits_net-{corr}.onnx"
         label = f"ONNX, Corr {corr} (onnxruntime)"
+        say(f"exporting ONNX with Corr {corr}, verifying and running it")
         start = time.perf_counter()
         try:
             exported = export_onnx(model, path, x_test[:2], corr=corr, source="digits_net")
@@ -193,6 +201,7 @@ def run_demo(
             )
         )
         result.files.append(path)
+    say("quantizing to INT8 (calibrated on the training images)")
     _int8_stage(result, output_dir, x_train, x_test, y_test, reference)
     return result
 

@@ -9,6 +9,7 @@ import typer
 
 from reparam._table import format_table
 from reparam.cli._common import SeedOpt, user_errors
+from reparam.cli._output import Output
 
 
 def demo(
@@ -44,7 +45,8 @@ def demo(
         def progress(steps: int):
             return typer.progressbar(length=steps, label="training", file=None)
 
-        result = run_demo(output_dir, epochs=epochs, seed=seed, progress=progress)
+        with Output().progress() as say:
+            result = run_demo(output_dir, epochs=epochs, seed=seed, progress=progress, announce=say)
     rows = [
         (
             stage.stage,
