@@ -36,9 +36,21 @@ IDS = [f"g{g}-s{s}-p{p}-d{d}-k{kh}x{kw}" for g, s, p, d, kh, kw in CONFIGS]
 CHANNELS, OUT_CHANNELS = 8, 8
 
 
-def corr_model(groups=1, stride=1, padding=0, dilation=1, *, kernel_rank=5, function=True):
+def corr_model(
+    groups=1,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    kernel_rank=5,
+    function=True,
+    opset=18,
+    elem_type=None,
+):
     """A graph holding one com.reparam::Corr node (x, kernel → y), with the function attached."""
     from onnx import TensorProto, helper
+
+    elem_type = TensorProto.FLOAT if elem_type is None else elem_type
 
     node = helper.make_node(
         "Corr",
@@ -56,32 +68,79 @@ def corr_model(groups=1, stride=1, padding=0, dilation=1, *, kernel_rank=5, func
         [node],
         "corr",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", CHANNELS, "H", "W"]),
-            helper.make_tensor_value_info("kernel", TensorProto.FLOAT, kernel_shape),
+            helper.make_tensor_value_info("x", elem_type, ["B", CHANNELS, "H", "W"]),
+            helper.make_tensor_value_info("kernel", elem_type, kernel_shape),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", OUT_CHANNELS, "h", "w"])],
+        [helper.make_tensor_value_info("y", elem_type, ["B", OUT_CHANNELS, "h", "w"])],
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)]
     )
     return attach_corr_function(model) if function else model
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-def test_function_runs_in_plain_onnxruntime_and_matches_torch(config):
+def check_against_torch(config, sizes, *, opset=18, dtype=np.float32, tolerance=(1e-4, 1e-5)):
+    """Run the function in a plain onnxruntime session at each (batch, (H, W)); compare."""
     groups, stride, padding, dilation, kh, kw = config
-    model = corr_model(groups, stride, padding, dilation)
+    elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    model = corr_model(groups, stride, padding, dilation, opset=opset, elem_type=elem_type)
     onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     # A plain session: no custom-op library, so onnxruntime must inline the function.
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
-    for batch, size in ((1, (11, 9)), (2, (8, 8)), (5, (13, 10))):
+    for batch, size in sizes:
         x = torch.randn(batch, CHANNELS, *size, generator=generator)
         kernel = torch.randn(batch, OUT_CHANNELS, CHANNELS // groups, kh, kw, generator=generator)
-        expected = torch.ops.reparam.corr(x, kernel, groups, stride, padding, dilation)
+        x, kernel = (torch.from_numpy(t.numpy().astype(dtype)) for t in (x, kernel))
+        expected = torch.ops.reparam.corr(x.float(), kernel.float(), *config[:4])
         (got,) = session.run(None, {"x": x.numpy(), "kernel": kernel.numpy()})
-        assert got.shape == tuple(expected.shape)
-        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+        assert got.shape == tuple(expected.shape) and got.dtype == dtype
+        rtol, atol = tolerance
+        torch.testing.assert_close(torch.from_numpy(got).float(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_function_runs_in_plain_onnxruntime_and_matches_torch(config):
+    check_against_torch(config, ((1, (11, 9)), (2, (8, 8)), (5, (13, 10))))
+
+
+# Dilation 2 with stride 2 (every tap in the same stride phase), padding 0 and 2, groups
+# 1/2/4 and kernel sizes 1, 3, 5, on non-square inputs; (9, 14) leaves a 5×5 kernel at
+# padding 0 one output row.
+STRIDED_DILATED = [
+    (groups, 2, padding, 2, k, k) for groups in (1, 2, 4) for padding in (0, 2) for k in (1, 3, 5)
+]
+# Mixed phases (d mod s ≠ 0), non-square kernels, and a stride beyond the input (capped).
+STRIDED_DILATED += [
+    (1, 3, 1, 2, 3, 3),
+    (2, 2, 1, 3, 3, 5),
+    (4, 3, 2, 2, 5, 1),
+    (2, 40, 1, 1, 3, 3),
+    (1, 4, 0, 1, 2, 3),
+]
+NON_SQUARE = ((1, (17, 12)), (3, (12, 19)), (2, (9, 14)))
+
+
+STRIDED_IDS = [f"g{g}-s{s}-p{p}-d{d}-k{h}x{w}" for g, s, p, d, h, w in STRIDED_DILATED]
+
+
+@pytest.mark.parametrize("config", STRIDED_DILATED, ids=STRIDED_IDS)
+def test_function_matches_torch_with_stride_dilation_and_non_square_inputs(config):
+    check_against_torch(config, NON_SQUARE)
+
+
+@pytest.mark.parametrize("config", [(1, 1, 1, 1, 3, 3), (2, 2, 2, 2, 3, 5), (4, 3, 0, 1, 1, 1)])
+def test_function_at_opset_13_without_castlike(config):
+    # Below opset 15 the body takes the one-hot weight's type from an EyeLike instead.
+    check_against_torch(config, NON_SQUARE, opset=13)
+    body = {n.op_type for n in attach_corr_function(corr_model(opset=13)).functions[0].node}
+    assert "CastLike" not in body and "EyeLike" in body
+
+
+@pytest.mark.parametrize("config", [(1, 1, 1, 1, 3, 3), (2, 2, 2, 2, 5, 3)])
+def test_function_in_float16(config):
+    check_against_torch(config, NON_SQUARE, dtype=np.float16, tolerance=(2e-2, 2e-2))
 
 
 def test_shape_inference_types_the_output_through_the_function():

@@ -21,21 +21,28 @@ Two exporters, two routes (https://pytorch.org/docs/stable/onnx.html):
 :func:`attach_corr_function` ships the node's meaning inside the file: a model-local
 ``FunctionProto`` ``com.reparam::Corr`` (:func:`corr_function_proto`) made of standard
 operators. A runtime with no Corr kernel (plain onnxruntime, no custom-op library) inlines
-it; a runtime with a native kernel may use its own. Its body cannot use Conv for im2col as
-``corr="standard"`` does, because Conv's ``strides``/``pads``/``dilations`` are lists and an
-attribute reference must keep the referenced attribute's type (Corr's are single ints), and
-Conv's ``group`` would have to be the (dynamic) channel count. So the body gathers instead::
+it; a runtime with a native kernel may use its own. Its body cannot give Conv the stride,
+padding and dilation as ``corr="standard"`` does, because Conv's ``strides``/``pads``/
+``dilations`` are lists and an attribute reference must keep the referenced attribute's type
+(Corr's are single ints), and Conv's ``group`` would have to be the (dynamic) channel count.
+So it pads with ``Pad``, folds the channels into the batch and splits each axis into s stride
+phases, which turns the strided, dilated im2col into one stride-1 Conv with a one-hot weight
+built at run time (Q = d(k−1) div s + 1 grid taps per axis)::
 
-    xp   = Pad(x, p)                                   (B, C, H+2p, W+2p)
-    rows = d·i + s·oh   (i < kh, oh < H')              index (kh, H')
-    cols = d·j + s·ow   (j < kw, ow < W')              index (kw, W')
-    im2col = Gather(Gather(xp, rows, axis=2), cols, axis=4) → (B, C, kh, kw, H', W')
-    y    = MatMul(kernel as (B, g, O/g, C/g·kh·kw), im2col as (B, g, C/g·kh·kw, H'·W'))
+    xp     = Pad(x, p before, Hg·s − H − p after)      (B, C, Hg·s, Wg·s), Hg = H' + Qh − 1
+    grid   = xp as (B·C, Hg, s, Wg, s) → (B·C, s², Hg, Wg), [a·s + b, u, v] = xp[s·u + a, s·v + b]
+    weight = one-hot (kh·kw, s², Qh, Qw): tap (i, j) at phase (d·i mod s, d·j mod s),
+             grid offset (d·i div s, d·j div s)
+    im2col = Conv(grid, weight)                         (B·C, kh·kw, H', W')
+    y      = MatMul(kernel as (B, g, O/g, C/g·kh·kw), im2col as (B, g, C/g·kh·kw, H'·W'))
 
-where every scalar (s, p, d, g) comes from a ``Constant`` whose ``value_int`` references the
-node's attribute. :func:`validate_corr_nodes` checks every Corr node's attributes and the
-static shapes it can see, so a crafted graph is refused at load time instead of failing
-inside a kernel.
+A negative end pad crops rows no output reads; a stride beyond the padded input is capped
+there (one output pixel either way). Every scalar (s, p, d, g) comes from a ``Constant``
+whose ``value_int`` references the node's attribute. onnxruntime's CPU Conv has no double
+kernel, so there the function runs float and float16 inputs only (as ``corr="standard"``
+graphs do). :func:`validate_corr_nodes` checks every Corr node's attributes and the static
+shapes it can see, so a crafted graph is refused at load time instead of failing inside a
+kernel.
 """
 
 from __future__ import annotations
@@ -61,8 +68,9 @@ DOMAIN = "com.reparam"
 DOMAIN_VERSION = 1
 OP_TYPE = "Corr"
 ATTRIBUTE_DEFAULTS = {"groups": 1, "stride": 1, "padding": 0, "dilation": 1}
-# The body's ops (Pad with a pads input, Range, Gather, MatMul) all exist unchanged since
-# opset 13; the function imports the model's own default-domain version when attaching.
+# The body's ops (Pad with a pads input, Squeeze with an axes input, Range, Conv, MatMul, …)
+# all exist unchanged since opset 13 (below 15, EyeLike stands in for CastLike); the function
+# imports the model's own default-domain version when attaching.
 FUNCTION_OPSET = 18
 
 _legacy_registered = False
@@ -232,9 +240,10 @@ def corr_function_proto(opset: int = FUNCTION_OPSET) -> Any:
 
     const("one_shape", [1])
     zero, one = const("zero", [0]), const("one", [1])
-    zero2 = const("zero2", [0, 0])
+    zero2, minus_one = const("zero2", [0, 0]), const("minus_one", [-1])
     stride, padding = attr_scalar("stride"), attr_scalar("padding")
     dilation, groups = attr_scalar("dilation"), attr_scalar("groups")
+    zero_0d, one_0d = (node("Squeeze", [v, zero], f"{v}_0d") for v in (zero, one))
 
     x_shape = node("Shape", ["x"], "x_shape")
     k_shape = node("Shape", ["kernel"], "k_shape")
@@ -244,39 +253,75 @@ def corr_function_proto(opset: int = FUNCTION_OPSET) -> Any:
 
     batch, height, width = dim(x_shape, 0, "B"), dim(x_shape, 2, "H"), dim(x_shape, 3, "W")
     out_channels, kh, kw = dim(k_shape, 1, "O"), dim(k_shape, 3, "kh"), dim(k_shape, 4, "kw")
-    pads = node("Concat", [zero2, padding, padding, zero2, padding, padding], "pads", axis=0)
-    padded = node("Pad", ["x", pads], "xp", mode="constant")
     two_p = node("Add", [padding, padding], "two_p")
+    padded_h = node("Add", [height, two_p], "h_padded")
+    padded_w = node("Add", [width, two_p], "w_padded")
+    # A stride beyond the padded input leaves one output pixel per axis whatever its value;
+    # capping it there keeps the phase grid below about the padded input's size.
+    largest = node("Max", [padded_h, padded_w], "largest")
+    stride = node("Min", [stride, largest], "stride_capped")
 
-    def taps(size: str, k: str, axis: str) -> tuple[str, str]:
-        """Indices d·i + s·o of the padded axis, shape (k, out), and the output size."""
+    def axis_geometry(padded: str, size: str, k: str, axis: str) -> tuple[str, ...]:
+        """Output size, taps per phase Q, phase-grid size, end padding and tap offsets."""
         span = node("Mul", [dilation, node("Sub", [k, one], f"{axis}_k1")], f"{axis}_span")
-        room = node("Sub", [node("Add", [size, two_p], f"{axis}_padded"), span], f"{axis}_room")
-        last = node("Sub", [room, one], f"{axis}_last")
+        last = node("Sub", [node("Sub", [padded, span], f"{axis}_room"), one], f"{axis}_last")
         out = node("Add", [node("Div", [last, stride], f"{axis}_steps"), one], f"{axis}_out")
-        k0, out0 = (node("Squeeze", [v, zero], f"{v}_0d") for v in (k, out))
-        zero0 = node("Squeeze", [zero, zero], f"{axis}_zero_0d")
-        one0 = node("Squeeze", [one, zero], f"{axis}_one_0d")
-        kernel_pos = node("Range", [zero0, k0, one0], f"{axis}_kernel_pos")
-        out_pos = node("Range", [zero0, out0, one0], f"{axis}_out_pos")
-        kernel_off = node("Mul", [kernel_pos, dilation], f"{axis}_kernel_off")
-        out_off = node("Mul", [out_pos, stride], f"{axis}_out_off")
-        index = node(
-            "Add",
-            [
-                node("Unsqueeze", [kernel_off, one], f"{axis}_kernel_col"),
-                node("Unsqueeze", [out_off, zero], f"{axis}_out_row"),
-            ],
-            f"{axis}_index",
-        )
-        return index, out
+        taps = node("Add", [node("Div", [span, stride], f"{axis}_q_last"), one], f"{axis}_q")
+        grid = node("Sub", [node("Add", [out, taps], f"{axis}_grid1"), one], f"{axis}_grid")
+        reach = node("Mul", [grid, stride], f"{axis}_reach")
+        end = node("Sub", [reach, node("Add", [size, padding], f"{axis}_front")], f"{axis}_end")
+        k0 = node("Squeeze", [k, zero], f"{axis}_k_0d")
+        positions = node("Range", [zero_0d, k0, one_0d], f"{axis}_positions")
+        offsets = node("Mul", [positions, dilation], f"{axis}_offsets")  # d·i, i < k
+        phase = node("Mod", [offsets, stride], f"{axis}_phase")
+        shift = node("Div", [offsets, stride], f"{axis}_shift")
+        return out, taps, grid, end, phase, shift
 
-    rows, out_h = taps(height, kh, "h")
-    cols, out_w = taps(width, kw, "w")
-    gathered = node("Gather", [padded, rows], "rows_gathered", axis=2)  # (B, C, kh, H', Wp)
-    patches = node("Gather", [gathered, cols], "patches", axis=4)  # (B, C, kh, H', kw, W')
-    patches = node("Transpose", [patches], "patches_t", perm=[0, 1, 2, 4, 3, 5])
-    minus_one = const("minus_one", [-1])
+    out_h, q_h, grid_h, end_h, phase_h, shift_h = axis_geometry(padded_h, height, kh, "h")
+    out_w, q_w, grid_w, end_w, phase_w, shift_w = axis_geometry(padded_w, width, kw, "w")
+
+    # Phase grid: pad (cropping with a negative end pad where the last rows are never read)
+    # to grid·s rows and columns, fold the channels into the batch and split each axis as
+    # (grid, s): channel (a, b) holds xp[.., s·u + a, s·v + b] at (u, v).
+    pads = node("Concat", [zero2, padding, padding, zero2, end_h, end_w], "pads", axis=0)
+    padded = node("Pad", ["x", pads], "xp", mode="constant")
+    split_shape = node("Concat", [minus_one, grid_h, stride, grid_w, stride], "split", axis=0)
+    split = node("Reshape", [padded, split_shape], "split_x")  # (B·C, Hg, s, Wg, s)
+    phases = node("Transpose", [split], "phases", perm=[0, 2, 4, 1, 3])  # (B·C, s, s, Hg, Wg)
+    phase_count = node("Mul", [stride, stride], "phase_count")
+    grid_shape = node("Concat", [minus_one, phase_count, grid_h, grid_w], "grid_shape", axis=0)
+    grid = node("Reshape", [phases, grid_shape], "grid")  # (B·C, s², Hg, Wg)
+
+    # One-hot weight (kh·kw, s², Qh, Qw): tap (i, j) reads padded row s·oh + d·i, i.e. phase
+    # (d·i mod s) at grid row oh + d·i div s (columns likewise), so a stride-1 convolution
+    # of the grid with it is the strided, dilated im2col (B·C, kh·kw, H', W').
+    area = node("Mul", [q_h, q_w], "area")
+    row_phase = node("Mul", [node("Mul", [phase_h, stride], "h_phase_row"), area], "h_phase_at")
+    row_at = node("Add", [row_phase, node("Mul", [shift_h, q_w], "h_shift_at")], "h_at")
+    col_at = node("Add", [node("Mul", [phase_w, area], "w_phase_at"), shift_w], "w_at")
+    hot = node(
+        "Add",
+        [node("Unsqueeze", [row_at, one], "h_at_col"), node("Unsqueeze", [col_at, zero], "w_row")],
+        "hot",
+    )
+    hot = node("Reshape", [hot, minus_one], "hot_flat")  # (kh·kw,), tap i·kw + j
+    depth = node("Mul", [phase_count, area], "depth")
+    cells = node("Range", [zero_0d, node("Squeeze", [depth, zero], "depth_0d"), one_0d], "cells")
+    hits = node("Equal", [node("Unsqueeze", [hot, one], "hot_col"), cells], "hits")
+    if opset >= 15:
+        off = node("CastLike", [zero, "x"], "off")
+        on = node("CastLike", [one, "x"], "on")
+    else:  # no CastLike: EyeLike keeps its (2, 2) input's type, whatever x's values are
+        total = node("ReduceSum", ["x"], "x_sum", keepdims=0)
+        square = node("Expand", [total, const("two_two", [2, 2])], "x_square")
+        first_row = node("Gather", [node("EyeLike", [square], "eye"), zero], "eye_row")  # [[1, 0]]
+        off = node("Gather", [first_row, one], "off", axis=1)
+        on = node("Gather", [first_row, zero], "on", axis=1)
+    one_hot = node("Where", [hits, on, off], "one_hot")  # (kh·kw, s²·Qh·Qw) of x's type
+    weight_shape = node("Concat", [minus_one, phase_count, q_h, q_w], "weight_shape", axis=0)
+    weight = node("Reshape", [one_hot, weight_shape], "weight")
+    patches = node("Conv", [grid, weight], "patches")  # (B·C, kh·kw, H', W')
+
     pixels = node("Mul", [out_h, out_w], "pixels")
     columns_shape = node("Concat", [batch, groups, minus_one, pixels], "columns_shape", axis=0)
     columns = node("Reshape", [patches, columns_shape], "columns")  # (B, g, C/g·kh·kw, H'W')
