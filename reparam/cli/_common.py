@@ -27,15 +27,13 @@ from reparam.errors import (
     printable,
     summarize,
 )
-from reparam.resources import check_allocation, check_threads
+from reparam.resources import check_allocation, check_threads  # noqa: F401 (for commands)
 
 if TYPE_CHECKING:  # annotations only: no torch import at run time
     import torch
     from torch import nn
 
     from reparam.checkpoint import ModelSpec
-
-__all__ = ["check_allocation", "check_threads"]  # shared checks, re-exported for commands
 
 MAX_SEED = 2**63 - 1
 MODEL_FILE_SUFFIXES = (".pt", ".pth")
