@@ -38,6 +38,8 @@ exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -129,6 +131,16 @@ def _region_order(guide: Tensor, regions: int) -> tuple[Tensor, list[int]]:
     return order, torch.bincount(key, minlength=batch * regions).tolist()
 
 
+def _segments(counts: list[int], regions: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(start, stop, b, ρ)`` for each non-empty segment of :func:`_region_order`'s order:
+    the sorted pixels start..stop are sample b's pixels whose chosen region is ρ."""
+    start = 0
+    for segment, count in enumerate(counts):
+        if count:
+            yield start, start + count, *divmod(segment, regions)
+            start += count
+
+
 def _sorted_patches(
     x: Tensor, k: int, stride: int, padding: int, dilation: int, out_w: int, order, pixels: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,19 +191,13 @@ def _chosen_region_corr_backward(
     )
     grad_weights = torch.zeros_like(weights) if need_kernel else None
     grad_columns = x.new_empty((order.numel(), weights.shape[-1])) if need_x else None
-    start = 0
-    for segment, count in enumerate(counts):
-        if count == 0:
-            continue
-        stop = start + count
-        b, rho = divmod(segment, regions)
+    for start, stop, b, rho in _segments(counts, regions):
         g_segment = g[order[start:stop]]
         if need_kernel:
-            rows = patches[corner[start:stop]].reshape(count, -1)
+            rows = patches[corner[start:stop]].reshape(stop - start, -1)
             torch.mm(g_segment.t(), rows, out=grad_weights[b, rho])
         if need_x:
             torch.mm(g_segment, weights[b, rho], out=grad_columns[start:stop])
-        start = stop
     grad_kernel = grad_x = None
     if need_kernel:
         grad_kernel = grad_weights.reshape(batch, regions, out_channels, k, k, channels)
@@ -426,16 +432,10 @@ class DRConv2d(nn.Module):
         order, counts = _region_order(guide, regions)
         _, patches, corner = _sorted_patches(x, k, stride, pad, dilation, out_w, order, pixels)
         sorted_out = x.new_empty((order.numel(), out_channels))
-        start = 0
-        for segment, count in enumerate(counts):
-            if count == 0:
-                continue
-            stop = start + count
-            b, rho = divmod(segment, regions)
+        for start, stop, b, rho in _segments(counts, regions):
             # Gathered per segment so the im2col rows are still in cache for the matmul.
-            rows = patches[corner[start:stop]].reshape(count, -1)
+            rows = patches[corner[start:stop]].reshape(stop - start, -1)
             torch.mm(rows, kernels[rho, :, b].t(), out=sorted_out[start:stop])
-            start = stop
         out = torch.empty_like(sorted_out)
         out.index_copy_(0, order, sorted_out)
         out = out.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
