@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
-from reparam.ops.threads import one_intra_op_thread
+from reparam.ops.threads import parallel_for, sample_ranges, worker_count
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
@@ -80,11 +80,17 @@ class _AssignRegion(torch.autograd.Function):
             index = _hard_index(guide, outputs.shape[2])
             grad_outputs = torch.zeros_like(outputs).scatter_(1, index, grad.unsqueeze(1))
         if ctx.needs_input_grad[1]:
-            # Softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ.
-            mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)  # B x r x H x W
-            soft = torch.softmax(guide, dim=1)
-            grad_guide = soft * (mixed - (soft * mixed).sum(dim=1, keepdim=True))
+            grad_guide = _straight_through_guide_grad(grad, outputs, guide)
         return grad_outputs, grad_guide
+
+
+def _straight_through_guide_grad(grad: Tensor, outputs: Tensor, guide: Tensor) -> Tensor:
+    """The guide's gradient: softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ,
+    ∂guide_ρ = s_ρ · (m_ρ − Σ_σ s_σ m_σ) with s = softmax(guide), m_ρ = Σ_o grad · outputs_ρ.
+    """
+    mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)  # B x r x H x W
+    soft = torch.softmax(guide, dim=1)
+    return soft * (mixed - (soft * mixed).sum(dim=1, keepdim=True))
 
 
 def assign_region(outputs: Tensor, guide: Tensor) -> Tensor:
@@ -191,13 +197,17 @@ def _chosen_region_corr_backward(
     )
     grad_weights = torch.zeros_like(weights) if need_kernel else None
     grad_columns = x.new_empty((order.numel(), weights.shape[-1])) if need_x else None
-    for start, stop, b, rho in _segments(counts, regions):
-        g_segment = g[order[start:stop]]
+
+    def segment_grads(segment: tuple[int, int, int, int]) -> None:
+        start, stop, b, rho = segment
+        g_segment = torch.index_select(g, 0, order[start:stop])
         if need_kernel:
-            rows = patches[corner[start:stop]].reshape(stop - start, -1)
+            rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
             torch.mm(g_segment.t(), rows, out=grad_weights[b, rho])
         if need_x:
             torch.mm(g_segment, weights[b, rho], out=grad_columns[start:stop])
+
+    parallel_for(segment_grads, list(_segments(counts, regions)), x.device)
     grad_kernel = grad_x = None
     if need_kernel:
         grad_kernel = grad_weights.reshape(batch, regions, out_channels, k, k, channels)
@@ -221,16 +231,42 @@ def _chosen_region_corr_backward(
     return grad_x, grad_kernel
 
 
+def _all_region_outputs(x: Tensor, kernel: Tensor, geometry) -> Tensor:
+    """corr(x, kernel) as (B, r, O, H', W'): one convolution per sample, the samples shared
+    out between threads (faster on CPU than the grouped convolution with B groups, and free
+    of its per-op thread barriers); the grouped convolution when the batch is too small to
+    share out."""
+    regions, stride, padding, dilation = geometry
+    batch = x.shape[0]
+    if batch < worker_count(x.device):
+        outputs = torch.ops.reparam.corr(x, kernel, 1, stride, padding, dilation)
+    else:
+        out_h, out_w = _output_size(x, kernel.shape[-1], stride, padding, dilation)
+        outputs = x.new_empty((batch, kernel.shape[1], out_h, out_w))
+
+        def convolve(b: int) -> None:
+            outputs[b] = F.conv2d(x[b : b + 1], kernel[b], None, stride, padding, dilation)[0]
+
+        parallel_for(convolve, range(batch), x.device)
+    return outputs.view(batch, regions, -1, outputs.shape[2], outputs.shape[3])
+
+
+def _output_size(x: Tensor, k: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
+    reach = dilation * (k - 1) + 1
+    return (
+        (x.shape[2] + 2 * padding - reach) // stride + 1,
+        (x.shape[3] + 2 * padding - reach) // stride + 1,
+    )
+
+
 class _RegionCorr(torch.autograd.Function):
     """``assign_region(corr(x, kernel), guide)`` with the chosen-region-only corr backward."""
 
     @staticmethod
     def forward(ctx, x, kernel, guide, regions, stride, padding, dilation):
-        outputs = torch.ops.reparam.corr(x, kernel, 1, stride, padding, dilation)
-        batch, _, height, width = outputs.shape
-        outputs = outputs.view(batch, regions, -1, height, width)
-        ctx.save_for_backward(x, kernel, guide, outputs)
         ctx.geometry = (regions, stride, padding, dilation)
+        outputs = _all_region_outputs(x, kernel, ctx.geometry)
+        ctx.save_for_backward(x, kernel, guide, outputs)
         return _hard_select(outputs, guide)
 
     @staticmethod
@@ -238,19 +274,34 @@ class _RegionCorr(torch.autograd.Function):
     def backward(ctx, grad):
         x, kernel, guide, outputs = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_guide = None
-        if ctx.needs_input_grad[2]:
-            # Softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ (straight-through).
-            mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)
-            soft = torch.softmax(guide, dim=1)
-            grad_guide = soft * (mixed - (soft * mixed).sum(dim=1, keepdim=True))
-        # One intra-op thread: a loop of small matmuls and medium memory-bound ops, each
-        # of which would otherwise wait at a thread barrier.
-        with one_intra_op_thread():
-            grad_x, grad_kernel = _chosen_region_corr_backward(
-                x, kernel, guide, grad, ctx.geometry, ctx.needs_input_grad[0],
-                ctx.needs_input_grad[1],
-            )  # fmt: skip
+        need_x, need_kernel, need_guide = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_kernel = torch.empty_like(kernel) if need_kernel else None
+        grad_guide = torch.empty_like(guide) if need_guide else None
+
+        # Samples shared out between threads, each running small matmuls and medium
+        # memory-bound ops with one intra-op thread (no thread barrier per op).
+        def sample_grads(chunk: tuple[int, int]) -> None:
+            part = slice(*chunk)
+            if need_guide:
+                grad_guide[part] = _straight_through_guide_grad(
+                    grad[part], outputs[part], guide[part]
+                )
+            if need_x or need_kernel:
+                part_x, part_kernel = _chosen_region_corr_backward(
+                    x[part], kernel[part], guide[part], grad[part], ctx.geometry, need_x,
+                    need_kernel,
+                )  # fmt: skip
+                if need_x:
+                    grad_x[part] = part_x
+                if need_kernel:
+                    grad_kernel[part] = part_kernel
+
+        workers = worker_count(x.device)
+        samples = sample_ranges(x.shape[0], x[0].numel() if len(x) else 0, workers)
+        if len(samples) < workers:  # the segment loop inside shares out the work instead
+            samples = [(0, x.shape[0])] if len(x) else []
+        parallel_for(sample_grads, samples, x.device)
         return grad_x, grad_kernel, grad_guide, None, None, None, None
 
 
@@ -340,26 +391,32 @@ class DRConv2d(nn.Module):
         k = self.kernel_size
         return kernel.reshape(x.shape[0], -1, self.in_channels, k, k)
 
-    def _tap_major_kernels(self, x: Tensor) -> Tensor:
+    def _generator_matrix(self) -> Tensor:
+        """The last, grouped 1x1 conv of ``conv_kernel`` as (r, O, r + 1, C): per region ρ
+        and output channel o, the (r + 1) x C matrix mapping [features, 1] to the kernel's
+        channels (the bias folded in as one more row)."""
+        regions = self.region_num
+        generator = self.conv_kernel[3]
+        weight = generator.weight.reshape(regions, self.out_channels, self.in_channels, regions)
+        bias = generator.bias.reshape(regions, self.out_channels, self.in_channels, 1)
+        return torch.cat([weight, bias], -1).transpose(2, 3)
+
+    def _tap_major_kernels(self, x: Tensor, generator: Tensor) -> Tensor:
         """``conv_kernel(x)`` laid out (r, O, B, K·K·C): taps outer, channels inner.
 
-        Computed as one matmul over the (region, output channel) pairs, so that the matrix
-        of sample b, region ρ, ``[ρ, :, b]`` (O, K·K·C), is a strided view: no copy of the
-        B·r·O·C·K² kernel values.
+        Computed as one matmul over the (region, output channel) pairs with
+        ``generator`` = :meth:`_generator_matrix`, so that the matrix of sample b, region ρ,
+        ``[ρ, :, b]`` (O, K·K·C), is a strided view: no copy of the B·r·O·C·K² kernel
+        values.
         """
         regions, k = self.region_num, self.kernel_size
         batch = x.shape[0]
         features = self.conv_kernel[2](self.conv_kernel[1](self.conv_kernel[0](x)))
         features = features.reshape(batch, regions, regions, k * k).permute(1, 0, 3, 2)
         features = features.reshape(regions, 1, batch * k * k, regions)
-        generator = self.conv_kernel[3]
-        # Bias folded into the matmul: a column of ones after the features, the bias as
-        # one more weight row.
+        # A column of ones after the features meets the generator's bias row.
         features = torch.cat([features, features.new_ones((*features.shape[:-1], 1))], -1)
-        weight = generator.weight.reshape(regions, self.out_channels, self.in_channels, regions)
-        bias = generator.bias.reshape(regions, self.out_channels, self.in_channels, 1)
-        weight = torch.cat([weight, bias], -1).transpose(2, 3)
-        kernel = torch.matmul(features, weight)  # (r, O, B·K·K, C)
+        kernel = torch.matmul(features, generator)  # (r, O, B·K·K, C)
         return kernel.reshape(regions, self.out_channels, batch, -1)
 
     def _check_input(self, x: Tensor) -> None:
@@ -412,34 +469,54 @@ class DRConv2d(nn.Module):
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Region first, then each pixel's own region's kernels only (no autograd).
 
-        All on one intra-op thread: besides the per-region loop the ops are medium-sized
-        and memory-bound, and on a machine where another process holds a core each
-        parallel op stalls at its thread barrier (measured on 2 cores, B8 C64 32² r=8:
-        47 ms on one thread vs 161 ms with only the loop on one thread).
+        The samples are shared out between threads, each running the whole path for its
+        samples with one intra-op thread: besides the per-region loop the ops are
+        medium-sized and memory-bound, and on a machine where another process holds a core
+        each parallel op stalls at its thread barrier (measured on 2 cores, B8 C64 32² r=8:
+        47 ms on one thread vs 161 ms with only the loop on one thread). A batch too small
+        to share out runs as one call whose region loop shares out its segments instead.
         """
-        with one_intra_op_thread():
-            return self._forward_chosen_regions(x)
+        batch = x.shape[0]
+        out_h, out_w = _output_size(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        out = x.new_empty((batch, self.out_channels, out_h, out_w))
+        workers = worker_count(x.device)
+        samples = sample_ranges(batch, x[0].numel() if batch else 0, workers)
+        if len(samples) < workers:
+            samples = [(0, batch)] if batch else []
 
-    def _forward_chosen_regions(self, x: Tensor) -> Tensor:
+        generator = self._generator_matrix()
+
+        def run_samples(chunk: tuple[int, int]) -> None:
+            part = slice(*chunk)
+            self._forward_chosen_regions(x[part], generator, out[part])
+
+        parallel_for(run_samples, samples, x.device)
+        return out
+
+    def _forward_chosen_regions(self, x: Tensor, generator: Tensor, out: Tensor) -> None:
+        """The 1/r path for the samples of ``x``, written into ``out`` (B, O, H', W');
+        ``generator`` is :meth:`_generator_matrix`."""
         regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
         stride, dilation, pad = self.stride, self.dilation, self.padding
         batch = x.shape[0]
         guide = self.conv_guide(x)
         out_h, out_w = guide.shape[2], guide.shape[3]
         pixels = out_h * out_w
-        kernels = self._tap_major_kernels(x)
-        # Global pixel order sorted by (sample, region): every region's pixels form a slice.
+        kernels = self._tap_major_kernels(x, generator)
+        # Pixel order sorted by (sample, region): every region's pixels form a slice.
         order, counts = _region_order(guide, regions)
         _, patches, corner = _sorted_patches(x, k, stride, pad, dilation, out_w, order, pixels)
         sorted_out = x.new_empty((order.numel(), out_channels))
-        for start, stop, b, rho in _segments(counts, regions):
+
+        def region_rows(segment: tuple[int, int, int, int]) -> None:
+            start, stop, b, rho = segment
             # Gathered per segment so the im2col rows are still in cache for the matmul.
-            rows = patches[corner[start:stop]].reshape(stop - start, -1)
+            rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
             torch.mm(rows, kernels[rho, :, b].t(), out=sorted_out[start:stop])
-        out = torch.empty_like(sorted_out)
-        out.index_copy_(0, order, sorted_out)
-        out = out.reshape(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
-        return out.contiguous()
+
+        parallel_for(region_rows, list(_segments(counts, regions)), x.device)
+        unsorted = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
+        out.copy_(unsorted.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2))
 
     def extra_repr(self) -> str:
         return (

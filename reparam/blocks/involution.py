@@ -16,9 +16,11 @@ accumulate in float32 and round once.
 
 Threads: these are memory-bound element-wise ops; a second intra-op thread barely speeds
 them up, but every parallel op waits at a thread barrier, which stalls for a whole
-scheduler time slice when another process holds a core. The loops therefore run with one
-intra-op thread (:func:`~reparam.ops.threads.one_intra_op_thread`), which keeps their speed
-on a busy machine.
+scheduler time slice when another process holds a core. So the ops run with one intra-op
+thread each, and the chunks (in inference, whole samples: reduce conv, kernels and taps)
+are shared out between ``torch.get_num_threads()`` threads that each pull the next one
+(:func:`~reparam.ops.threads.parallel_for`): every core is used on a quiet machine, and
+beside a busy process the work flows to the free core.
 
 The backward is the same loop transposed (:class:`_InvolutionFunction`; first-order only).
 While tracing (``torch.export``, ONNX export) the loop runs out of place on whole tensors,
@@ -56,7 +58,7 @@ from reparam.blocks.base import ReparamBlock
 from reparam.blocks.conv import Conv
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.module_fusion import fold_bn_into_conv
-from reparam.ops.threads import one_intra_op_thread
+from reparam.ops.threads import parallel_for, sample_ranges, worker_count
 
 __all__ = [
     "LAYOUTS",
@@ -184,39 +186,47 @@ def _accumulate(
     out_h: int,
     out_w: int,
     limit: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The chunked shift-and-accumulate loop; ``kernel_rows(start, stop)`` gives the kernels
-    (stop − start, K², H', W') of (sample, group) rows start..stop."""
+    (stop − start, K², H', W') of (sample, group) rows start..stop. The chunks are shared out
+    by :func:`~reparam.ops.threads.parallel_for`; ``out``, if given, receives the result."""
     batch, channels, height, width = x.shape
     groups, taps = channels // group_channels, kernel_size * kernel_size
     rows = x.reshape(batch * groups, group_channels, height, width)
     pads = _pads(x, kernel_size, stride, out_h, out_w)
-    out = x.new_empty((batch * groups, group_channels, out_h, out_w))
+    if out is None:
+        out = x.new_empty((batch, channels, out_h, out_w))
+    result, out = out, out.view(batch * groups, group_channels, out_h, out_w)
     # bf16 / fp16: the K² products are summed in float32 and rounded once (error then no
     # worse than the unfold form's, which reduces its product tensor in float32).
     wide = x.dtype in _WIDE_ACCUMULATOR
     span_h, span_w = stride * (out_h - 1) + kernel_size, stride * (out_w - 1) + kernel_size
     row_elements = group_channels * (span_h * span_w + (out_h * out_w if wide else 0))
     row_elements += taps * out_h * out_w
-    with one_intra_op_thread():
-        for start, stop in _sample_aligned_chunks(batch, groups, row_elements, limit):
-            source = F.pad(rows[start:stop], pads)
-            kernel = kernel_rows(start, stop).unsqueeze(2)  # n x K² x 1 x H' x W'
-            if wide:
-                target = x.new_zeros(out[start:stop].shape, dtype=torch.float32)
-            else:
-                target = out[start:stop]
-            for i in range(kernel_size):
-                for j in range(kernel_size):
-                    shifted = _tap_view(source, i, j, stride, out_h, out_w)
-                    tap = kernel[:, i * kernel_size + j]
-                    if i == 0 and j == 0 and not wide:
-                        torch.mul(shifted, tap, out=target)
-                    else:
-                        target.addcmul_(shifted, tap)
-            if wide:
-                out[start:stop].copy_(target)
-    return out.view(batch, channels, out_h, out_w)
+
+    def accumulate_chunk(chunk: tuple[int, int]) -> None:
+        start, stop = chunk
+        source = F.pad(rows[start:stop], pads)
+        kernel = kernel_rows(start, stop).unsqueeze(2)  # n x K² x 1 x H' x W'
+        if wide:
+            target = x.new_zeros(out[start:stop].shape, dtype=torch.float32)
+        else:
+            target = out[start:stop]
+        for i in range(kernel_size):
+            for j in range(kernel_size):
+                shifted = _tap_view(source, i, j, stride, out_h, out_w)
+                tap = kernel[:, i * kernel_size + j]
+                if i == 0 and j == 0 and not wide:
+                    torch.mul(shifted, tap, out=target)
+                else:
+                    target.addcmul_(shifted, tap)
+        if wide:
+            out[start:stop].copy_(target)
+
+    chunks = _sample_aligned_chunks(batch, groups, row_elements, limit)
+    parallel_for(accumulate_chunk, chunks, x.device)
+    return result
 
 
 def _traced(x, weight, kernel_size, stride, group_channels, out_h, out_w) -> Tensor:
@@ -259,6 +269,9 @@ def involution_from_features(
     kernel_size: int,
     stride: int = 1,
     group_channels: int = 16,
+    *,
+    out: Tensor | None = None,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """Involution whose kernels are a 1x1 conv of ``features``, generated chunk by chunk.
 
@@ -272,6 +285,9 @@ def involution_from_features(
         span_weight: (G·K², C_r, 1, 1) weight of the 1x1 span conv.
         span_bias: its (G·K²) bias, or None.
         kernel_size, stride, group_channels: as for :func:`involution_unfold`.
+        out: a contiguous (B, C, ceil(H/s), ceil(W/s)) tensor to write the result into.
+        chunk_elements: bound on a chunk's temporaries (elements); by default the smaller
+            of the input's size and about a cache's worth, or half the input if larger.
     """
     batch, channels, height, width = x.shape
     taps = kernel_size * kernel_size
@@ -311,8 +327,10 @@ def involution_from_features(
                 kernels += bias
         return kernels.view(stop - start, taps, out_h, out_w)
 
-    limit = _generated_chunk_limit(x.numel())
-    return _accumulate(x, kernel_rows, kernel_size, stride, group_channels, out_h, out_w, limit)
+    limit = chunk_elements or _generated_chunk_limit(x.numel())
+    return _accumulate(
+        x, kernel_rows, kernel_size, stride, group_channels, out_h, out_w, limit, out
+    )
 
 
 def _involution_backward(
@@ -337,7 +355,9 @@ def _involution_backward(
     grad_kernels = (
         weight.new_empty((rows, kernel_size * kernel_size, out_h, out_w)) if need_weight else None
     )
-    for start, stop in _chunks(rows, group_channels * out_h * out_w):
+
+    def backward_chunk(chunk: tuple[int, int]) -> None:
+        start, stop = chunk
         g = grad[start:stop]
         product = g.new_empty(g.shape) if need_weight else None
         for i in range(kernel_size):
@@ -350,6 +370,8 @@ def _involution_backward(
                     shifted = _tap_view(padded[start:stop], i, j, stride, out_h, out_w)
                     torch.mul(g, shifted, out=product)
                     torch.sum(product, dim=1, out=grad_kernels[start:stop, t])
+
+    parallel_for(backward_chunk, _chunks(rows, group_channels * out_h * out_w), x.device)
     grad_x = None
     if need_x:
         # Undo the padding: negative pads crop, and pixels the forward cropped get zero.
@@ -369,11 +391,10 @@ class _InvolutionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        with one_intra_op_thread():
-            grad_x, grad_weight = _involution_backward(
-                grad_out.contiguous(), x, weight, *ctx.params,
-                need_x=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-            )  # fmt: skip
+        grad_x, grad_weight = _involution_backward(
+            grad_out.contiguous(), x, weight, *ctx.params,
+            need_x=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+        )  # fmt: skip
         return grad_x, grad_weight, None, None, None
 
 
@@ -528,14 +549,34 @@ class Involution(ReparamBlock):
         if needs_grad or torch.compiler.is_compiling():
             weight = self.kernels(x)
             return involution(x, weight, self.kernel_size, self.stride, self.group_channels)
+        return self._forward_inference(x)
+
+    def _forward_inference(self, x: Tensor) -> Tensor:
+        """Samples shared out between threads, each running the whole pipeline on its own:
+        reduce conv, kernels chunk by chunk, taps (one thread barrier per call, not per op;
+        a batch too small to share out splits each sample's groups instead)."""
         span = self._span()
-        # The reduce conv is small (C → C/4, 1x1): one thread for it too, so the whole
-        # inference call pays no thread barrier.
-        with one_intra_op_thread():
-            return involution_from_features(
-                x, self._reduce(x), span.weight, span.bias, self.kernel_size, self.stride,
-                self.group_channels,
+        stride, batch = self.stride, x.shape[0]
+        out_h, out_w = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+        out = x.new_empty((batch, self.channels, out_h, out_w))
+        workers = worker_count(x.device)
+        samples = sample_ranges(batch, x[0].numel() if batch else 0, workers)
+        # Per worker, one cache-sized chunk of temporaries at a time. A batch too small to
+        # share out runs as one call whose tap loop shares out each sample's groups.
+        limit = _CHUNK_ELEMENTS
+        if len(samples) < workers:
+            samples, limit = ([(0, batch)] if batch else []), None
+
+        def run_samples(chunk: tuple[int, int]) -> None:
+            start, stop = chunk
+            part = x[start:stop]
+            involution_from_features(
+                part, self._reduce(part), span.weight, span.bias, self.kernel_size, stride,
+                self.group_channels, out=out[start:stop], chunk_elements=limit,
             )  # fmt: skip
+
+        parallel_for(run_samples, samples, x.device)
+        return out
 
     def forward_unfold(self, x: Tensor) -> Tensor:
         """The published (unfold) formulation of :meth:`forward`, for tests and benchmarks."""
