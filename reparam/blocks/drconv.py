@@ -43,8 +43,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from reparam.blocks.region_corr import RegionCorr, straight_through_guide_grad
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
@@ -80,17 +80,10 @@ class _AssignRegion(torch.autograd.Function):
             index = _hard_index(guide, outputs.shape[2])
             grad_outputs = torch.zeros_like(outputs).scatter_(1, index, grad.unsqueeze(1))
         if ctx.needs_input_grad[1]:
-            grad_guide = _straight_through_guide_grad(grad, outputs, guide)
+            # Softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ.
+            mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)  # B x r x H x W
+            grad_guide = straight_through_guide_grad(mixed, guide, 1)
         return grad_outputs, grad_guide
-
-
-def _straight_through_guide_grad(grad: Tensor, outputs: Tensor, guide: Tensor) -> Tensor:
-    """The guide's gradient: softmax backward of Σ_ρ softmax(guide)_ρ · outputs_ρ,
-    ∂guide_ρ = s_ρ · (m_ρ − Σ_σ s_σ m_σ) with s = softmax(guide), m_ρ = Σ_o grad · outputs_ρ.
-    """
-    mixed = (grad.unsqueeze(1) * outputs).sum(dim=2)  # B x r x H x W
-    soft = torch.softmax(guide, dim=1)
-    return soft * (mixed - (soft * mixed).sum(dim=1, keepdim=True))
 
 
 def assign_region(outputs: Tensor, guide: Tensor) -> Tensor:
@@ -167,142 +160,12 @@ def _sorted_patches(
     return padded, patches, corner
 
 
-def _chosen_region_corr_backward(
-    x: Tensor,
-    kernel: Tensor,
-    guide: Tensor,
-    grad: Tensor,
-    geometry: tuple[int, int, int, int],
-    need_x: bool,
-    need_kernel: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of corr(x, kernel) when only each pixel's chosen region gets gradient.
-
-    With P the im2col columns (pixel × C·K²), G the output gradient (pixel × O) and
-    W_{b,ρ} the kernel (O × C·K²) of sample b, region ρ, over the pixels S_{b,ρ} that chose
-    ρ: ∂W_{b,ρ} = G_Sᵀ · P_S and ∂P_S = G_S · W_{b,ρ}; ∂x is ∂P folded back (col2im).
-    """
-    regions, stride, padding, dilation = geometry
-    batch, channels, height, width = x.shape
-    out_channels, k = grad.shape[1], kernel.shape[-1]
-    out_h, out_w = grad.shape[2], grad.shape[3]
-    pixels = out_h * out_w
-    order, counts = _region_order(guide, regions)
-    g = grad.permute(0, 2, 3, 1).reshape(batch * pixels, out_channels)
-    padded, patches, corner = _sorted_patches(x, k, stride, padding, dilation, out_w, order, pixels)
-    # Columns and kernels tap-major, (K, K, C), as the channels-last patches are.
-    shape = (batch, regions, out_channels, channels, k, k)
-    weights = (
-        kernel.reshape(shape).permute(0, 1, 2, 4, 5, 3).reshape(batch, regions, out_channels, -1)
-    )
-    grad_weights = torch.zeros_like(weights) if need_kernel else None
-    grad_columns = x.new_empty((order.numel(), weights.shape[-1])) if need_x else None
-
-    def segment_grads(segment: tuple[int, int, int, int]) -> None:
-        start, stop, b, rho = segment
-        g_segment = torch.index_select(g, 0, order[start:stop])
-        if need_kernel:
-            rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
-            torch.mm(g_segment.t(), rows, out=grad_weights[b, rho])
-        if need_x:
-            torch.mm(g_segment, weights[b, rho], out=grad_columns[start:stop])
-
-    parallel_for(segment_grads, list(_segments(counts, regions)), x.device)
-    grad_kernel = grad_x = None
-    if need_kernel:
-        grad_kernel = grad_weights.reshape(batch, regions, out_channels, k, k, channels)
-        grad_kernel = grad_kernel.permute(0, 1, 2, 5, 3, 4).reshape(kernel.shape)
-    if need_x:
-        # col2im channels-last: each tap's columns added onto a strided view of the padded
-        # gradient (K² adds, no (C·K²)-row fold of a transposed copy).
-        columns = torch.empty_like(grad_columns).index_copy_(0, order, grad_columns)
-        columns = columns.view(batch, out_h, out_w, k, k, channels)
-        grad_padded = torch.zeros_like(padded)
-        rows_span, cols_span = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-        for i in range(k):
-            for j in range(k):
-                top, left = i * dilation, j * dilation
-                view = grad_padded[
-                    :, top : top + rows_span : stride, left : left + cols_span : stride
-                ]
-                view += columns[:, :, :, i, j]
-        grad_x = grad_padded[:, padding : padding + height, padding : padding + width]
-        grad_x = grad_x.permute(0, 3, 1, 2)
-    return grad_x, grad_kernel
-
-
-def _all_region_outputs(x: Tensor, kernel: Tensor, geometry) -> Tensor:
-    """corr(x, kernel) as (B, r, O, H', W'): one convolution per sample, the samples shared
-    out between threads (faster on CPU than the grouped convolution with B groups, and free
-    of its per-op thread barriers); the grouped convolution when the batch is too small to
-    share out."""
-    regions, stride, padding, dilation = geometry
-    batch = x.shape[0]
-    if batch < worker_count(x.device):
-        outputs = torch.ops.reparam.corr(x, kernel, 1, stride, padding, dilation)
-    else:
-        out_h, out_w = _output_size(x, kernel.shape[-1], stride, padding, dilation)
-        outputs = x.new_empty((batch, kernel.shape[1], out_h, out_w))
-
-        def convolve(b: int) -> None:
-            outputs[b] = F.conv2d(x[b : b + 1], kernel[b], None, stride, padding, dilation)[0]
-
-        parallel_for(convolve, range(batch), x.device)
-    return outputs.view(batch, regions, -1, outputs.shape[2], outputs.shape[3])
-
-
 def _output_size(x: Tensor, k: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
     reach = dilation * (k - 1) + 1
     return (
         (x.shape[2] + 2 * padding - reach) // stride + 1,
         (x.shape[3] + 2 * padding - reach) // stride + 1,
     )
-
-
-class _RegionCorr(torch.autograd.Function):
-    """``assign_region(corr(x, kernel), guide)`` with the chosen-region-only corr backward."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, guide, regions, stride, padding, dilation):
-        ctx.geometry = (regions, stride, padding, dilation)
-        outputs = _all_region_outputs(x, kernel, ctx.geometry)
-        ctx.save_for_backward(x, kernel, guide, outputs)
-        return _hard_select(outputs, guide)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, kernel, guide, outputs = ctx.saved_tensors
-        grad = grad.contiguous()
-        need_x, need_kernel, need_guide = ctx.needs_input_grad[:3]
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_kernel = torch.empty_like(kernel) if need_kernel else None
-        grad_guide = torch.empty_like(guide) if need_guide else None
-
-        # Samples shared out between threads, each running small matmuls and medium
-        # memory-bound ops with one intra-op thread (no thread barrier per op).
-        def sample_grads(chunk: tuple[int, int]) -> None:
-            part = slice(*chunk)
-            if need_guide:
-                grad_guide[part] = _straight_through_guide_grad(
-                    grad[part], outputs[part], guide[part]
-                )
-            if need_x or need_kernel:
-                part_x, part_kernel = _chosen_region_corr_backward(
-                    x[part], kernel[part], guide[part], grad[part], ctx.geometry, need_x,
-                    need_kernel,
-                )  # fmt: skip
-                if need_x:
-                    grad_x[part] = part_x
-                if need_kernel:
-                    grad_kernel[part] = part_kernel
-
-        workers = worker_count(x.device)
-        samples = sample_ranges(x.shape[0], x[0].numel() if len(x) else 0, workers)
-        if len(samples) < workers:  # the segment loop inside shares out the work instead
-            samples = [(0, x.shape[0])] if len(x) else []
-        parallel_for(sample_grads, samples, x.device)
-        return grad_x, grad_kernel, grad_guide, None, None, None, None
 
 
 class DRConv2d(nn.Module):
@@ -392,32 +255,37 @@ class DRConv2d(nn.Module):
         return kernel.reshape(x.shape[0], -1, self.in_channels, k, k)
 
     def _generator_matrix(self) -> Tensor:
-        """The last, grouped 1x1 conv of ``conv_kernel`` as (r, O, r + 1, C): per region ρ
-        and output channel o, the (r + 1) x C matrix mapping [features, 1] to the kernel's
-        channels (the bias folded in as one more row)."""
-        regions = self.region_num
+        """The last, grouped 1x1 conv of ``conv_kernel`` as (r, r + 1, C·O): per region ρ,
+        the matrix mapping [features, 1] (r + 1) to that region's kernel values ordered
+        (c, o), the bias folded in as the last row."""
+        regions, channels, out_channels = self.region_num, self.in_channels, self.out_channels
         generator = self.conv_kernel[3]
-        weight = generator.weight.reshape(regions, self.out_channels, self.in_channels, regions)
-        bias = generator.bias.reshape(regions, self.out_channels, self.in_channels, 1)
-        return torch.cat([weight, bias], -1).transpose(2, 3)
+        # Output channel ρ·O·C + o·C + c of the grouped conv (the seed's kernel layout).
+        weight = generator.weight.reshape(regions, out_channels, channels, regions)
+        bias = generator.bias.reshape(regions, out_channels, channels, 1)
+        matrix = torch.cat([weight, bias], -1).permute(0, 3, 2, 1)  # (r, r + 1, C, O)
+        return matrix.reshape(regions, regions + 1, channels * out_channels)
 
-    def _tap_major_kernels(self, x: Tensor, generator: Tensor) -> Tensor:
-        """``conv_kernel(x)`` laid out (r, O, B, K·K·C): taps outer, channels inner.
-
-        Computed as one matmul over the (region, output channel) pairs with
-        ``generator`` = :meth:`_generator_matrix`, so that the matrix of sample b, region ρ,
-        ``[ρ, :, b]`` (O, K·K·C), is a strided view: no copy of the B·r·O·C·K² kernel
-        values.
-        """
+    def _kernel_features(self, x: Tensor) -> Tensor:
+        """The generator's input for every sample and tap, (r, B, K², r + 1): the pooled,
+        1x1-convolved, sigmoid features of region ρ's group, then a 1 for the bias."""
         regions, k = self.region_num, self.kernel_size
-        batch = x.shape[0]
         features = self.conv_kernel[2](self.conv_kernel[1](self.conv_kernel[0](x)))
-        features = features.reshape(batch, regions, regions, k * k).permute(1, 0, 3, 2)
-        features = features.reshape(regions, 1, batch * k * k, regions)
-        # A column of ones after the features meets the generator's bias row.
-        features = torch.cat([features, features.new_ones((*features.shape[:-1], 1))], -1)
-        kernel = torch.matmul(features, generator)  # (r, O, B·K·K, C)
-        return kernel.reshape(regions, self.out_channels, batch, -1)
+        features = features.reshape(x.shape[0], regions, regions, k * k).permute(1, 0, 3, 2)
+        return torch.cat([features, features.new_ones((*features.shape[:-1], 1))], -1)
+
+    def _tap_major_kernels(self, features: Tensor, generator: Tensor) -> Tensor:
+        """Per region and sample, the kernel as a (K·K·C, O) matrix, taps outer and channels
+        inner as the channels-last im2col rows are: (r, B, K·K·C, O).
+
+        One matmul per region of :meth:`_kernel_features` (``features``, any slice of
+        samples) with :meth:`_generator_matrix` (``generator``), whose (c, o) column order
+        makes every (sample, region) matrix contiguous: no copy of the kernel values.
+        """
+        regions, batch = features.shape[0], features.shape[1]
+        flat = features.reshape(regions, -1, features.shape[-1])
+        kernel = torch.bmm(flat, generator)  # (r, B·K², C·O)
+        return kernel.view(regions, batch, -1, self.out_channels)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -431,9 +299,10 @@ class DRConv2d(nn.Module):
             return self._forward_fast(x)
         if self._tracing_or_standard() or not self._needs_grad(x):
             return self.forward_reference(x)
-        return _RegionCorr.apply(
-            x, self._kernels(x), self.conv_guide(x), self.region_num, self.stride,
-            self.padding, self.dilation,
+        kernels = self._tap_major_kernels(self._kernel_features(x), self._generator_matrix())
+        return RegionCorr.apply(
+            x, kernels, self.conv_guide(x), self.kernel_size, self.stride, self.padding,
+            self.dilation,
         )  # fmt: skip
 
     def forward_reference(self, x: Tensor) -> Tensor:
@@ -484,25 +353,26 @@ class DRConv2d(nn.Module):
         if len(samples) < workers:
             samples = [(0, batch)] if batch else []
 
-        generator = self._generator_matrix()
+        # The kernel generator's small ops, batched once; its matmul per sample below.
+        generator, features = self._generator_matrix(), self._kernel_features(x)
 
         def run_samples(chunk: tuple[int, int]) -> None:
             part = slice(*chunk)
-            self._forward_chosen_regions(x[part], generator, out[part])
+            kernels = self._tap_major_kernels(features[:, part], generator)
+            self._forward_chosen_regions(x[part], kernels, out[part])
 
         parallel_for(run_samples, samples, x.device)
         return out
 
-    def _forward_chosen_regions(self, x: Tensor, generator: Tensor, out: Tensor) -> None:
+    def _forward_chosen_regions(self, x: Tensor, kernels: Tensor, out: Tensor) -> None:
         """The 1/r path for the samples of ``x``, written into ``out`` (B, O, H', W');
-        ``generator`` is :meth:`_generator_matrix`."""
+        ``kernels`` are theirs from :meth:`_tap_major_kernels`."""
         regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
         stride, dilation, pad = self.stride, self.dilation, self.padding
         batch = x.shape[0]
         guide = self.conv_guide(x)
         out_h, out_w = guide.shape[2], guide.shape[3]
         pixels = out_h * out_w
-        kernels = self._tap_major_kernels(x, generator)
         # Pixel order sorted by (sample, region): every region's pixels form a slice.
         order, counts = _region_order(guide, regions)
         _, patches, corner = _sorted_patches(x, k, stride, pad, dilation, out_w, order, pixels)
@@ -512,7 +382,7 @@ class DRConv2d(nn.Module):
             start, stop, b, rho = segment
             # Gathered per segment so the im2col rows are still in cache for the matmul.
             rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
-            torch.mm(rows, kernels[rho, :, b].t(), out=sorted_out[start:stop])
+            torch.mm(rows, kernels[rho, b], out=sorted_out[start:stop])
 
         parallel_for(region_rows, list(_segments(counts, regions)), x.device)
         unsorted = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
