@@ -38,7 +38,7 @@ exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ from reparam.blocks.region_corr import RegionCorr, straight_through_guide_grad
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
-from reparam.ops.threads import parallel_for, sample_ranges, worker_count
+from reparam.ops.segment_mm import segment_mm
+from reparam.ops.threads import parallel_for, worker_count
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
@@ -115,49 +116,27 @@ def assign_region_reference(outputs: Tensor, guide: Tensor) -> Tensor:
     return hard + soft - soft.detach()
 
 
-def _region_order(guide: Tensor, regions: int) -> tuple[Tensor, list[int]]:
-    """Pixels sorted by (sample, chosen region): the flat order and each segment's size.
-
-    Pixel b·H'·W' + p is in segment b·r + argmax_ρ guide[b, ρ, p]; segment sizes are in
-    segment order, so segment s occupies ``order[sum(counts[:s]) : sum(counts[:s + 1])]``.
-    """
-    batch = guide.shape[0]
-    # argmax over the last, contiguous axis is several times faster than over dim 1.
-    key = guide.permute(0, 2, 3, 1).contiguous().argmax(dim=-1).reshape(batch, -1)
-    key = key + regions * torch.arange(batch, device=guide.device).unsqueeze(1)
-    key = key.reshape(-1)
-    order = torch.argsort(key, stable=True)
-    return order, torch.bincount(key, minlength=batch * regions).tolist()
-
-
-def _segments(counts: list[int], regions: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(start, stop, b, ρ)`` for each non-empty segment of :func:`_region_order`'s order:
-    the sorted pixels start..stop are sample b's pixels whose chosen region is ρ."""
-    start = 0
-    for segment, count in enumerate(counts):
-        if count:
-            yield start, start + count, *divmod(segment, regions)
-            start += count
-
-
-def _sorted_patches(
-    x: Tensor, k: int, stride: int, padding: int, dilation: int, out_w: int, order, pixels: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """im2col and the sort in one gather: the zero-padded input channels-last (returned),
-    seen as one (K, K, C) patch per flat position b·Hp·Wp + y·Wp + x (a strided view,
-    returned), and the sorted pixels' top-left corners (returned) to index it with."""
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
-    padded = padded.contiguous()
-    padded_h, padded_w, channels = padded.shape[1], padded.shape[2], padded.shape[3]
+def _patch_view(padded: Tensor, k: int, dilation: int) -> Tensor:
+    """A zero-padded channels-last sample (Hp, Wp, C) as one (K, K, C) patch per flat
+    position y·Wp + x of its top-left corner: a strided view, rows to gather im2col from."""
+    padded_w, channels = padded.shape[1], padded.shape[2]
     reach = (k - 1) * dilation
     positions = padded.numel() // channels - reach * (padded_w + 1)
-    patches = padded.as_strided(
+    return padded.as_strided(
         (positions, k, k, channels),
         (channels, dilation * padded_w * channels, dilation * channels, 1),
     )
-    sample, pixel = order // pixels, order % pixels
-    corner = sample * (padded_h * padded_w) + stride * ((pixel // out_w) * padded_w + pixel % out_w)
-    return padded, patches, corner
+
+
+def _pieces(rows: int, row_bytes: int, workers: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges over ``rows`` sorted pixels: gathered im2col rows of at most
+    4 MiB (fewer, larger ops measured faster than 1 MiB pieces; the bound keeps a large
+    image's temporaries small), and about four pieces per thread when threads share them."""
+    step = (4 << 20) // max(1, row_bytes)
+    if workers > 1:
+        step = min(step, -(-rows // (4 * workers)))
+    step = max(step, min(64, rows), 1)  # not below 64 rows: small matmuls waste their calls
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _output_size(x: Tensor, k: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
@@ -262,9 +241,12 @@ class DRConv2d(nn.Module):
         generator = self.conv_kernel[3]
         # Output channel ρ·O·C + o·C + c of the grouped conv (the seed's kernel layout).
         weight = generator.weight.reshape(regions, out_channels, channels, regions)
-        bias = generator.bias.reshape(regions, out_channels, channels, 1)
-        matrix = torch.cat([weight, bias], -1).permute(0, 3, 2, 1)  # (r, r + 1, C, O)
-        return matrix.reshape(regions, regions + 1, channels * out_channels)
+        bias = generator.bias.reshape(regions, out_channels, channels)
+        # Two transposing copies into one buffer: 3x faster than cat + permute + reshape.
+        matrix = weight.new_empty((regions, regions + 1, channels, out_channels))
+        matrix[:, :regions].copy_(weight.permute(0, 3, 2, 1))
+        matrix[:, regions].copy_(bias.permute(0, 2, 1))
+        return matrix.view(regions, regions + 1, channels * out_channels)
 
     def _kernel_features(self, x: Tensor) -> Tensor:
         """The generator's input for every sample and tap, (r, B, K², r + 1): the pooled,
@@ -338,55 +320,66 @@ class DRConv2d(nn.Module):
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Region first, then each pixel's own region's kernels only (no autograd).
 
-        The samples are shared out between threads, each running the whole path for its
-        samples with one intra-op thread: besides the per-region loop the ops are
-        medium-sized and memory-bound, and on a machine where another process holds a core
-        each parallel op stalls at its thread barrier (measured on 2 cores, B8 C64 32² r=8:
-        47 ms on one thread vs 161 ms with only the loop on one thread). A batch too small
-        to share out runs as one call whose region loop shares out its segments instead.
+        Per sample: the guide; the kernels (one matmul of the generator); the pixels sorted
+        by chosen region; their im2col rows gathered from the zero-padded channels-last
+        input; one segment matmul of each region's rows with that region's kernel; the
+        results scattered back into the output. All of a sample's data is made and used by
+        one thread while it is in cache: this path is bound by memory traffic, not
+        arithmetic, and a second core adds less memory bandwidth than arithmetic.
+
+        Threads: the samples are shared out (:func:`~reparam.ops.threads.parallel_for`),
+        each thread running its ops with one intra-op thread and pulling the next sample:
+        the ops are medium-sized, and on a machine where another process holds a core
+        every parallel op would stall at its thread barrier. A batch smaller than the
+        thread count shares out pieces of each sample's sorted pixels instead.
         """
-        batch = x.shape[0]
-        out_h, out_w = _output_size(x, self.kernel_size, self.stride, self.padding, self.dilation)
-        out = x.new_empty((batch, self.out_channels, out_h, out_w))
-        workers = worker_count(x.device)
-        samples = sample_ranges(batch, x[0].numel() if batch else 0, workers)
-        if len(samples) < workers:
-            samples = [(0, batch)] if batch else []
-
-        # The kernel generator's small ops, batched once; its matmul per sample below.
-        generator, features = self._generator_matrix(), self._kernel_features(x)
-
-        def run_samples(chunk: tuple[int, int]) -> None:
-            part = slice(*chunk)
-            kernels = self._tap_major_kernels(features[:, part], generator)
-            self._forward_chosen_regions(x[part], kernels, out[part])
-
-        parallel_for(run_samples, samples, x.device)
-        return out
-
-    def _forward_chosen_regions(self, x: Tensor, kernels: Tensor, out: Tensor) -> None:
-        """The 1/r path for the samples of ``x``, written into ``out`` (B, O, H', W');
-        ``kernels`` are theirs from :meth:`_tap_major_kernels`."""
         regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
-        stride, dilation, pad = self.stride, self.dilation, self.padding
-        batch = x.shape[0]
-        guide = self.conv_guide(x)
-        out_h, out_w = guide.shape[2], guide.shape[3]
-        pixels = out_h * out_w
-        # Pixel order sorted by (sample, region): every region's pixels form a slice.
-        order, counts = _region_order(guide, regions)
-        _, patches, corner = _sorted_patches(x, k, stride, pad, dilation, out_w, order, pixels)
-        sorted_out = x.new_empty((order.numel(), out_channels))
+        batch, channels, pad = x.shape[0], x.shape[1], self.padding
+        out_h, out_w = _output_size(x, k, self.stride, pad, self.dilation)
+        padded_w = x.shape[3] + 2 * pad
+        workers = worker_count(x.device)
+        # The kernels of the whole batch in one matmul: per sample it is several times
+        # slower (tall, thin operands).
+        kernels = self._tap_major_kernels(self._kernel_features(x), self._generator_matrix())
+        out = x.new_empty((batch, out_channels, out_h, out_w))
+        # Top-left corner of pixel p's window in the flat padded sample, p = u·W' + v.
+        rows_, cols_ = torch.arange(out_h, device=x.device), torch.arange(out_w, device=x.device)
+        corners = (rows_.unsqueeze(1) * padded_w + cols_) * self.stride
+        corners = corners.reshape(-1)
+        row_bytes = k * k * channels * x.element_size()
+        pieces = _pieces(out_h * out_w, row_bytes, 1 if batch >= workers else workers)
 
-        def region_rows(segment: tuple[int, int, int, int]) -> None:
-            start, stop, b, rho = segment
-            # Gathered per segment so the im2col rows are still in cache for the matmul.
-            rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
-            torch.mm(rows, kernels[rho, b], out=sorted_out[start:stop])
+        def run_sample(b: int) -> None:
+            sample = x[b : b + 1]
+            guide = self.conv_guide(sample)
+            choice = guide[0].permute(1, 2, 0).argmax(dim=-1).reshape(-1)
+            order = torch.argsort(choice, stable=True)
+            counts = torch.bincount(choice, minlength=regions).tolist()
+            padded = F.pad(sample.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).contiguous()
+            patches = _patch_view(padded[0], k, self.dilation)
+            corner = torch.index_select(corners, 0, order)
+            ends = list(itertools.accumulate(counts))
+            result = x.new_empty((out_h * out_w, out_channels))
 
-        parallel_for(region_rows, list(_segments(counts, regions)), x.device)
-        unsorted = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
-        out.copy_(unsorted.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2))
+            def multiply(piece: tuple[int, int]) -> None:
+                start, stop = piece
+                rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
+                piece_counts = [
+                    max(0, min(end, stop) - max(end - count, start))
+                    for end, count in zip(ends, counts, strict=True)
+                ]
+                product = segment_mm(rows, kernels[:, b], piece_counts)
+                result.index_copy_(0, order[start:stop], product)
+
+            parallel_for(multiply, pieces, x.device)
+            out[b].view(out_channels, -1).copy_(result.t())
+
+        if batch >= workers:
+            parallel_for(run_sample, range(batch), x.device)
+        else:  # one sample at a time, its pieces shared out
+            for b in range(batch):
+                run_sample(b)
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,85 @@
+"""Matrix products over row segments: one product per group of consecutive rows.
+
+With the rows of ``a`` cut into consecutive groups of ``counts[g]`` rows, A_g:
+
+    segment_mm(a, b, counts)     = [A_0 · b[0]; A_1 · b[1]; …]       (rows × N)
+    segment_outer(a, c, counts)  = [A_0ᵀ · C_0, A_1ᵀ · C_1, …]       (groups × K × N)
+
+DRConv's per-region products are of this form once the pixels are sorted by region. On
+CPU, ``torch._grouped_mm`` computes them in one op, bit for bit what the loop of ``mm``
+computes; one op instead of one per group matters when threads share out the work, since
+every op call holds the GIL while Python hands it its arguments. It takes float32 operands
+whose strides are multiples of 16 bytes (and is private to torch, so it is probed once);
+anything else runs the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["segment_mm", "segment_outer"]
+
+
+def segment_mm(a: Tensor, b: Tensor, counts: list[int]) -> Tensor:
+    """(rows, N): each group of consecutive rows of ``a`` (rows, K) times its ``b[g]`` (K, N)."""
+    if _grouped_ok(a, b):
+        return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
+    out = a.new_empty((a.shape[0], b.shape[2]))
+    start = 0
+    for group, count in enumerate(counts):
+        if count:
+            torch.mm(a[start : start + count], b[group], out=out[start : start + count])
+            start += count
+    return out
+
+
+def segment_outer(a: Tensor, c: Tensor, counts: list[int]) -> Tensor:
+    """(groups, K, N): per group of consecutive rows, ``a``'s rows (·, K) transposed times
+    ``c``'s (·, N); zero for an empty group."""
+    if _grouped_ok(a, c) and (a.shape[1] * c.shape[1]) % 4 == 0:
+        return torch._grouped_mm(a.t(), c, offs=_offsets(counts, a.device))
+    out = a.new_zeros((len(counts), a.shape[1], c.shape[1]))
+    start = 0
+    for group, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            torch.mm(a[rows].t(), c[rows], out=out[group])
+            start += count
+    return out
+
+
+def _offsets(counts: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+
+
+def _grouped_ok(*operands: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: float32 on CPU, every stride
+    but the unit one a multiple of 16 bytes, the output's rows too; and the op works."""
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in operands):
+        return False
+    if any(s % 4 for t in operands for s in (*t.stride(), t.storage_offset()) if s != 1):
+        return False
+    if operands[-1].shape[-1] % 4:
+        return False
+    return _grouped_mm_available()
+
+
+@functools.cache
+def _grouped_mm_available() -> bool:
+    """torch._grouped_mm exists and agrees with a loop of mm on a small case."""
+    grouped = getattr(torch, "_grouped_mm", None)
+    if grouped is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 8, generator=generator)
+    b = torch.randn(3, 8, 4, generator=generator)
+    counts = [5, 0, 7]
+    try:
+        got = grouped(a, b, offs=_offsets(counts, a.device))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    expected = torch.cat([a[:5] @ b[0], a[5:] @ b[2]])
+    return got.shape == expected.shape and bool(torch.allclose(got, expected, atol=1e-5))
