@@ -338,9 +338,16 @@ class DRConv2d(nn.Module):
         out_h, out_w = _output_size(x, k, self.stride, pad, self.dilation)
         padded_w = x.shape[3] + 2 * pad
         workers = worker_count(x.device)
-        # The kernels of the whole batch in one matmul: per sample it is several times
-        # slower (tall, thin operands).
-        kernels = self._tap_major_kernels(self._kernel_features(x), self._generator_matrix())
+        # The kernels of the whole batch, one matmul per region shared out (per sample
+        # the operands are too thin to multiply fast).
+        features, generator = self._kernel_features(x), self._generator_matrix()
+        kernels = x.new_empty((regions, batch, k * k * channels, out_channels))
+
+        def generate(rho: int) -> None:
+            flat = features[rho].reshape(-1, features.shape[-1])
+            torch.mm(flat, generator[rho], out=kernels[rho].view(flat.shape[0], -1))
+
+        parallel_for(generate, range(regions), x.device)
         out = x.new_empty((batch, out_channels, out_h, out_w))
         # Top-left corner of pixel p's window in the flat padded sample, p = u·W' + v.
         rows_, cols_ = torch.arange(out_h, device=x.device), torch.arange(out_w, device=x.device)
