@@ -459,11 +459,14 @@ def test_sigterm_during_a_write_leaves_no_temp_and_the_old_file(tmp_path):
     target = tmp_path / "out.pt"
     target.write_bytes(b"old")
     # torch.save made slow (writes, then sleeps), so the signal lands inside atomic_write.
+    # Short sleeps: the kernel may deliver SIGTERM to one of torch's OpenMP threads, and
+    # Python runs the handler only when the main thread next returns to the interpreter
+    # (one 60 s sleep outlasted the test's timeout once on a loaded machine).
     code = (
         "import sys, time, torch\n"
         "def slow_save(obj, path, *a, **k):\n"
         "    open(path, 'wb').write(b'partial')\n"
-        "    time.sleep(60)\n"
+        "    for _ in range(600): time.sleep(0.1)\n"
         "torch.save = slow_save\n"
         "from reparam.cli import main\n"
         "sys.argv = ['reparam', 'fuse', 'acnet_tiny', '-q', '-o', sys.argv[1]]\n"

@@ -49,7 +49,7 @@ from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
 from reparam.ops.segment_mm import segment_mm
-from reparam.ops.threads import parallel_for, worker_count
+from reparam.ops.threads import one_intra_op_thread, parallel_for, worker_count
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
@@ -338,9 +338,12 @@ class DRConv2d(nn.Module):
         out_h, out_w = _output_size(x, k, self.stride, pad, self.dilation)
         padded_w = x.shape[3] + 2 * pad
         workers = worker_count(x.device)
+        # The generator's small ops on one thread, like everything else here (no thread
+        # barrier; and the result does not depend on the thread count).
+        with one_intra_op_thread():
+            features, generator = self._kernel_features(x), self._generator_matrix()
         # The kernels of the whole batch, one matmul per region shared out (per sample
         # the operands are too thin to multiply fast).
-        features, generator = self._kernel_features(x), self._generator_matrix()
         kernels = x.new_empty((regions, batch, k * k * channels, out_channels))
 
         def generate(rho: int) -> None:

@@ -1,0 +1,216 @@
+"""reparam.ops.threads: chunks pulled by threads, one intra-op thread each, state mirrored."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+from reparam.blocks.drconv import DRConv2d
+from reparam.blocks.involution import Involution
+from reparam.ops.threads import one_intra_op_thread, parallel_for, sample_ranges, worker_count
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op thread count for one test, restoring it afterwards."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_every_chunk_runs_once_on_up_to_count_threads(threads, count):
+    threads(count)
+    seen, names, lock = [], set(), threading.Lock()
+    barrier_hits = []
+
+    def work(chunk: int) -> None:
+        with lock:
+            seen.append(chunk)
+            names.add(threading.current_thread().name)
+            barrier_hits.append(torch.get_num_threads())
+
+    parallel_for(work, list(range(17)))
+    assert sorted(seen) == list(range(17))
+    assert len(names) <= count
+    assert set(barrier_hits) == {1}  # every chunk ran with one intra-op thread
+    assert torch.get_num_threads() == count  # the caller's count is restored
+
+
+def test_chunks_are_shared_between_threads(threads):
+    threads(2)
+    names, lock = set(), threading.Lock()
+    started = threading.Event()
+
+    def work(chunk: int) -> None:
+        with lock:
+            names.add(threading.current_thread().name)
+        if chunk == 0:  # hold the first chunk until a second thread has taken one
+            started.wait(timeout=10)
+        else:
+            started.set()
+
+    parallel_for(work, list(range(4)))
+    assert len(names) == 2
+
+
+def test_the_first_error_is_raised_and_stops_new_chunks(threads):
+    threads(2)
+    ran, lock = [], threading.Lock()
+
+    def work(chunk: int) -> None:
+        with lock:
+            ran.append(chunk)
+        if chunk == 1:
+            raise ValueError("chunk 1 failed")
+
+    with pytest.raises(ValueError, match="chunk 1 failed"):
+        parallel_for(work, list(range(200)))
+    assert len(ran) < 200
+    assert torch.get_num_threads() == 2
+    out = []
+    parallel_for(out.append, [1, 2, 3])  # the pool still works
+    assert sorted(out) == [1, 2, 3]
+
+
+def test_nested_loops_run_inline_inside_a_shared_chunk(threads):
+    threads(2)
+    inner, lock = [], threading.Lock()
+
+    def work(chunk: int) -> None:
+        with lock:
+            inner.append(worker_count())
+
+    parallel_for(work, [0, 1, 2, 3])
+    assert inner == [1, 1, 1, 1]
+
+
+def test_a_single_chunk_runs_inline_and_keeps_the_budget(threads):
+    threads(2)
+    seen = []
+
+    def work(chunk: int) -> None:
+        seen.append((threading.current_thread() is threading.main_thread(), worker_count()))
+
+    parallel_for(work, [0])
+    assert seen == [(True, 2)]
+
+
+def test_chunks_mirror_inference_mode_and_autocast_and_never_record_autograd(threads):
+    threads(2)
+    states, lock = [], threading.Lock()
+
+    def work(chunk: int) -> None:
+        with lock:
+            states.append(
+                (
+                    torch.is_inference_mode_enabled(),
+                    torch.is_grad_enabled(),
+                    torch.is_autocast_enabled("cpu"),
+                )
+            )
+
+    with torch.inference_mode():
+        parallel_for(work, list(range(6)))
+    assert set(states) == {(True, False, False)}
+    states.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parallel_for(work, list(range(6)))
+    assert set(states) == {(False, False, True)}
+    states.clear()
+    parallel_for(work, list(range(6)))
+    assert {s[1] for s in states} == {False}
+
+
+def test_writes_into_inference_tensors_from_worker_threads(threads):
+    threads(2)
+    with torch.inference_mode():
+        out = torch.zeros(8, 4)
+        parallel_for(lambda i: out[i].add_(torch.full((4,), float(i))), range(8))
+    assert torch.equal(out, torch.arange(8.0).unsqueeze(1).expand(8, 4))
+
+
+def test_worker_count_is_one_off_cpu_and_one_intra_op_thread_restores(threads):
+    threads(2)
+    assert worker_count("meta") == 1
+    assert worker_count() == 2
+    with one_intra_op_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_sample_ranges():
+    assert sample_ranges(0, 100, 2) == []
+    assert sample_ranges(8, 1 << 20, 2) == [(i, i + 1) for i in range(8)]
+    # Tiny samples are grouped, but never into fewer chunks than workers.
+    assert sample_ranges(8, 10, 2) == [(0, 4), (4, 8)]
+    assert sample_ranges(3, 10, 4) == [(0, 1), (1, 2), (2, 3)]
+
+
+def _child_runs_parallel_for(queue) -> None:
+    torch.set_num_threads(2)
+    out = []
+    parallel_for(out.append, list(range(5)))
+    queue.put(sorted(out))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+def test_a_forked_child_gets_its_own_threads(threads):
+    threads(2)
+    parallel_for(lambda i: None, range(4))  # the parent's pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_runs_parallel_for, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == [0, 1, 2, 3, 4]
+
+
+def _involution_results(batch: int):
+    torch.manual_seed(0)
+    block = Involution(32, 5, group_channels=8)
+    x = torch.randn(batch, 32, 13, 11)
+    block.eval()
+    with torch.no_grad():
+        inference = block(x)
+    block.train()
+    x.requires_grad_()
+    out = block(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    return [inference, out.detach(), *grads]
+
+
+def _drconv_results(batch: int):
+    torch.manual_seed(0)
+    block = DRConv2d(8, 12, 3, region_num=4, padding=1)
+    x = torch.randn(batch, 8, 10, 9)
+    block.eval()
+    with torch.no_grad():
+        inference = block(x)
+    block.train()
+    x.requires_grad_()
+    out = block(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+    return [inference, out.detach(), *grads]
+
+
+@pytest.mark.parametrize("results", [_involution_results, _drconv_results], ids=["inv", "dr"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_results_do_not_depend_on_the_thread_count(threads, results, batch):
+    """Every chunk runs the same single-threaded ops on whichever thread takes it: the
+    inference outputs are equal bit for bit at 1, 2 and 3 threads (batch 1 also takes the
+    paths that share out a sample's pieces instead of samples). Training also runs the
+    blocks' ordinary convolutions (kernel generators, guide) with torch's intra-op threads,
+    whose reductions round differently at different thread counts: equal to rounding."""
+    threads(1)
+    expected = results(batch)
+    for count in (2, 3):
+        threads(count)
+        got = results(batch)
+        assert torch.equal(got[0], expected[0])
+        for ours, want in zip(got[1:], expected[1:], strict=True):
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5 * want.abs().max())
