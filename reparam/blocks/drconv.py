@@ -27,9 +27,17 @@ the reference formulation, which exports with a dynamic batch.
 Training (an autograd graph is needed) computes all r region outputs, as the guide's
 softmax gradient needs them, but the correlation's backward only for the region each pixel
 chose (the straight-through gradient is zero elsewhere): per (sample, region), one matmul
-for the kernels' gradient and one for the im2col columns' gradient, folded back onto the
-input (:class:`_RegionCorr`): 1/r of the backward work of the grouped convolution. The
-gradients are those of the seed's formulation, :meth:`DRConv2d.forward_reference`.
+for the kernels' gradient and one for the im2col rows' gradient, folded back onto the
+input (:class:`~reparam.blocks.region_corr.RegionCorr`): 2/r of the backward work of the
+grouped convolution. The kernels are generated directly in the layout those matmuls read
+(:meth:`DRConv2d._tap_major_kernels`), so no copy reorders them. The gradients are those of
+the seed's formulation, :meth:`DRConv2d.forward_reference`.
+
+Threads: both paths share the samples (or, for a batch smaller than the thread count, the
+regions and pixel pieces) between ``torch.get_num_threads()`` threads that each run their
+ops with one intra-op thread (:func:`~reparam.ops.threads.parallel_for`), so the many
+medium-sized ops never wait at a thread barrier, which stalls when another process holds a
+core.
 
 State-dict keys follow the seed: ``conv_kernel.{1,3}.*`` (index 0 is the pool, 2 the
 sigmoid) and ``conv_guide.*``. Index 0 is :class:`~reparam.ops.AdaptiveAvgPool2dExact`, which
