@@ -214,3 +214,16 @@ def test_results_do_not_depend_on_the_thread_count(threads, results, batch):
         assert torch.equal(got[0], expected[0])
         for ours, want in zip(got[1:], expected[1:], strict=True):
             torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+@pytest.mark.parametrize(
+    "block", [lambda: Involution(16, 3), lambda: DRConv2d(4, 6, 3, region_num=4, padding=1)]
+)
+def test_an_empty_batch(block):
+    module = block()
+    channels = 16 if isinstance(module, Involution) else 4
+    with torch.no_grad():
+        assert module.eval()(torch.randn(0, channels, 7, 5)).shape[0] == 0
+    x = torch.randn(0, channels, 7, 5, requires_grad=True)
+    module.train()(x).sum().backward()
+    assert x.grad.shape == x.shape

@@ -46,7 +46,8 @@ exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +58,17 @@ from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
 from reparam.ops.segment_mm import segment_mm
-from reparam.ops.threads import one_intra_op_thread, parallel_for, worker_count
+from reparam.ops.threads import one_intra_op_thread, parallel_for
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
 # Below 3 regions the 1/r path saves too little to pay for its im2col gather (measured on
 # 2 CPU cores: equal speed at r = 2, B8 C64→64 32² K3).
 _FAST_MIN_REGIONS = 3
+# im2col bytes per band of output rows in the 1/r path: small enough to stay in cache
+# between the copy that makes them and the matmul that reads them, and to give a batch of
+# one several bands to share between threads.
+_BAND_BYTES = 2 << 20
 
 
 def _hard_index(guide: Tensor, channels: int) -> Tensor:
@@ -124,27 +129,15 @@ def assign_region_reference(outputs: Tensor, guide: Tensor) -> Tensor:
     return hard + soft - soft.detach()
 
 
-def _patch_view(padded: Tensor, k: int, dilation: int) -> Tensor:
-    """A zero-padded channels-last sample (Hp, Wp, C) as one (K, K, C) patch per flat
-    position y·Wp + x of its top-left corner: a strided view, rows to gather im2col from."""
-    padded_w, channels = padded.shape[1], padded.shape[2]
-    reach = (k - 1) * dilation
-    positions = padded.numel() // channels - reach * (padded_w + 1)
-    return padded.as_strided(
-        (positions, k, k, channels),
-        (channels, dilation * padded_w * channels, dilation * channels, 1),
-    )
+def _bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """(top, bottom) bands of a sample's ``rows`` output rows, im2col rows of at most
+    _BAND_BYTES each. Independent of the thread count, so the results are too."""
+    step = max(1, _BAND_BYTES // max(1, row_bytes))
+    return [(top, min(top + step, rows)) for top in range(0, rows, step)]
 
 
-def _pieces(rows: int, row_bytes: int, workers: int) -> list[tuple[int, int]]:
-    """(start, stop) ranges over ``rows`` sorted pixels: gathered im2col rows of at most
-    4 MiB (fewer, larger ops measured faster than 1 MiB pieces; the bound keeps a large
-    image's temporaries small), and about four pieces per thread when threads share them."""
-    step = (4 << 20) // max(1, row_bytes)
-    if workers > 1:
-        step = min(step, -(-rows // (4 * workers)))
-    step = max(step, min(64, rows), 1)  # not below 64 rows: small matmuls waste their calls
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+def _call(task: Callable[[], object]) -> None:
+    task()
 
 
 def _output_size(x: Tensor, k: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
@@ -275,7 +268,8 @@ class DRConv2d(nn.Module):
         regions, batch = features.shape[0], features.shape[1]
         flat = features.reshape(regions, -1, features.shape[-1])
         kernel = torch.bmm(flat, generator)  # (r, B·K², C·O)
-        return kernel.view(regions, batch, -1, self.out_channels)
+        taps_channels = self.kernel_size**2 * self.in_channels
+        return kernel.view(regions, batch, taps_channels, self.out_channels)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -328,76 +322,75 @@ class DRConv2d(nn.Module):
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Region first, then each pixel's own region's kernels only (no autograd).
 
-        Per sample: the guide; the kernels (one matmul of the generator); the pixels sorted
-        by chosen region; their im2col rows gathered from the zero-padded channels-last
-        input; one segment matmul of each region's rows with that region's kernel; the
-        results scattered back into the output. All of a sample's data is made and used by
-        one thread while it is in cache: this path is bound by memory traffic, not
-        arithmetic, and a second core adds less memory bandwidth than arithmetic.
+        After the batch's kernels (one generator matmul per region) and its zero-padded
+        channels-last input, the output is computed in pieces of a few output rows of one
+        sample, each on its own: the piece's im2col rows (a strided copy), its guide
+        (those rows times the guide conv's weight: the same linear map as the conv), each
+        pixel's region (argmax), the rows sorted by region, one segment matmul of each
+        region's rows with that region's kernel, the results put back in pixel order. A
+        piece's data is made and used by one thread while it is in cache: this path is
+        bound by memory traffic rather than arithmetic.
 
-        Threads: the samples are shared out (:func:`~reparam.ops.threads.parallel_for`),
-        each thread running its ops with one intra-op thread and pulling the next sample:
-        the ops are medium-sized, and on a machine where another process holds a core
-        every parallel op would stall at its thread barrier. A batch smaller than the
-        thread count shares out pieces of each sample's sorted pixels instead.
+        Threads: the pieces are shared out (:func:`~reparam.ops.threads.parallel_for`),
+        each thread running its ops with one intra-op thread and pulling the next piece:
+        on a machine where another process holds a core every parallel op would stall at
+        its thread barrier.
         """
         regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
         batch, channels, pad = x.shape[0], x.shape[1], self.padding
-        out_h, out_w = _output_size(x, k, self.stride, pad, self.dilation)
-        padded_w = x.shape[3] + 2 * pad
-        workers = worker_count(x.device)
+        stride, dilation = self.stride, self.dilation
+        out_h, out_w = _output_size(x, k, stride, pad, dilation)
         # The generator's small ops on one thread, like everything else here (no thread
         # barrier; and the result does not depend on the thread count).
         with one_intra_op_thread():
             features, generator = self._kernel_features(x), self._generator_matrix()
-        # The kernels of the whole batch, one matmul per region shared out (per sample
-        # the operands are too thin to multiply fast).
+            guide_weight = self.conv_guide.weight.permute(2, 3, 1, 0).reshape(-1, regions)
+            guide_bias = self.conv_guide.bias
         kernels = x.new_empty((regions, batch, k * k * channels, out_channels))
+        padded = x.new_empty((batch, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad, channels))
 
-        def generate(rho: int) -> None:
+        def generate(rho: int) -> None:  # one matmul per region (per sample: too thin)
             flat = features[rho].reshape(-1, features.shape[-1])
-            torch.mm(flat, generator[rho], out=kernels[rho].view(flat.shape[0], -1))
+            torch.mm(
+                flat, generator[rho], out=kernels[rho].view(flat.shape[0], generator.shape[-1])
+            )
 
-        parallel_for(generate, range(regions), x.device)
-        out = x.new_empty((batch, out_channels, out_h, out_w))
-        # Top-left corner of pixel p's window in the flat padded sample, p = u·W' + v.
-        rows_, cols_ = torch.arange(out_h, device=x.device), torch.arange(out_w, device=x.device)
-        corners = (rows_.unsqueeze(1) * padded_w + cols_) * self.stride
-        corners = corners.reshape(-1)
-        row_bytes = k * k * channels * x.element_size()
-        pieces = _pieces(out_h * out_w, row_bytes, 1 if batch >= workers else workers)
+        def pad_input(b: int) -> None:
+            padded[b] = F.pad(x[b].permute(1, 2, 0), (0, 0, pad, pad, pad, pad))
 
-        def run_sample(b: int) -> None:
-            sample = x[b : b + 1]
-            guide = self.conv_guide(sample)
-            choice = guide[0].permute(1, 2, 0).argmax(dim=-1).reshape(-1)
+        tasks = [partial(generate, rho) for rho in range(regions)]
+        tasks += [partial(pad_input, b) for b in range(batch)]
+        parallel_for(_call, tasks, x.device)
+        out = x.new_empty((batch, out_channels, out_h * out_w))
+        row_bytes = out_w * k * k * channels * x.element_size()
+        bands = _bands(out_h, row_bytes)
+        padded_w = padded.shape[2]
+
+        def run_piece(piece: tuple[int, int, int]) -> None:
+            b, top, bottom = piece
+            pixels = (bottom - top) * out_w
+            sample = padded[b]
+            rows = sample.as_strided(
+                (bottom - top, out_w, k, k, channels),
+                (stride * padded_w * channels, stride * channels,
+                 dilation * padded_w * channels, dilation * channels, 1),
+                sample.storage_offset() + top * stride * padded_w * channels,
+            ).reshape(pixels, -1)  # fmt: skip
+            guide = (
+                torch.addmm(guide_bias, rows, guide_weight)
+                if guide_bias is not None
+                else rows @ guide_weight
+            )
+            choice = guide.argmax(dim=1)
             order = torch.argsort(choice, stable=True)
             counts = torch.bincount(choice, minlength=regions).tolist()
-            padded = F.pad(sample.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).contiguous()
-            patches = _patch_view(padded[0], k, self.dilation)
-            corner = torch.index_select(corners, 0, order)
-            ends = list(itertools.accumulate(counts))
-            result = x.new_empty((out_h * out_w, out_channels))
+            product = segment_mm(torch.index_select(rows, 0, order), kernels[:, b], counts)
+            result = torch.empty_like(product).index_copy_(0, order, product)
+            out[b, :, top * out_w : bottom * out_w].copy_(result.t())
 
-            def multiply(piece: tuple[int, int]) -> None:
-                start, stop = piece
-                rows = torch.index_select(patches, 0, corner[start:stop]).view(stop - start, -1)
-                piece_counts = [
-                    max(0, min(end, stop) - max(end - count, start))
-                    for end, count in zip(ends, counts, strict=True)
-                ]
-                product = segment_mm(rows, kernels[:, b], piece_counts)
-                result.index_copy_(0, order[start:stop], product)
-
-            parallel_for(multiply, pieces, x.device)
-            out[b].view(out_channels, -1).copy_(result.t())
-
-        if batch >= workers:
-            parallel_for(run_sample, range(batch), x.device)
-        else:  # one sample at a time, its pieces shared out
-            for b in range(batch):
-                run_sample(b)
-        return out
+        pieces = [(b, top, bottom) for b in range(batch) for top, bottom in bands]
+        parallel_for(run_piece, pieces, x.device)
+        return out.view(batch, out_channels, out_h, out_w)
 
     def extra_repr(self) -> str:
         return (
