@@ -125,6 +125,19 @@ def _tap_view(padded: Tensor, i: int, j: int, stride: int, out_h: int, out_w: in
     ]
 
 
+def _shifted_views(padded: Tensor, kernel_size: int, stride: int, out_h: int, out_w: int):
+    """The K² views ``_tap_view(padded, i, j, ...)`` of an (n, c, Hp, Wp) tensor, in (i, j)
+    order, from one strided view."""
+    n, c = padded.shape[0], padded.shape[1]
+    sn, sc, sh, sw = padded.stride()
+    windows = padded.as_strided(
+        (kernel_size, kernel_size, n, c, out_h, out_w),
+        (sh, sw, sn, sc, stride * sh, stride * sw),
+        padded.storage_offset(),
+    )
+    return [view for row in windows.unbind(0) for view in row.unbind(0)]
+
+
 def _pads(x: Tensor, kernel_size: int, stride: int, out_h, out_w) -> tuple:
     """F.pad amounts giving exactly the s·(H' − 1) + K rows (and columns) the taps read.
 
@@ -213,14 +226,15 @@ def _accumulate(
             target = x.new_zeros(out[start:stop].shape, dtype=torch.float32)
         else:
             target = out[start:stop]
-        for i in range(kernel_size):
-            for j in range(kernel_size):
-                shifted = _tap_view(source, i, j, stride, out_h, out_w)
-                tap = kernel[:, i * kernel_size + j]
-                if i == 0 and j == 0 and not wide:
-                    torch.mul(shifted, tap, out=target)
-                else:
-                    target.addcmul_(shifted, tap)
+        # All K² shifted views and kernel taps from three calls, not three per tap: every
+        # Python-to-torch call takes the GIL, which the threads sharing chunks compete for.
+        shifted_views = _shifted_views(source, kernel_size, stride, out_h, out_w)
+        taps = zip(shifted_views, kernel.unbind(1), strict=True)
+        for index, (shifted, tap) in enumerate(taps):
+            if index == 0 and not wide:
+                torch.mul(shifted, tap, out=target)
+            else:
+                target.addcmul_(shifted, tap)
         if wide:
             out[start:stop].copy_(target)
 
@@ -359,17 +373,18 @@ def _involution_backward(
     def backward_chunk(chunk: tuple[int, int]) -> None:
         start, stop = chunk
         g = grad[start:stop]
-        product = g.new_empty(g.shape) if need_weight else None
-        for i in range(kernel_size):
-            for j in range(kernel_size):
-                t = i * kernel_size + j
-                if need_x:
-                    view = _tap_view(grad_padded[start:stop], i, j, stride, out_h, out_w)
-                    view.addcmul_(g, kernels[start:stop, t])
-                if need_weight:
-                    shifted = _tap_view(padded[start:stop], i, j, stride, out_h, out_w)
-                    torch.mul(g, shifted, out=product)
-                    torch.sum(product, dim=1, out=grad_kernels[start:stop, t])
+        geometry = (kernel_size, stride, out_h, out_w)
+        if need_x:
+            grad_views = _shifted_views(grad_padded[start:stop], *geometry)
+            for view, tap in zip(grad_views, kernels[start:stop].unbind(1), strict=True):
+                view.addcmul_(g, tap)
+        if need_weight:
+            product = g.new_empty(g.shape)
+            shifted_views = _shifted_views(padded[start:stop], *geometry)
+            targets = grad_kernels[start:stop].unbind(1)
+            for shifted, target in zip(shifted_views, targets, strict=True):
+                torch.mul(g, shifted, out=product)
+                torch.sum(product, dim=1, out=target)
 
     parallel_for(backward_chunk, _chunks(rows, group_channels * out_h * out_w), x.device)
     grad_x = None
