@@ -20,7 +20,8 @@ and free made by ATen during one call, recorded by ``torch.profiler`` with
 memory allocated by the call beyond what existed before it (inputs and parameters excluded,
 the returned output included).
 
-Usage: ``python benchmarks/bench_dynamic.py [--quick] [--threads N] [--output FILE]``.
+Usage: ``python benchmarks/bench_dynamic.py [--quick] [--threads N] [--repeats N]
+[--rounds N] [--conditions-only] [--output FILE]``.
 """
 
 from __future__ import annotations
@@ -247,8 +248,14 @@ def condition_cases(quick: bool):
     ], (inv, x, dr, xd)  # fmt: skip
 
 
-def bench_conditions(quick: bool, repeats: int) -> list[str]:
-    """The three-condition table: medians per condition, ratio reference / ours."""
+def bench_conditions(quick: bool, repeats: int, rounds: int = 1) -> list[str]:
+    """The three-condition table: medians per condition, ratio reference / ours.
+
+    With ``rounds`` > 1 the three conditions are measured that many times in turn (a noisy
+    host drifts over minutes); each cell then gives the median over rounds of ours, of the
+    reference and of their ratio, with the ratios' range, and "met" is judged on the
+    median ratio.
+    """
     cases, (inv, x, dr, xd) = condition_cases(quick)
     all_threads = os.cpu_count() or 1
     conditions = [
@@ -256,13 +263,15 @@ def bench_conditions(quick: bool, repeats: int) -> list[str]:
         (f"{all_threads} threads", all_threads, False),
         (f"{all_threads} threads + busy process", all_threads, True),
     ]
-    results = {}
-    for name, threads, busy in conditions:
-        with _threads(threads), busy_neighbour() if busy else _nothing():
-            load = os.getloadavg()[0]
-            for label, _, functions in cases:
-                ours, reference = interleaved_medians(functions, repeats)
-                results[label, name] = (ours, reference, load)
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    loads: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, threads, busy in conditions:
+            with _threads(threads), busy_neighbour() if busy else _nothing():
+                loads.setdefault(name, []).append(os.getloadavg()[0])
+                for label, _, functions in cases:
+                    ours, reference = interleaved_medians(functions, repeats)
+                    results.setdefault((label, name), []).append((ours, reference))
     header = "| case | target | " + " | ".join(
         f"{name}: ours / reference ms (ratio)" for name, _, _ in conditions
     )
@@ -270,17 +279,24 @@ def bench_conditions(quick: bool, repeats: int) -> list[str]:
     for label, target, _ in cases:
         cells, met = [], True
         for name, _, _ in conditions:
-            ours, reference, _ = results[label, name]
-            ratio = reference / ours
+            runs = results[label, name]
+            ours = statistics.median(o for o, _ in runs)
+            reference = statistics.median(r for _, r in runs)
+            ratios = [r / o for o, r in runs]
+            ratio = statistics.median(ratios)
             met &= ratio >= target
-            cells.append(f"{ours * 1e3:.1f} / {reference * 1e3:.1f} ({ratio:.1f}×)")
+            spread = f"; {min(ratios):.1f}–{max(ratios):.1f}×" if rounds > 1 else ""
+            cells.append(f"{ours * 1e3:.1f} / {reference * 1e3:.1f} ({ratio:.1f}×{spread})")
         rows.append(
             f"| {label} | ≥ {target:g}× | "
             + " | ".join(cells)
             + f" | {'yes' if met else '**no**'} |"
         )
-    loads = ", ".join(f"{name}: {results[cases[0][0], name][2]:.2f}" for name, _, _ in conditions)
-    rows += ["", f"1-minute load average when each condition started: {loads}."]
+    load_text = ", ".join(
+        f"{name}: {' / '.join(f'{v:.2f}' for v in loads[name])}" for name, _, _ in conditions
+    )
+    rounds_text = f" ({rounds} rounds)" if rounds > 1 else ""
+    rows += ["", f"1-minute load average when each condition started{rounds_text}: {load_text}."]
     with torch.no_grad():
         inv.eval()
         dr.eval()
@@ -308,6 +324,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per function")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure the three conditions this many times"
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the tables here")
     parser.add_argument(
         "--conditions-only", action="store_true", help="only the three-condition table"
@@ -331,7 +350,7 @@ def main() -> None:
     )
     load_before = os.getloadavg()
     lines = [header, "", "### Three conditions", ""]
-    lines += bench_conditions(args.quick, repeats)
+    lines += bench_conditions(args.quick, repeats, max(1, args.rounds))
     if args.conditions_only:
         lines += _load_line(load_before)
         return _emit(lines, args.output)
