@@ -271,3 +271,14 @@ def test_fast_path_in_bands_matches_the_reference(config, band_bytes, monkeypatc
         assert block.uses_fast_path(x)
         fast, reference = block._forward_fast(x), block.forward_reference(x)
     assert _rel(fast, reference) <= 1e-12
+
+
+def test_first_max_index_is_argmax_ties_included():
+    from reparam.blocks.region_corr import first_max_index
+
+    generator = torch.Generator().manual_seed(0)
+    guide = torch.randn(3, 8, 5, 7, generator=generator)
+    guide[:, 2:5] = guide[:, 2:3].clone()  # three tied maxima when region 2 is largest
+    guide[0, :, 0, 0] = 1.0  # every region tied
+    for dim in (0, 1, 2):
+        assert torch.equal(first_max_index(guide, dim), guide.argmax(dim=dim))

@@ -28,7 +28,7 @@ Training (an autograd graph is needed) computes all r region outputs, as the gui
 softmax gradient needs them, but the correlation's backward only for the region each pixel
 chose (the straight-through gradient is zero elsewhere): per (sample, region), one matmul
 for the kernels' gradient and one for the im2col rows' gradient, folded back onto the
-input (:class:`~reparam.blocks.region_corr.RegionCorr`): 2/r of the backward work of the
+input (:class:`~reparam.blocks.region_corr.RegionCorr`): 1/r of the backward work of the
 grouped convolution. The kernels are generated directly in the layout those matmuls read
 (:meth:`DRConv2d._tap_major_kernels`), so no copy reorders them. The gradients are those of
 the seed's formulation, :meth:`DRConv2d.forward_reference`.
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks.region_corr import RegionCorr, straight_through_guide_grad
+from reparam.blocks.region_corr import RegionCorr, first_max_index, straight_through_guide_grad
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
@@ -384,7 +384,7 @@ class DRConv2d(nn.Module):
             guide = torch.mm(guide_weight, rows.t())
             if guide_bias is not None:
                 guide += guide_bias
-            choice = guide.argmax(dim=0)
+            choice = first_max_index(guide, 0)
             order = torch.argsort(choice, stable=True)
             counts = torch.bincount(choice, minlength=regions).tolist()
             product = segment_mm(torch.index_select(rows, 0, order), kernels[:, b], counts)
