@@ -227,3 +227,23 @@ def test_an_empty_batch(block):
     x = torch.randn(0, channels, 7, 5, requires_grad=True)
     module.train()(x).sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_scratch_buffers_are_reused_per_thread_and_work_in_and_out_of_inference_mode():
+    from reparam.ops.workspace import scratch
+
+    like = torch.zeros(1)
+    first = scratch("test.buffer", (4, 5), like)
+    second = scratch("test.buffer", (2, 3), like)
+    assert second.data_ptr() == first.data_ptr()  # the same memory, no new allocation
+    assert scratch("test.buffer", (3, 3), like.double()).dtype == torch.float64
+    with torch.inference_mode():
+        made_inside = scratch("test.inference", (8,), like)
+        made_inside.fill_(1.0)
+    scratch("test.inference", (8,), like).fill_(2.0)  # writable outside inference mode
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch("test.buffer", (4, 5), like)))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != first.data_ptr()  # each thread has its own
+    assert scratch("test.meta", (2,), torch.zeros(1, device="meta")).device.type == "meta"

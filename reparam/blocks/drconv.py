@@ -59,6 +59,7 @@ from reparam.ops.corr import corr, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
 from reparam.ops.segment_mm import segment_mm
 from reparam.ops.threads import one_intra_op_thread, parallel_for
+from reparam.ops.workspace import scratch
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
@@ -373,12 +374,16 @@ class DRConv2d(nn.Module):
             b, top, bottom = piece
             pixels = (bottom - top) * out_w
             sample = padded[b]
-            rows = sample.as_strided(
+            windows = sample.as_strided(
                 (bottom - top, out_w, k, k, channels),
                 (stride * padded_w * channels, stride * channels,
                  dilation * padded_w * channels, dilation * channels, 1),
                 sample.storage_offset() + top * stride * padded_w * channels,
-            ).reshape(pixels, -1)  # fmt: skip
+            )  # fmt: skip
+            # Band temporaries in per-thread scratch buffers: fresh multi-MiB blocks would
+            # fault in page by page on every call.
+            rows = scratch("drconv.rows", (pixels, k * k * channels), x)
+            rows.view(windows.shape).copy_(windows)
             # r x pixels, as (weight x rows) ᵀ: 4x faster than rows x weight, whose output is
             # only r wide.
             guide = torch.mm(guide_weight, rows.t())
@@ -387,8 +392,13 @@ class DRConv2d(nn.Module):
             choice = first_max_index(guide, 0)
             order = torch.argsort(choice, stable=True)
             counts = torch.bincount(choice, minlength=regions).tolist()
-            product = segment_mm(torch.index_select(rows, 0, order), kernels[:, b], counts)
-            result = torch.empty_like(product).index_copy_(0, order, product)
+            by_region = scratch("drconv.sorted_rows", tuple(rows.shape), x)
+            product = segment_mm(
+                torch.index_select(rows, 0, order, out=by_region), kernels[:, b], counts
+            )
+            result = scratch("drconv.result", tuple(product.shape), x).index_copy_(
+                0, order, product
+            )
             out[b, :, top * out_w : bottom * out_w].copy_(result.t())
 
         pieces = [(b, top, bottom) for b in range(batch) for top, bottom in bands]
