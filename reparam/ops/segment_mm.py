@@ -6,8 +6,8 @@ With the rows of ``a`` cut into consecutive groups of ``counts[g]`` rows, A_g:
     segment_outer(a, c, counts)  = [A_0ᵀ · C_0, A_1ᵀ · C_1, …]       (groups × K × N)
 
 DRConv's per-region products are of this form once the pixels are sorted by region. On
-CPU, ``torch._grouped_mm`` computes them in one op, bit for bit what the loop of ``mm``
-computes; one op instead of one per group matters when threads share out the work, since
+CPU, ``torch._grouped_mm`` computes them in one op (it matched the loop of ``mm`` bit for
+bit wherever we compared); one op instead of one per group matters when threads share out the work, since
 every op call holds the GIL while Python hands it its arguments. It takes float32 operands
 whose strides are multiples of 16 bytes (and is private to torch, so it is probed once);
 anything else runs the loop.
