@@ -170,10 +170,8 @@ def test_a_forked_child_gets_its_own_threads(threads):
     assert queue.get(timeout=5) == [0, 1, 2, 3, 4]
 
 
-def _involution_results(batch: int):
-    torch.manual_seed(0)
-    block = Involution(32, 5, group_channels=8)
-    x = torch.randn(batch, 32, 13, 11)
+def _results(block, x: torch.Tensor) -> list[torch.Tensor]:
+    """Inference output, then training output and the gradients of input and parameters."""
     block.eval()
     with torch.no_grad():
         inference = block(x)
@@ -182,20 +180,16 @@ def _involution_results(batch: int):
     out = block(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
     return [inference, out.detach(), *grads]
+
+
+def _involution_results(batch: int):
+    torch.manual_seed(0)
+    return _results(Involution(32, 5, group_channels=8), torch.randn(batch, 32, 13, 11))
 
 
 def _drconv_results(batch: int):
     torch.manual_seed(0)
-    block = DRConv2d(8, 12, 3, region_num=4, padding=1)
-    x = torch.randn(batch, 8, 10, 9)
-    block.eval()
-    with torch.no_grad():
-        inference = block(x)
-    block.train()
-    x.requires_grad_()
-    out = block(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
-    return [inference, out.detach(), *grads]
+    return _results(DRConv2d(8, 12, 3, region_num=4, padding=1), torch.randn(batch, 8, 10, 9))
 
 
 @pytest.mark.parametrize("results", [_involution_results, _drconv_results], ids=["inv", "dr"])
