@@ -48,12 +48,18 @@ MIB = 2**20
 
 
 def interleaved_medians(functions: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds per call of each function, run in turn so load drifts hit all alike."""
+    """Median seconds per call of each function, run in turn so load drifts hit all alike.
+
+    The order is reversed every other round: a call pays for the memory its predecessor
+    freed (large blocks go back to the OS and fault in again), so a fixed order would
+    charge one function for the other's allocations every time.
+    """
     for fn in functions:
         fn()
     samples: list[list[float]] = [[] for _ in functions]
-    for _ in range(repeats):
-        for fn, times in zip(functions, samples, strict=True):
+    pairs = list(zip(functions, samples, strict=True))
+    for round_index in range(repeats):
+        for fn, times in pairs if round_index % 2 == 0 else reversed(pairs):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
