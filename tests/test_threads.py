@@ -241,3 +241,23 @@ def test_scratch_buffers_are_reused_per_thread_and_work_in_and_out_of_inference_
     thread.join()
     assert other[0].data_ptr() != first.data_ptr()  # each thread has its own
     assert scratch("test.meta", (2,), torch.zeros(1, device="meta")).device.type == "meta"
+
+
+def test_a_base_exception_such_as_ctrl_c_propagates_and_stops_the_others(threads):
+    threads(2)
+
+    class Interrupt(BaseException):
+        pass
+
+    ran, lock = [], threading.Lock()
+
+    def work(chunk: int) -> None:
+        with lock:
+            ran.append(chunk)
+        if chunk == 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        parallel_for(work, list(range(500)))
+    assert len(ran) < 500
+    assert torch.get_num_threads() == 2

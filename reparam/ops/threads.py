@@ -136,14 +136,18 @@ def parallel_for(
 
     futures = [_pool(workers - 1).submit(drain) for _ in range(workers - 1)]
     error: BaseException | None = None
+    # Any exception here (a chunk's, or Ctrl-C between chunks or while waiting) stops the
+    # workers taking new chunks; it is raised once they have finished the one in hand.
     try:
         drain()
-    except BaseException as exc:  # re-raised below, once the workers stop
+    except BaseException as exc:
+        stop.set()
         error = exc
     for future in futures:
         try:
             future.result()
         except BaseException as exc:
+            stop.set()
             error = error or exc
     if error is not None:
         raise error
