@@ -282,3 +282,20 @@ def test_first_max_index_is_argmax_ties_included():
     guide[0, :, 0, 0] = 1.0  # every region tied
     for dim in (0, 1, 2):
         assert torch.equal(first_max_index(guide, dim), guide.argmax(dim=dim))
+
+
+def test_fast_path_one_channel_one_by_one_kernel():
+    """K·K·C = 1: single-column im2col rows, which the grouped matmul refuses (the loop
+    runs instead)."""
+    torch.manual_seed(0)
+    block = DRConv2d(1, 4, 1, region_num=4).eval()
+    x = torch.randn(2, 1, 5, 6)
+    with torch.no_grad():
+        assert block.uses_fast_path(x)
+        assert _rel(block(x), block.forward_reference(x)) <= 1e-6
+
+
+def test_fast_path_input_smaller_than_the_kernel_gives_the_convolution_error():
+    block = DRConv2d(4, 4, 3, region_num=4).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        block(torch.randn(1, 4, 5, 2))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reparam.ops.segment_mm as segment
-from reparam.ops.segment_mm import segment_mm, segment_outer
+from reparam.ops.segment_mm import segment_mm
 
 
 def _loop_mm(a, b, counts):
@@ -15,14 +15,6 @@ def _loop_mm(a, b, counts):
         parts.append(a[start : start + count] @ b[group])
         start += count
     return torch.cat(parts)
-
-
-def _loop_outer(a, c, counts):
-    parts, start = [], 0
-    for count in counts:
-        parts.append(a[start : start + count].t() @ c[start : start + count])
-        start += count
-    return torch.stack(parts)
 
 
 COUNTS = [[5, 0, 7, 4], [0, 0, 16, 0], [3, 3, 3, 3], [0, 0, 0, 0]]
@@ -38,28 +30,34 @@ def test_segment_products_match_the_loop(counts, shape, dtype):
     rows = sum(counts)
     a = torch.randn(rows, k, generator=generator, dtype=dtype)
     b = torch.randn(len(counts), k, n, generator=generator, dtype=dtype)
-    c = torch.randn(rows, n, generator=generator, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     got = segment_mm(a, b, counts)
     assert got.shape == (rows, n)
     if rows:
         torch.testing.assert_close(got, _loop_mm(a, b, counts), rtol=tol, atol=tol)
-    outer = segment_outer(a, c, counts)
-    assert outer.shape == (len(counts), k, n)
-    torch.testing.assert_close(outer, _loop_outer(a, c, counts), rtol=tol, atol=tol)
-    for group, count in enumerate(counts):
-        if count == 0:
-            assert not outer[group].any()
 
 
-def test_strided_operands(monkeypatch):
-    """Transposed and sliced operands, as DRConv passes them."""
+def test_strided_operands_take_the_grouped_op():
+    """Transposed, sliced and offset operands, as DRConv passes them (a band's sorted rows,
+    one sample's kernels out of the (r, B, K·K·C, O) tensor)."""
     generator = torch.Generator().manual_seed(1)
-    big = torch.randn(4, 3, 8, 12, generator=generator)
-    b = big[:, 1].transpose(1, 2)[:, :, :4]  # (4, 12, 4), non-contiguous
-    a = torch.randn(20, 14, generator=generator)[:, 2:]  # (20, 12), offset rows
+    kernels = torch.randn(4, 3, 12, 8, generator=generator)
+    b = kernels[:, 1]  # (4, 12, 8): batch stride 3·12·8, offset 96
+    a = torch.randn(24, 16, generator=generator)[2:22, 4:]  # (20, 12), row stride 16
     counts = [6, 0, 9, 5]
+    if segment._grouped_mm_available():
+        assert segment._grouped_ok(a, b)
     torch.testing.assert_close(segment_mm(a, b, counts), _loop_mm(a, b, counts))
+    bt = torch.randn(4, 8, 12, generator=generator).transpose(1, 2)  # column-major
+    torch.testing.assert_close(segment_mm(a, bt, counts), _loop_mm(a, bt, counts))
+
+
+def test_single_column_operands_take_the_loop():
+    """K = 1 (a 1x1 DRConv on one channel): row strides of 1 element, which the grouped op
+    refuses."""
+    a, b = torch.randn(9, 1), torch.randn(3, 1, 4)
+    assert not segment._grouped_ok(a, b)
+    torch.testing.assert_close(segment_mm(a, b, [2, 3, 4]), _loop_mm(a, b, [2, 3, 4]))
 
 
 def test_without_the_grouped_op_the_loop_runs(monkeypatch):

@@ -192,9 +192,17 @@ def _drconv_results(batch: int):
     return _results(DRConv2d(8, 12, 3, region_num=4, padding=1), torch.randn(batch, 8, 10, 9))
 
 
+@pytest.fixture
+def small_bands(monkeypatch):
+    """DRConv's 1/r path in bands of one or two output rows, so batch 1 has several."""
+    import reparam.blocks.drconv as drconv_module
+
+    monkeypatch.setattr(drconv_module, "_BAND_BYTES", 2048)
+
+
 @pytest.mark.parametrize("results", [_involution_results, _drconv_results], ids=["inv", "dr"])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_results_do_not_depend_on_the_thread_count(threads, results, batch):
+def test_results_do_not_depend_on_the_thread_count(threads, small_bands, results, batch):
     """Every chunk runs the same single-threaded ops on whichever thread takes it: the
     inference outputs are equal bit for bit at 1, 2 and 3 threads (batch 1 also takes the
     paths that share out a sample's pieces instead of samples). Training also runs the
@@ -261,3 +269,65 @@ def test_a_base_exception_such_as_ctrl_c_propagates_and_stops_the_others(threads
         parallel_for(work, list(range(500)))
     assert len(ran) < 500
     assert torch.get_num_threads() == 2
+
+
+def test_inline_chunks_run_without_autograd_too(threads):
+    threads(1)
+    seen = []
+    parallel_for(lambda chunk: seen.append(torch.is_grad_enabled()), [0, 1])
+    assert seen == [False, False]
+
+
+def test_the_users_thread_count_is_what_new_threads_start_from(threads):
+    """torch.set_num_threads also sets the count new threads start from; the pool's threads
+    must never write their own stale count back over the user's."""
+    for count in (4, 2, 3, 2):
+        threads(count)
+        parallel_for(lambda chunk: None, list(range(8)))
+        started = []
+        thread = threading.Thread(target=lambda seen=started: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert started == [count]
+        assert torch.get_num_threads() == count
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (Involution(32, 5, group_channels=8), torch.randn(4, 32, 12, 12)),
+        lambda: (DRConv2d(16, 16, 3, region_num=4, padding=1), torch.randn(4, 16, 12, 12)),
+    ],
+    ids=["inv", "dr"],
+)
+def test_flop_counting_sees_every_op_at_any_thread_count(threads, make):
+    """Dispatch modes are per thread: under FlopCounterMode the chunks run inline, and the
+    grouped matmul (which the counter cannot count) gives way to mm."""
+    from reparam.macs import count_macs
+
+    torch.manual_seed(0)
+    block, x = make()
+    block.eval()
+    counts = []
+    for count in (1, 2, 2):
+        threads(count)
+        counts.append(count_macs(block, x))
+    assert counts[0] > 0 and counts == [counts[0]] * 3
+
+
+def test_involution_with_training_mode_batchnorm_and_no_autograd(threads):
+    """No graph needed, but the BN is in training mode: it must see the whole batch once
+    (batch statistics, one running-statistics update), as the unfold formulation does."""
+    threads(2)
+    torch.manual_seed(0)
+    block = Involution(32, 3, group_channels=8).train()
+    twin = Involution(32, 3, group_channels=8).train()
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(4, 32, 10, 10)
+    with torch.no_grad():
+        ours, reference = block(x), twin.forward_unfold(x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert block.conv1.bn.num_batches_tracked.item() == 1
+    torch.testing.assert_close(block.conv1.bn.running_mean, twin.conv1.bn.running_mean)
+    with torch.no_grad():  # one sample per chunk must not become a one-value BN batch
+        assert block(torch.randn(2, 32, 1, 1)).shape == (2, 32, 1, 1)

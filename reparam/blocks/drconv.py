@@ -33,11 +33,12 @@ grouped convolution. The kernels are generated directly in the layout those matm
 (:meth:`DRConv2d._tap_major_kernels`), so no copy reorders them. The gradients are those of
 the seed's formulation, :meth:`DRConv2d.forward_reference`.
 
-Threads: both paths share the samples (or, for a batch smaller than the thread count, the
-regions and pixel pieces) between ``torch.get_num_threads()`` threads that each run their
-ops with one intra-op thread (:func:`~reparam.ops.threads.parallel_for`), so the many
-medium-sized ops never wait at a thread barrier, which stalls when another process holds a
-core.
+Threads: inference shares regions, samples and bands of output rows, training shares
+samples, between ``torch.get_num_threads()`` threads that each run their ops with one
+intra-op thread (:func:`~reparam.ops.threads.parallel_for`), so the many medium-sized ops
+never wait at a thread barrier, which stalls when another process holds a core. (A
+training batch smaller than the thread count runs its samples in turn with all intra-op
+threads instead.)
 
 State-dict keys follow the seed: ``conv_kernel.{1,3}.*`` (index 0 is the pool, 2 the
 sigmoid) and ``conv_guide.*``. Index 0 is :class:`~reparam.ops.AdaptiveAvgPool2dExact`, which
@@ -342,6 +343,8 @@ class DRConv2d(nn.Module):
         batch, channels, pad = x.shape[0], x.shape[1], self.padding
         stride, dilation = self.stride, self.dilation
         out_h, out_w = _output_size(x, k, stride, pad, dilation)
+        if out_h < 1 or out_w < 1:  # the reference's convolution says why, in its words
+            return self.forward_reference(x)
         # The generator's small ops on one thread, like everything else here (no thread
         # barrier; and the result does not depend on the thread count).
         with one_intra_op_thread():

@@ -335,10 +335,15 @@ def involution_from_features(
             kernels = torch.matmul(weight[rows], flat[first])
             if bias is not None:
                 kernels += bias[rows]
-        else:  # whole samples
-            kernels = torch.matmul(weight, flat[first : stop // groups])
+        else:  # whole samples: a batched matmul (torch.matmul of a matrix by a stack
+            # would fold the stack into one matrix and copy the product back: twice the
+            # chunk's kernels at once)
+            samples = flat[first : stop // groups]
+            stacked = weight.expand(samples.shape[0], -1, -1)
             if bias is not None:
-                kernels += bias
+                kernels = torch.baddbmm(bias.expand(samples.shape[0], -1, -1), stacked, samples)
+            else:
+                kernels = torch.bmm(stacked, samples)
         return kernels.view(stop - start, taps, out_h, out_w)
 
     limit = chunk_elements or _generated_chunk_limit(x.numel())
@@ -468,7 +473,8 @@ class _ConvModule(nn.Module):
         self.conv = conv
         if bn is not None:
             self.bn = bn
-        self.activate = nn.ReLU(inplace=False) if relu else None
+        # In place, as mmcv's ConvModule: one activation-sized tensor less at the peak.
+        self.activate = nn.ReLU(inplace=True) if relu else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
@@ -567,13 +573,17 @@ class Involution(ReparamBlock):
         return self._forward_inference(x)
 
     def _forward_inference(self, x: Tensor) -> Tensor:
-        """Samples shared out between threads, each running the whole pipeline on its own:
-        reduce conv, kernels chunk by chunk, taps (one thread barrier per call, not per op;
-        a batch too small to share out splits each sample's groups instead)."""
+        """The reduce conv (with its BN and activation) on the whole batch, as one module
+        call: a BN in training mode needs the batch's statistics and updates its running
+        ones once, and hooks see the batch. Then the samples are shared out between threads,
+        each generating its kernels chunk by chunk and accumulating the taps (one thread
+        meeting per call, not per op); a batch too small to share out splits each sample's
+        groups instead."""
         span = self._span()
         stride, batch = self.stride, x.shape[0]
         out_h, out_w = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
         out = x.new_empty((batch, self.channels, out_h, out_w))
+        features = self._reduce(x)
         workers = worker_count(x.device)
         samples = sample_ranges(batch, x[0].numel() if batch else 0, workers)
         # Per worker, one cache-sized chunk of temporaries at a time. A batch too small to
@@ -583,11 +593,10 @@ class Involution(ReparamBlock):
             samples, limit = ([(0, batch)] if batch else []), None
 
         def run_samples(chunk: tuple[int, int]) -> None:
-            start, stop = chunk
-            part = x[start:stop]
+            part = slice(*chunk)
             involution_from_features(
-                part, self._reduce(part), span.weight, span.bias, self.kernel_size, stride,
-                self.group_channels, out=out[start:stop], chunk_elements=limit,
+                x[part], features[part], span.weight, span.bias, self.kernel_size, stride,
+                self.group_channels, out=out[part], chunk_elements=limit,
             )  # fmt: skip
 
         parallel_for(run_samples, samples, x.device)

@@ -2,15 +2,15 @@
 
 With the rows of ``a`` cut into consecutive groups of ``counts[g]`` rows, A_g:
 
-    segment_mm(a, b, counts)     = [A_0 · b[0]; A_1 · b[1]; …]       (rows × N)
-    segment_outer(a, c, counts)  = [A_0ᵀ · C_0, A_1ᵀ · C_1, …]       (groups × K × N)
+    segment_mm(a, b, counts) = [A_0 · b[0]; A_1 · b[1]; …]       (rows × N)
 
 DRConv's per-region products are of this form once the pixels are sorted by region. On
 CPU, ``torch._grouped_mm`` computes them in one op (it matched the loop of ``mm`` bit for
-bit wherever we compared); one op instead of one per group matters when threads share out the work, since
-every op call holds the GIL while Python hands it its arguments. It takes float32 operands
-whose strides are multiples of 16 bytes (and is private to torch, so it is probed once);
-anything else runs the loop.
+bit wherever we compared). One op instead of one per group matters when threads share out
+the work, since every op call holds the GIL while Python hands it its arguments. It takes
+float32 operands whose strides are multiples of 16 bytes (and is private to torch, so it
+is probed once); anything else runs the loop, and so does everything while a torch
+dispatch mode is active (``FlopCounterMode`` has no formula for the grouped op).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["segment_mm", "segment_outer"]
+from reparam.ops.threads import modes_active
+
+__all__ = ["segment_mm"]
 
 
 def segment_mm(a: Tensor, b: Tensor, counts: list[int]) -> Tensor:
     """(rows, N): each group of consecutive rows of ``a`` (rows, K) times its ``b[g]`` (K, N)."""
-    if _grouped_ok(a, b):
+    if _grouped_ok(a, b) and not modes_active():
         return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
     out = a.new_empty((a.shape[0], b.shape[2]))
     start = 0
@@ -36,32 +38,23 @@ def segment_mm(a: Tensor, b: Tensor, counts: list[int]) -> Tensor:
     return out
 
 
-def segment_outer(a: Tensor, c: Tensor, counts: list[int]) -> Tensor:
-    """(groups, K, N): per group of consecutive rows, ``a``'s rows (·, K) transposed times
-    ``c``'s (·, N); zero for an empty group."""
-    if _grouped_ok(a, c) and (a.shape[1] * c.shape[1]) % 4 == 0:
-        return torch._grouped_mm(a.t(), c, offs=_offsets(counts, a.device))
-    out = a.new_zeros((len(counts), a.shape[1], c.shape[1]))
-    start = 0
-    for group, count in enumerate(counts):
-        if count:
-            rows = slice(start, start + count)
-            torch.mm(a[rows].t(), c[rows], out=out[group])
-            start += count
-    return out
-
-
 def _offsets(counts: list[int], device: torch.device) -> Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
 def _grouped_ok(*operands: Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: float32 on CPU, every stride
-    but the unit one a multiple of 16 bytes, the output's rows too; and the op works."""
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in operands):
-        return False
-    if any(s % 4 for t in operands for s in (*t.stride(), t.storage_offset()) if s != 1):
-        return False
+    """Whether ``torch._grouped_mm`` takes these operands: float32 on CPU; in each one's last
+    two dimensions one stride 1 and the other a multiple of 16 bytes (4 elements), any
+    batch stride and the storage offset multiples of 4, the output's rows too; and the op
+    works at all."""
+    for t in operands:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+        *batch, rows, cols = t.stride()
+        if not ((cols == 1 and rows % 4 == 0) or (rows == 1 and cols % 4 == 0)):
+            return False
+        if any(s % 4 for s in batch) or t.storage_offset() % 4:
+            return False
     if operands[-1].shape[-1] % 4:
         return False
     return _grouped_mm_available()

@@ -13,12 +13,19 @@ intra-op thread. Threads meet once per call instead of once per op, and a thread
 scheduler pauses simply takes fewer chunks: beside a busy process the work flows to the
 core that is free, on a quiet machine every core is used.
 
-Every chunk runs the same ops whichever thread takes it (one intra-op thread each), so the
-result does not depend on the number of workers, bit for bit.
+Given the chunks, every chunk runs the same single-threaded ops whichever thread takes
+it. (Where the callers cut chunks by the thread count, for a batch smaller than it, the
+results can differ by rounding between thread counts.)
 
-torch's intra-op thread count belongs to each OS thread once it has run a parallel op (a
-new thread starts from the count last given to ``torch.set_num_threads``); the helpers here
-change and restore the calling thread's count only.
+While a torch dispatch or function mode is active in the calling thread (``FlopCounterMode``,
+``TorchDispatchMode`` subclasses: they are per thread and would not see the workers' ops)
+the chunks run inline in the calling thread.
+
+torch's intra-op thread count belongs to each OS thread once it has run a parallel op, and
+``torch.set_num_threads`` also sets the count that new threads start from. The caller's
+count is changed for the duration of the call and restored after every worker is done;
+the pool's own threads are set to one intra-op thread once and never restored, so that no
+stale count of theirs is ever written back.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ Chunk = TypeVar("Chunk")
 _local = threading.local()
 _executor_lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
-_executor_key: tuple[int, int] = (0, 0)  # (pid, max_workers) it was made for
+_executor_size = 0
 
 
 @contextmanager
@@ -68,12 +75,19 @@ def worker_count(device: torch.device | str = "cpu") -> int:
     """Threads a :func:`parallel_for` called here would use for work on ``device``.
 
     ``torch.get_num_threads()`` for CPU work outside any chunk; 1 for other devices (their
-    ops are asynchronous), inside a chunk (nested loops run inline) and while tracing.
+    ops are asynchronous), inside a chunk (nested loops run inline), while tracing, and while
+    a torch dispatch or function mode is active (modes are per thread).
     """
-    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling() or modes_active():
         return 1
     budget = getattr(_local, "budget", None)
     return budget if budget is not None else max(1, torch.get_num_threads())
+
+
+def modes_active() -> bool:
+    """Whether a torch dispatch or function mode (e.g. ``FlopCounterMode``) is active in
+    this thread: such modes see only this thread's ops."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
 
 
 def sample_ranges(batch: int, sample_cost: int, workers: int, min_cost: int = 1 << 16):
@@ -98,14 +112,14 @@ def parallel_for(
     Chunks must be independent (each writes its own slice of a preallocated result) and
     must not need autograd: chunks run under ``torch.no_grad()``, with the caller's
     inference mode and CPU autocast state, and one intra-op thread. Threads pull chunks in
-    order from a shared counter. The first exception stops the others taking new chunks
-    and is raised here once they have finished the chunk in hand.
+    order from a shared counter. The first exception (Ctrl-C included) stops the others
+    taking new chunks and is raised here once they have finished the chunk in hand.
     """
     available = worker_count(device)
     workers = min(len(chunks), available)
     if workers <= 1:
         # Inline; a loop nested in the chunk may still share out its own chunks.
-        with _budget(available), one_intra_op_thread():
+        with _budget(available), one_intra_op_thread(), torch.no_grad():
             for chunk in chunks:
                 work(chunk)
         return
@@ -119,7 +133,6 @@ def parallel_for(
         # in inference mode, and before no_grad.)
         with (
             _budget(1),
-            one_intra_op_thread(),
             torch.inference_mode() if inference else contextlib.nullcontext(),
             torch.no_grad(),
             torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]),
@@ -134,21 +147,28 @@ def parallel_for(
                     stop.set()
                     raise
 
-    futures = [_pool(workers - 1).submit(drain) for _ in range(workers - 1)]
-    error: BaseException | None = None
-    # Any exception here (a chunk's, or Ctrl-C between chunks or while waiting) stops the
-    # workers taking new chunks; it is raised once they have finished the one in hand.
-    try:
+    def worker_drain() -> None:
+        if torch.get_num_threads() != 1:  # once per pool thread, never restored
+            torch.set_num_threads(1)
         drain()
-    except BaseException as exc:
-        stop.set()
-        error = exc
-    for future in futures:
+
+    error: BaseException | None = None
+    # The caller's count is restored only after every worker is done (see the module
+    # docstring). Any exception here, a chunk's or Ctrl-C between chunks or while waiting,
+    # stops the workers taking new chunks; it is raised once they have finished.
+    with one_intra_op_thread():
+        futures = _submit(worker_drain, workers - 1)
         try:
-            future.result()
+            drain()
         except BaseException as exc:
             stop.set()
-            error = error or exc
+            error = exc
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:
+                stop.set()
+                error = error or exc
     if error is not None:
         raise error
 
@@ -163,15 +183,26 @@ def _budget(threads: int) -> Iterator[None]:
         _local.budget = saved
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The shared executor with at least ``threads`` threads (made anew after a fork, whose
-    child has none of the parent's threads)."""
-    global _executor, _executor_key
+def _submit(fn: Callable[[], None], count: int) -> list:
+    """Submit ``fn`` ``count`` times to the shared executor, made (or grown) to at least
+    ``count`` threads. Under the lock, so a concurrent caller growing the executor cannot
+    shut it down between our lookup and our submissions."""
+    global _executor, _executor_size
     with _executor_lock:
-        pid = os.getpid()
-        if _executor is None or _executor_key[0] != pid or _executor_key[1] < threads:
-            if _executor is not None and _executor_key[0] == pid:
-                _executor.shutdown(wait=False)
-            _executor = ThreadPoolExecutor(threads, thread_name_prefix="reparam-worker")
-            _executor_key = (pid, threads)
-        return _executor
+        if _executor is None or _executor_size < count:
+            if _executor is not None:
+                _executor.shutdown(wait=False)  # its queued work still runs
+            _executor = ThreadPoolExecutor(count, thread_name_prefix="reparam-worker")
+            _executor_size = count
+        return [_executor.submit(fn) for _ in range(count)]
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads, and the lock may have been held by
+    one of them at the fork: start afresh."""
+    global _executor, _executor_size, _executor_lock
+    _executor, _executor_size, _executor_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -6,8 +6,9 @@ the next call pays a page fault, and the zeroing of a page, for every 4 KiB it t
 measured on DRConv's 1/r path, 4,866 faults per call and half its time. Handing each thread
 the same buffer for the same temporary every time removes them.
 
-Only for temporaries whose size is bounded (a chunk, a band of rows), never for results:
-a buffer lives as long as its thread, at the size of the largest request so far.
+Only for temporaries that the caller's chunking keeps small (DRConv's bands: 4 MiB of
+im2col rows, or one output row if a row is larger), never for results: a buffer lives as
+long as its thread, at the size of the largest request so far.
 """
 
 from __future__ import annotations
