@@ -334,3 +334,14 @@ def test_intra_op_threads_restored():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+def test_backward_on_channels_last_input():
+    torch.manual_seed(0)
+    block = Involution(32, 3, group_channels=8).train()
+    x = torch.randn(2, 32, 9, 7)
+    inputs = [x.contiguous(memory_format=torch.channels_last).requires_grad_(), x.clone()]
+    inputs[1].requires_grad_()
+    grads = [torch.autograd.grad(block(v).square().sum(), [v, *block.parameters()]) for v in inputs]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -235,7 +235,8 @@ class DRConv2d(nn.Module):
         """Per-sample kernels (B, r·O, C, K, K): ``conv_kernel(x)`` reshaped, as in the seed."""
         kernel = self._generated(x).permute(3, 0, 1, 2, 4, 5)
         k = self.kernel_size
-        return kernel.reshape(x.shape[0], -1, self.in_channels, k, k)
+        kernels = self.region_num * self.out_channels
+        return kernel.reshape(x.shape[0], kernels, self.in_channels, k, k)
 
     def _generator_matrix(self) -> Tensor:
         """The last, grouped 1x1 conv of ``conv_kernel`` as (r, r + 1, C·O): per region ρ,

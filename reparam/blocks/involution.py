@@ -367,7 +367,9 @@ def _involution_backward(
     rows = batch * groups
     grad = grad_out.reshape(rows, group_channels, out_h, out_w)
     pads = _pads(x, kernel_size, stride, out_h, out_w)
-    padded = F.pad(x, pads)
+    # Contiguous (a channels_last input pads to channels_last, which the views below
+    # cannot take).
+    padded = F.pad(x, pads).contiguous()
     padded = padded.view(rows, group_channels, padded.shape[2], padded.shape[3])
     kernels = weight.reshape(rows, kernel_size * kernel_size, 1, out_h, out_w)
     grad_padded = x.new_zeros(padded.shape) if need_x else None
