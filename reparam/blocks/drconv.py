@@ -54,9 +54,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks.region_corr import RegionCorr, first_max_index, straight_through_guide_grad
+from reparam.blocks.region_corr import (
+    RegionCorr,
+    first_max_index,
+    im2col_windows,
+    straight_through_guide_grad,
+)
 from reparam.errors import BlockConfigError, UserInputError
-from reparam.ops.corr import corr, get_corr_mode
+from reparam.ops.corr import corr, corr_output_size, get_corr_mode
 from reparam.ops.pooling import AdaptiveAvgPool2dExact
 from reparam.ops.segment_mm import segment_mm
 from reparam.ops.threads import one_intra_op_thread, parallel_for
@@ -141,14 +146,6 @@ def _bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
 
 def _call(task: Callable[[], object]) -> None:
     task()
-
-
-def _output_size(x: Tensor, k: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
-    reach = dilation * (k - 1) + 1
-    return (
-        (x.shape[2] + 2 * padding - reach) // stride + 1,
-        (x.shape[3] + 2 * padding - reach) // stride + 1,
-    )
 
 
 class DRConv2d(nn.Module):
@@ -261,19 +258,25 @@ class DRConv2d(nn.Module):
         features = features.reshape(x.shape[0], regions, regions, k * k).permute(1, 0, 3, 2)
         return torch.cat([features, features.new_ones((*features.shape[:-1], 1))], -1)
 
-    def _tap_major_kernels(self, features: Tensor, generator: Tensor) -> Tensor:
+    def _tap_major_kernels(
+        self, features: Tensor, generator: Tensor, out: Tensor | None = None
+    ) -> Tensor:
         """Per region and sample, the kernel as a (K·K·C, O) matrix, taps outer and channels
         inner as the channels-last im2col rows are: (r, B, K·K·C, O).
 
         One matmul per region of :meth:`_kernel_features` (``features``, any slice of
         samples) with :meth:`_generator_matrix` (``generator``), whose (c, o) column order
         makes every (sample, region) matrix contiguous: no copy of the kernel values.
+        ``out``, a contiguous tensor of the result's shape, receives it (no autograd).
         """
         regions, batch = features.shape[0], features.shape[1]
         flat = features.reshape(regions, -1, features.shape[-1])
-        kernel = torch.bmm(flat, generator)  # (r, B·K², C·O)
         taps_channels = self.kernel_size**2 * self.in_channels
-        return kernel.view(regions, batch, taps_channels, self.out_channels)
+        shape = (regions, batch, taps_channels, self.out_channels)
+        if out is not None:
+            torch.bmm(flat, generator, out=out.view(regions, flat.shape[1], generator.shape[-1]))
+            return out
+        return torch.bmm(flat, generator).view(shape)  # (r, B·K², C·O) viewed
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -343,7 +346,7 @@ class DRConv2d(nn.Module):
         regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
         batch, channels, pad = x.shape[0], x.shape[1], self.padding
         stride, dilation = self.stride, self.dilation
-        out_h, out_w = _output_size(x, k, stride, pad, dilation)
+        out_h, out_w = (corr_output_size(n, k, stride, pad, dilation) for n in x.shape[2:])
         if out_h < 1 or out_w < 1:  # the reference's convolution says why, in its words
             return self.forward_reference(x)
         # The generator's small ops on one thread, like everything else here (no thread
@@ -358,10 +361,8 @@ class DRConv2d(nn.Module):
         padded = x.new_empty((batch, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad, channels))
 
         def generate(rho: int) -> None:  # one matmul per region (per sample: too thin)
-            flat = features[rho].reshape(-1, features.shape[-1])
-            torch.mm(
-                flat, generator[rho], out=kernels[rho].view(flat.shape[0], generator.shape[-1])
-            )
+            region = slice(rho, rho + 1)
+            self._tap_major_kernels(features[region], generator[region], out=kernels[region])
 
         def pad_input(b: int) -> None:
             padded[b] = F.pad(x[b].permute(1, 2, 0), (0, 0, pad, pad, pad, pad))
@@ -372,18 +373,12 @@ class DRConv2d(nn.Module):
         out = x.new_empty((batch, out_channels, out_h * out_w))
         row_bytes = out_w * k * k * channels * x.element_size()
         bands = _bands(out_h, row_bytes)
-        padded_w = padded.shape[2]
+        geometry = (k, stride, pad, dilation)
 
         def run_piece(piece: tuple[int, int, int]) -> None:
             b, top, bottom = piece
             pixels = (bottom - top) * out_w
-            sample = padded[b]
-            windows = sample.as_strided(
-                (bottom - top, out_w, k, k, channels),
-                (stride * padded_w * channels, stride * channels,
-                 dilation * padded_w * channels, dilation * channels, 1),
-                sample.storage_offset() + top * stride * padded_w * channels,
-            )  # fmt: skip
+            windows = im2col_windows(padded[b], geometry, out_w, top, bottom)
             # Band temporaries in per-thread scratch buffers: fresh multi-MiB blocks would
             # fault in page by page on every call.
             rows = scratch("drconv.rows", (pixels, k * k * channels), x)

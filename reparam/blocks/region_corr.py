@@ -35,7 +35,13 @@ from torch.autograd.function import once_differentiable
 
 from reparam.ops.threads import parallel_for, worker_count
 
-__all__ = ["RegionCorr", "first_max_index", "im2col_rows", "straight_through_guide_grad"]
+__all__ = [
+    "RegionCorr",
+    "first_max_index",
+    "im2col_rows",
+    "im2col_windows",
+    "straight_through_guide_grad",
+]
 
 
 def first_max_index(guide: Tensor, dim: int) -> Tensor:
@@ -52,20 +58,28 @@ def straight_through_guide_grad(mixed: Tensor, guide: Tensor, dim: int) -> Tenso
     return soft * (mixed - (soft * mixed).sum(dim=dim, keepdim=True))
 
 
+def im2col_windows(padded: Tensor, geometry, out_w: int, top: int, bottom: int) -> Tensor:
+    """Output rows ``top`` .. ``bottom`` − 1's im2col windows of one zero-padded channels-last
+    sample ``padded`` (Hp, Wp, C), as a strided view (rows, W', K, K, C): window (u, v)
+    holds padded[s·u + d·i, s·v + d·j, :]."""
+    k, stride, _, dilation = geometry
+    padded_w, channels = padded.shape[1], padded.shape[2]
+    row = padded_w * channels
+    return padded.as_strided(
+        (bottom - top, out_w, k, k, channels),
+        (stride * row, stride * channels, dilation * row, dilation * channels, 1),
+        padded.storage_offset() + top * stride * row,
+    )
+
+
 def im2col_rows(x: Tensor, geometry: tuple[int, int, int, int], out_size) -> Tensor:
     """The im2col rows of one sample ``x`` (1, C, H, W): (H'·W', K·K·C), row p holding
     x_pad[:, s·u + d·i, s·v + d·j] for p = u·W' + v, ordered (i, j, c)."""
-    k, stride, padding, dilation = geometry
+    k, _, padding, _ = geometry
     out_h, out_w = out_size
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
-    padded = padded.contiguous()
-    padded_w, channels = padded.shape[2], padded.shape[3]
-    row = padded_w * channels
-    patches = padded.as_strided(
-        (out_h, out_w, k, k, channels),
-        (stride * row, stride * channels, dilation * row, dilation * channels, 1),
-    )
-    return patches.reshape(out_h * out_w, k * k * channels)
+    padded = F.pad(x[0].permute(1, 2, 0), (0, 0, padding, padding, padding, padding))
+    windows = im2col_windows(padded.contiguous(), geometry, out_w, 0, out_h)
+    return windows.reshape(out_h * out_w, k * k * x.shape[1])
 
 
 def _col2im(grad_rows: Tensor, x: Tensor, geometry, out_size) -> Tensor:
@@ -111,9 +125,9 @@ class RegionCorr(torch.autograd.Function):
         geometry = (kernel_size, stride, padding, dilation)
         outputs = x.new_empty((batch, regions, pixels, out_channels))
         y = x.new_empty((batch, out_channels, out_h, out_w))
+        choice = first_max_index(guide, 1).view(batch, pixels)  # each pixel's region
         # Row ρ(p)·H'W' + p of a sample's (r·H'W', O) outputs is pixel p's chosen one.
-        chosen = first_max_index(guide, 1).view(batch, pixels) * pixels
-        chosen += torch.arange(pixels, device=x.device)
+        chosen = choice * pixels + torch.arange(pixels, device=x.device)
 
         def forward_sample(b: int) -> None:
             rows = im2col_rows(x[b : b + 1], geometry, (out_h, out_w))
@@ -122,21 +136,20 @@ class RegionCorr(torch.autograd.Function):
             y[b].copy_(picked.t().view(out_channels, out_h, out_w))
 
         _for_each_sample(forward_sample, batch, x.device)
-        ctx.save_for_backward(x, kernels, guide, outputs)
+        ctx.save_for_backward(x, kernels, guide, outputs, choice)
         ctx.geometry = geometry
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, kernels, guide, outputs = ctx.saved_tensors
+        x, kernels, guide, outputs, choice = ctx.saved_tensors
         need_x, need_kernels, need_guide = ctx.needs_input_grad[:3]
         geometry = ctx.geometry
         regions, batch, _, out_channels = kernels.shape
         out_size = (guide.shape[2], guide.shape[3])
         pixels = out_size[0] * out_size[1]
         grad = grad.contiguous()
-        choice = first_max_index(guide, 1).view(batch, pixels)
         grad_x = torch.empty_like(x) if need_x else None
         grad_kernels = torch.empty_like(kernels) if need_kernels else None
         grad_guide = torch.empty_like(guide) if need_guide else None
