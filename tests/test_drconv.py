@@ -299,3 +299,51 @@ def test_fast_path_input_smaller_than_the_kernel_gives_the_convolution_error():
     block = DRConv2d(4, 4, 3, region_num=4).eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match="Kernel size can't be greater"):
         block(torch.randn(1, 4, 5, 2))
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=IDS[:4])
+@pytest.mark.parametrize("range_pixels", [1, 200, 1 << 20], ids=["one", "few", "all"])
+def test_fast_path_sample_ranges_match_the_reference(config, range_pixels, monkeypatch):
+    """The per-sample preparation (channels-last rows, pooling, guide) run on ranges of one,
+    a few or all samples: same outputs as the all-region reference."""
+    import reparam.blocks.drconv as drconv_module
+
+    monkeypatch.setattr(drconv_module, "_RANGE_PIXELS", range_pixels)
+    block = _block(config, torch.float64).eval()
+    x = _input(config, torch.float64, batch=5)
+    with torch.no_grad():
+        assert block.uses_fast_path(x)
+        fast, reference = block(x), block.forward_reference(x)
+    assert _rel(fast, reference) <= 1e-12
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_fast_path_takes_any_input_layout(layout):
+    """The channels-last copy reads the input through its strides."""
+    block = _block(CONFIGS[2], torch.float64).eval()
+    x = _input(CONFIGS[2], torch.float64, batch=3)
+    if layout == "channels_last":
+        strided = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        strided = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        strided = torch.cat([x, x], dim=1)[:, ::2]  # every other channel of a wider tensor
+        x = strided.contiguous()
+    with torch.no_grad():
+        assert _rel(block(strided), block.forward_reference(x)) <= 1e-12
+
+
+def test_cached_geometry_made_in_inference_mode_serves_later_calls():
+    """The window index and pooling matrix are cached across calls; the first call's
+    inference mode must not make them inference tensors that later calls cannot use."""
+    import reparam.blocks.drconv as drconv_module
+
+    drconv_module._window_index.cache_clear()
+    drconv_module._pooling_rows.cache_clear()
+    block = DRConv2d(3, 4, 3, region_num=4, padding=1).eval()
+    x = torch.randn(2, 3, 6, 7)
+    with torch.inference_mode():
+        first = block(x).clone()
+    with torch.no_grad():
+        assert torch.equal(block(x), first)
+    assert not drconv_module._window_index(6, 7, (3, 1, 1, 1), x.device).is_inference()

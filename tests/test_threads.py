@@ -192,12 +192,16 @@ def _drconv_results(batch: int):
     return _results(DRConv2d(8, 12, 3, region_num=4, padding=1), torch.randn(batch, 8, 10, 9))
 
 
-@pytest.fixture
-def small_bands(monkeypatch):
-    """DRConv's 1/r path in bands of one or two output rows, so batch 1 has several."""
+@pytest.fixture(params=["default", "small"], ids=["default-chunks", "small-chunks"])
+def small_bands(request, monkeypatch):
+    """DRConv's 1/r path as it chunks these small inputs (a sample per chunk, several samples
+    per preparation range), or in bands of one or two output rows and one sample per range,
+    so batch 1 has several pieces."""
     import reparam.blocks.drconv as drconv_module
 
-    monkeypatch.setattr(drconv_module, "_BAND_BYTES", 2048)
+    if request.param == "small":
+        monkeypatch.setattr(drconv_module, "_BAND_BYTES", 2048)
+        monkeypatch.setattr(drconv_module, "_RANGE_PIXELS", 1)
 
 
 @pytest.mark.parametrize("results", [_involution_results, _drconv_results], ids=["inv", "dr"])

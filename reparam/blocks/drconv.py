@@ -33,7 +33,7 @@ grouped convolution. The kernels are generated directly in the layout those matm
 (:meth:`DRConv2d._tap_major_kernels`), so no copy reorders them. The gradients are those of
 the seed's formulation, :meth:`DRConv2d.forward_reference`.
 
-Threads: inference shares regions, samples and bands of output rows, training shares
+Threads: inference shares ranges of samples, samples and bands of output rows, training shares
 samples, between ``torch.get_num_threads()`` threads that each run their ops with one
 intra-op thread (:func:`~reparam.ops.threads.parallel_for`), so the many medium-sized ops
 never wait at a thread barrier, which stalls when another process holds a core. (A
@@ -47,22 +47,21 @@ exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reparam.blocks.region_corr import (
     RegionCorr,
     first_max_index,
-    im2col_windows,
     straight_through_guide_grad,
 )
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, corr_output_size, get_corr_mode
-from reparam.ops.pooling import AdaptiveAvgPool2dExact
+from reparam.ops.pooling import AdaptiveAvgPool2dExact, pooling_matrix
 from reparam.ops.segment_mm import segment_mm
 from reparam.ops.threads import one_intra_op_thread, parallel_for
 from reparam.ops.workspace import scratch
@@ -77,6 +76,11 @@ _FAST_MIN_REGIONS = 3
 # of 512 pixels: 0.82 of 1.5 ms in the matmul at 46 GFLOP/s); the bound keeps a large
 # image's temporaries small and gives it several bands to share between threads.
 _BAND_BYTES = 4 << 20
+# Input pixels per chunk of samples whose guide conv, pooling and channels-last copy run
+# together: one conv over several small images is faster than one per image, and fewer,
+# larger ops keep threads from queueing for the GIL (B8 32², 2 CPU cores: 1.9-2.3 ms with
+# ranges of 4 images, 3.3-3.7 ms with one image per chunk).
+_RANGE_PIXELS = 4096
 
 
 def _hard_index(guide: Tensor, channels: int) -> Tensor:
@@ -142,6 +146,46 @@ def _bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
     _BAND_BYTES each. Independent of the thread count, so the results are too."""
     step = max(1, _BAND_BYTES // max(1, row_bytes))
     return [(top, min(top + step, rows)) for top in range(0, rows, step)]
+
+
+# Where a window tap falls in the zero padding, _window_index gives this: any sample's row
+# offset added to it stays negative, and the gather clamps it to row 0, the zero row.
+_PADDING_TAP = -(1 << 62)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_index(height: int, width: int, geometry, device: torch.device) -> Tensor:
+    """(H'·W', K·K) int64: for output pixel p = u·W' + v and tap t = i·K + j, the input pixel
+    the tap reads, y·W + x with y = s·u + d·i − pad, x = s·v + d·j − pad, or _PADDING_TAP
+    where (y, x) lies in the zero padding. Cached per geometry; read only."""
+    k, stride, pad, dilation = geometry
+    out_h, out_w = (corr_output_size(n, *geometry) for n in (height, width))
+    with torch.inference_mode(False):  # usable whatever mode the first call ran in
+        taps = torch.arange(k, device=device) * dilation
+        ys = (torch.arange(out_h, device=device) * stride - pad).unsqueeze(1) + taps
+        xs = (torch.arange(out_w, device=device) * stride - pad).unsqueeze(1) + taps
+        ys, xs = ys.view(out_h, 1, k, 1), xs.view(1, out_w, 1, k)
+        inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+        index = torch.where(inside, ys * width + xs, _PADDING_TAP)
+    return index.view(out_h * out_w, k * k)
+
+
+def _sample_ranges(batch: int, pixels: int) -> list[tuple[int, int]]:
+    """(first, last) ranges of consecutive samples of at most _RANGE_PIXELS input pixels
+    (at least one sample) each. Independent of the thread count, so the results are too."""
+    step = max(1, _RANGE_PIXELS // max(1, pixels))
+    return [(first, min(first + step, batch)) for first in range(0, batch, step)]
+
+
+@functools.lru_cache(maxsize=16)
+def _pooling_rows(height: int, width: int, k: int, dtype: torch.dtype, device) -> Tensor:
+    """Adaptive average pooling to K x K as one (K², H·W) matrix, P_h ⊗ P_w, for an image's
+    channels-last rows (H·W, C) (:func:`~reparam.ops.pooling.pooling_matrix`). Cached; read
+    only."""
+    with torch.inference_mode(False):
+        like = torch.empty(0, dtype=dtype, device=device)
+        rows, cols = pooling_matrix(height, k, like), pooling_matrix(width, k, like)
+        return torch.kron(rows.unsqueeze(1), cols).view(k * k, height * width)
 
 
 def _call(task: Callable[[], object]) -> None:
@@ -235,20 +279,20 @@ class DRConv2d(nn.Module):
         kernels = self.region_num * self.out_channels
         return kernel.reshape(x.shape[0], kernels, self.in_channels, k, k)
 
-    def _generator_matrix(self) -> Tensor:
+    def _generator_matrix(self, regions: slice = slice(None)) -> Tensor:
         """The last, grouped 1x1 conv of ``conv_kernel`` as (r, r + 1, C·O): per region ρ,
         the matrix mapping [features, 1] (r + 1) to that region's kernel values ordered
-        (c, o), the bias folded in as the last row."""
-        regions, channels, out_channels = self.region_num, self.in_channels, self.out_channels
+        (c, o), the bias folded in as the last row. ``regions``: only those regions'."""
+        r, channels, out_channels = self.region_num, self.in_channels, self.out_channels
         generator = self.conv_kernel[3]
         # Output channel ρ·O·C + o·C + c of the grouped conv (the seed's kernel layout).
-        weight = generator.weight.reshape(regions, out_channels, channels, regions)
-        bias = generator.bias.reshape(regions, out_channels, channels)
+        weight = generator.weight.reshape(r, out_channels, channels, r)[regions]
+        bias = generator.bias.reshape(r, out_channels, channels)[regions]
         # Two transposing copies into one buffer: 3x faster than cat + permute + reshape.
-        matrix = weight.new_empty((regions, regions + 1, channels, out_channels))
-        matrix[:, :regions].copy_(weight.permute(0, 3, 2, 1))
-        matrix[:, regions].copy_(bias.permute(0, 2, 1))
-        return matrix.view(regions, regions + 1, channels * out_channels)
+        matrix = weight.new_empty((weight.shape[0], r + 1, channels, out_channels))
+        matrix[:, :r].copy_(weight.permute(0, 3, 2, 1))
+        matrix[:, r].copy_(bias.permute(0, 2, 1))
+        return matrix.view(weight.shape[0], r + 1, channels * out_channels)
 
     def _kernel_features(self, x: Tensor) -> Tensor:
         """The generator's input for every sample and tap, (r, B, K², r + 1): the pooled,
@@ -329,80 +373,114 @@ class DRConv2d(nn.Module):
     def _forward_fast(self, x: Tensor) -> Tensor:
         """Region first, then each pixel's own region's kernels only (no autograd).
 
-        After the batch's kernels (one generator matmul per region) and its zero-padded
-        channels-last input, the output is computed in pieces of a few output rows of one
-        sample, each on its own: the piece's im2col rows (a strided copy), its guide
-        (those rows times the guide conv's weight: the same linear map as the conv), each
-        pixel's region (argmax), the rows sorted by region, one segment matmul of each
-        region's rows with that region's kernel, the results put back in pixel order. A
-        piece's data is made and used by one thread while it is in cache: this path is
-        bound by memory traffic rather than arithmetic.
+        1. Per range of a few samples (:func:`_sample_ranges`): their input as
+           channels-last rows, after one zero row shared by the batch; their adaptive
+           average pools, one matmul each with the pooling matrix P_h ⊗ P_w; their guide
+           (the guide conv on the channels-last view) and each pixel's region (the first
+           argmax). Beside the ranges, one chunk turns the kernel generator's weights into
+           :meth:`_generator_matrix`.
+        2. For the batch: the generator's features, ``conv_kernel``'s 1x1 conv and sigmoid
+           of the pooled input (two small ops).
+        3. Per sample: its r kernels, one generator matmul; then, in bands of a few output
+           rows: the band's pixels sorted by region, their im2col rows gathered in that
+           order by one row gather from the channels-last rows (a tap in the zero padding
+           reads the zero row: :func:`_window_index`), one segment matmul of each region's
+           rows with that region's kernel, the results put back in pixel order. No im2col
+           row is written twice. A sample whose im2col rows fit in one band is one chunk,
+           its kernels and rows made and used by one thread while they are in cache; a
+           larger one has its bands shared out, also in a batch of one.
 
-        Threads: the pieces are shared out (:func:`~reparam.ops.threads.parallel_for`),
-        each thread running its ops with one intra-op thread and pulling the next piece:
-        on a machine where another process holds a core every parallel op would stall at
-        its thread barrier.
+        Threads: the chunks of each step are shared out
+        (:func:`~reparam.ops.threads.parallel_for`), each thread running its ops with one
+        intra-op thread and pulling the next chunk: on a machine where another process
+        holds a core every parallel op would stall at its thread barrier. Steps are few,
+        and their ops large: ops of a few microseconds, run per chunk on several threads,
+        hold the GIL longer than they compute and slow each other down.
         """
         regions, out_channels, k = self.region_num, self.out_channels, self.kernel_size
-        batch, channels, pad = x.shape[0], x.shape[1], self.padding
-        stride, dilation = self.stride, self.dilation
-        out_h, out_w = (corr_output_size(n, k, stride, pad, dilation) for n in x.shape[2:])
+        batch, channels, height, width = x.shape
+        geometry = (k, self.stride, self.padding, self.dilation)
+        out_h, out_w = (corr_output_size(n, *geometry) for n in (height, width))
         if out_h < 1 or out_w < 1:  # the reference's convolution says why, in its words
             return self.forward_reference(x)
-        # The generator's small ops on one thread, like everything else here (no thread
-        # barrier; and the result does not depend on the thread count).
-        with one_intra_op_thread():
-            features, generator = self._kernel_features(x), self._generator_matrix()
-            # The guide conv as a matrix on the im2col rows' (i, j, c) order: (r, K·K·C).
-            guide_weight = self.conv_guide.weight.permute(0, 2, 3, 1).reshape(regions, -1)
-            guide_bias = self.conv_guide.bias
-            guide_bias = guide_bias.unsqueeze(1) if guide_bias is not None else None
-        kernels = x.new_empty((regions, batch, k * k * channels, out_channels))
-        padded = x.new_empty((batch, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad, channels))
+        pixels_in, pixels_out, taps = height * width, out_h * out_w, k * k
+        window_index = _window_index(height, width, geometry, x.device)
+        pooling = _pooling_rows(height, width, k, x.dtype, x.device)
+        # All samples' channels-last rows, after one zero row that padding taps read.
+        rows = x.new_empty((1 + batch * pixels_in, channels))
+        images = rows[1:].view(batch, height, width, channels)
+        pooled = x.new_empty((batch, taps, channels))
+        choice = torch.empty((batch, pixels_out), dtype=torch.long, device=x.device)
+        generator: list[Tensor] = []
 
-        def generate(rho: int) -> None:  # one matmul per region (per sample: too thin)
-            region = slice(rho, rho + 1)
-            self._tap_major_kernels(features[region], generator[region], out=kernels[region])
+        def prepare(first: int, last: int) -> None:
+            samples = images[first:last].view(last - first, pixels_in, channels)
+            for b in range(first, last):
+                # A 2-D transpose: torch's fastest layout change (3-D permute copies are
+                # slower).
+                samples[b - first].copy_(x[b].reshape(channels, pixels_in).t())
+            torch.bmm(pooling.expand(last - first, -1, -1), samples, out=pooled[first:last])
+            guide = self.conv_guide(images[first:last].permute(0, 3, 1, 2))
+            choice[first:last] = first_max_index(guide, 1).reshape(last - first, -1)
 
-        def pad_input(b: int) -> None:
-            padded[b] = F.pad(x[b].permute(1, 2, 0), (0, 0, pad, pad, pad, pad))
-
-        tasks = [partial(generate, rho) for rho in range(regions)]
-        tasks += [partial(pad_input, b) for b in range(batch)]
+        rows[0].zero_()
+        tasks = [lambda: generator.append(self._generator_matrix())]
+        tasks += [partial(prepare, *samples) for samples in _sample_ranges(batch, pixels_in)]
         parallel_for(_call, tasks, x.device)
-        out = x.new_empty((batch, out_channels, out_h * out_w))
-        row_bytes = out_w * k * k * channels * x.element_size()
-        bands = _bands(out_h, row_bytes)
-        geometry = (k, stride, pad, dilation)
+        with one_intra_op_thread():
+            features = self._features_from_pooled(pooled)
+        out = x.new_empty((batch, out_channels, pixels_out))
+        kernel_shape = (regions, taps * channels, out_channels)
 
-        def run_piece(piece: tuple[int, int, int]) -> None:
-            b, top, bottom = piece
-            pixels = (bottom - top) * out_w
-            windows = im2col_windows(padded[b], geometry, out_w, top, bottom)
+        def generate(b: int, kernels: Tensor) -> Tensor:
+            """Sample b's kernels (r, K·K·C, O) into ``kernels``, as :meth:`_tap_major_kernels`."""
+            torch.bmm(features[b], generator[0], out=kernels.view(regions, taps, -1))
+            return kernels
+
+        def run_band(b: int, kernels: Tensor, top: int, bottom: int) -> None:
+            first, last = top * out_w, bottom * out_w
+            band_choice = choice[b, first:last]
+            order = torch.argsort(band_choice, stable=True)
+            counts = torch.bincount(band_choice, minlength=regions).tolist()
             # Band temporaries in per-thread scratch buffers: fresh multi-MiB blocks would
             # fault in page by page on every call.
-            rows = scratch("drconv.rows", (pixels, k * k * channels), x)
-            rows.view(windows.shape).copy_(windows)
-            # r x pixels, as (weight x rows) ᵀ: 4x faster than rows x weight, whose output is
-            # only r wide.
-            guide = torch.mm(guide_weight, rows.t())
-            if guide_bias is not None:
-                guide += guide_bias
-            choice = first_max_index(guide, 0)
-            order = torch.argsort(choice, stable=True)
-            counts = torch.bincount(choice, minlength=regions).tolist()
-            by_region = scratch("drconv.sorted_rows", tuple(rows.shape), x)
-            product = segment_mm(
-                torch.index_select(rows, 0, order, out=by_region), kernels[:, b], counts
-            )
+            by_region = scratch("drconv.sorted_rows", (last - first, taps * channels), x)
+            sources = window_index[first:last].index_select(0, order)
+            sources.add_(1 + b * pixels_in).clamp_(min=0)  # sample b's rows; padding: row 0
+            torch.index_select(rows, 0, sources.view(-1), out=by_region.view(-1, channels))
+            product = segment_mm(by_region, kernels, counts)
             result = scratch("drconv.result", tuple(product.shape), x).index_copy_(
                 0, order, product
             )
-            out[b, :, top * out_w : bottom * out_w].copy_(result.t())
+            out[b, :, first:last].copy_(result.t())
 
-        pieces = [(b, top, bottom) for b in range(batch) for top, bottom in bands]
-        parallel_for(run_piece, pieces, x.device)
+        bands = _bands(out_h, out_w * taps * channels * x.element_size())
+        if len(bands) == 1:
+
+            def run_sample(b: int) -> None:
+                kernels = generate(b, scratch("drconv.kernels", kernel_shape, x))
+                run_band(b, kernels, 0, out_h)
+
+            parallel_for(run_sample, range(batch), x.device)
+        else:
+            kernels = x.new_empty((batch, *kernel_shape))
+            parallel_for(lambda b: generate(b, kernels[b]), range(batch), x.device)
+            pieces = [(b, top, bottom) for b in range(batch) for top, bottom in bands]
+            parallel_for(lambda p: run_band(p[0], kernels[p[0]], *p[1:]), pieces, x.device)
         return out.view(batch, out_channels, out_h, out_w)
+
+    def _features_from_pooled(self, pooled: Tensor) -> Tensor:
+        """The generator's input [features, 1] per sample, region and tap, (B, r, K², r + 1),
+        from the adaptively pooled input (B, K², C): ``conv_kernel``'s 1x1 conv and sigmoid
+        (:meth:`_kernel_features`, samples first)."""
+        batch, taps, channels = pooled.shape
+        regions, k = self.region_num, self.kernel_size
+        image = pooled.transpose(1, 2).reshape(batch, channels, k, k)
+        reduced = self.conv_kernel[2](self.conv_kernel[1](image))  # (B, r², K, K)
+        features = pooled.new_empty((batch, regions, taps, regions + 1))
+        features[..., :regions] = reduced.view(batch, regions, regions, taps).transpose(2, 3)
+        features[..., regions] = 1
+        return features
 
     def extra_repr(self) -> str:
         return (
