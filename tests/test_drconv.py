@@ -347,3 +347,41 @@ def test_cached_geometry_made_in_inference_mode_serves_later_calls():
     with torch.no_grad():
         assert torch.equal(block(x), first)
     assert not drconv_module._window_index(6, 7, (3, 1, 1, 1), x.device).is_inference()
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_under_cpu_autocast_it_computes_as_a_float32_op(low, mode):
+    """Under autocast the 1/r and chosen-region paths run with autocast off in the weights'
+    dtype: the same outputs and gradients as without autocast, also when the input arrives
+    in the autocast dtype from an earlier layer."""
+    block = _block(CONFIGS[0]).train(mode == "train")
+    x = _input(CONFIGS[0], batch=3)
+    with torch.set_grad_enabled(mode == "train"):
+        expected = block(x)
+        with torch.autocast("cpu", dtype=low):
+            got = block(x)
+            from_low = block(x.to(low))
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(from_low, block(x.to(low).float()))
+    if mode == "train":
+        grads = torch.autograd.grad(got.square().sum(), list(block.parameters()))
+        want = torch.autograd.grad(expected.square().sum(), list(block.parameters()))
+        for ours, reference in zip(grads, want, strict=True):
+            assert torch.equal(ours, reference)
+
+
+def test_reference_form_and_corr_on_an_empty_batch():
+    """The batch-folded grouped convolution would have zero groups: an empty result of the
+    right shape instead, zero gradients, and a too-small input still refused."""
+    block = _block(CONFIGS[2])
+    x = torch.randn(0, 3, 12, 10, requires_grad=True)
+    out = block.forward_reference(x)
+    assert out.shape == (0, 5, 8, 6)  # K5, padding 2, dilation 2
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    kernels = torch.randn(0, 4, 3, 3, 3)
+    assert corr_reference(x.detach(), kernels, 1, 1, 1, 1).shape == (0, 4, 12, 10)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        block.forward_reference(torch.randn(0, 3, 2, 2))

@@ -330,6 +330,14 @@ class DRConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if torch.is_autocast_enabled(x.device.type) and not self._tracing_or_standard():
+            # The 1/r and chosen-region paths multiply the input with the weights directly,
+            # in their dtype: under autocast they run as a float32 op does, with autocast
+            # off on the input cast to the weights' dtype (it may arrive in the autocast
+            # dtype), and return that dtype. (On this CPU a float32 matmul is also faster
+            # than a bfloat16 one.)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.to(self.conv_guide.weight.dtype))
         if self.uses_fast_path(x):
             return self._forward_fast(x)
         if self._tracing_or_standard() or not self._needs_grad(x):

@@ -118,11 +118,28 @@ def corr_reference(
 ) -> Tensor:
     """One ``F.conv2d`` per sample: the obvious formulation, the reference in tests."""
     _check_args(x, kernel, groups, stride, padding, dilation)
+    if x.shape[0] == 0:
+        return _empty_output(x, kernel, stride, padding, dilation)
     outputs = [
         F.conv2d(x[i : i + 1], kernel[i], None, stride, padding, dilation, groups)
         for i in range(x.shape[0])
     ]
     return torch.cat(outputs, dim=0)
+
+
+def _empty_output(x: Tensor, kernel: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    """The (0, O, H', W') result of an empty batch (the batch-folded convolution would have
+    zero groups), after the size check a convolution makes."""
+    kh, kw = kernel.shape[3], kernel.shape[4]
+    out_h = corr_output_size(x.shape[2], kh, stride, padding, dilation)
+    out_w = corr_output_size(x.shape[3], kw, stride, padding, dilation)
+    if out_h < 1 or out_w < 1:
+        raise RuntimeError(
+            f"corr: Kernel size can't be greater than actual input size: the {kh}x{kw} kernel "
+            f"(dilation {dilation}) does not fit the {x.shape[2]}x{x.shape[3]} input with "
+            f"padding {padding}"
+        )
+    return x.new_empty((0, kernel.shape[1], out_h, out_w))
 
 
 def _grouped_geometry(x: Tensor, kernel: Tensor, groups: int):
@@ -143,6 +160,8 @@ def _corr_op(
     dilation: int = 1,
 ) -> Tensor:
     _check_args(x, kernel, groups, stride, padding, dilation)
+    if x.shape[0] == 0:
+        return _empty_output(x, kernel, stride, padding, dilation)
     folded_x, folded_kernel, folded_groups = _grouped_geometry(x, kernel, groups)
     out = F.conv2d(folded_x, folded_kernel, None, stride, padding, dilation, folded_groups)
     return out.reshape(x.shape[0], kernel.shape[1], out.shape[2], out.shape[3])
@@ -173,6 +192,10 @@ def _corr_setup_context(ctx, inputs, output) -> None:
 def _corr_backward(ctx, grad_output: Tensor):
     x, kernel = ctx.saved_tensors
     groups, stride, padding, dilation = ctx.params
+    if x.shape[0] == 0:  # nothing flowed through; the folded convolution would have no groups
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_kernel = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_kernel, None, None, None, None
     folded_x, folded_kernel, folded_groups = _grouped_geometry(x, kernel, groups)
     folded_grad = grad_output.reshape(1, -1, grad_output.shape[2], grad_output.shape[3])
     grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
