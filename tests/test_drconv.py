@@ -333,20 +333,65 @@ def test_fast_path_takes_any_input_layout(layout):
         assert _rel(block(strided), block.forward_reference(x)) <= 1e-12
 
 
-def test_cached_geometry_made_in_inference_mode_serves_later_calls():
-    """The window index and pooling matrix are cached across calls; the first call's
-    inference mode must not make them inference tensors that later calls cannot use."""
+def test_cached_window_index_made_in_inference_mode_serves_later_calls():
+    """Window index tables are cached across calls; the first call's inference mode must
+    not make them inference tensors that later calls cannot use."""
     import reparam.blocks.drconv as drconv_module
 
-    drconv_module._window_index.cache_clear()
-    drconv_module._pooling_rows.cache_clear()
+    drconv_module._cached_window_index.cache_clear()
     block = DRConv2d(3, 4, 3, region_num=4, padding=1).eval()
     x = torch.randn(2, 3, 6, 7)
     with torch.inference_mode():
         first = block(x).clone()
     with torch.no_grad():
         assert torch.equal(block(x), first)
-    assert not drconv_module._window_index(6, 7, (3, 1, 1, 1), x.device).is_inference()
+    cached = drconv_module._window_index(6, 7, (3, 1, 1, 1), x.device, 0, 6)
+    assert not cached.is_inference()
+    assert drconv_module._cached_window_index.cache_info().currsize == 1
+
+
+def test_large_window_tables_and_kernels_are_not_kept(monkeypatch):
+    """Above their bounds, the window index is made per call and a sample's kernels get a
+    fresh tensor instead of a per-thread buffer kept for the thread's life."""
+    import reparam.blocks.drconv as drconv_module
+    from reparam.ops import workspace
+
+    monkeypatch.setattr(drconv_module, "_WINDOW_CACHE_BYTES", 0)
+    monkeypatch.setattr(drconv_module, "_BAND_BYTES", 4096)  # one band; kernels 36 KiB
+    drconv_module._cached_window_index.cache_clear()
+    block = DRConv2d(2, 64, 3, region_num=8, padding=1).double().eval()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    key = ("drconv.kernels", torch.float64)
+    buffers = workspace._local.__dict__.setdefault("buffers", {})
+    buffers.pop(key, None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every sample on this thread, whose buffers we can see
+    try:
+        with torch.no_grad():
+            assert _rel(block(x), block.forward_reference(x)) <= 1e-12
+    finally:
+        torch.set_num_threads(threads)
+    assert drconv_module._cached_window_index.cache_info().currsize == 0
+    assert key not in buffers
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_meta_and_fake_inputs_take_the_reference_form(mode):
+    """Without values to read (meta device, fake tensors) the 1/r path cannot count its
+    regions: shapes come from the reference formulation, and nothing fake is cached."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    block = DRConv2d(4, 6, 3, region_num=4, padding=1).train(mode == "train")
+    meta_block = DRConv2d(4, 6, 3, region_num=4, padding=1).to("meta").train(mode == "train")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert meta_block(torch.empty(2, 4, 10, 10, device="meta")).shape == (2, 6, 10, 10)
+    x = torch.randn(2, 4, 11, 13)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.no_grad():
+        assert not block.uses_fast_path(fake.from_tensor(x))
+        assert block(fake.from_tensor(x)).shape == (2, 6, 11, 13)
+    with torch.no_grad():
+        assert _rel(block(x), block.forward_reference(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

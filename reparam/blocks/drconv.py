@@ -48,6 +48,7 @@ exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -61,7 +62,7 @@ from reparam.blocks.region_corr import (
 )
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, corr_output_size, get_corr_mode
-from reparam.ops.pooling import AdaptiveAvgPool2dExact, pooling_matrix
+from reparam.ops.pooling import AdaptiveAvgPool2dExact
 from reparam.ops.segment_mm import segment_mm
 from reparam.ops.threads import one_intra_op_thread, parallel_for
 from reparam.ops.workspace import scratch
@@ -81,6 +82,9 @@ _BAND_BYTES = 4 << 20
 # larger ops keep threads from queueing for the GIL (B8 32², 2 CPU cores: 1.9-2.3 ms with
 # ranges of 4 images, 3.3-3.7 ms with one image per chunk).
 _RANGE_PIXELS = 4096
+# Window index tables (int64, K² per output pixel) up to this size are kept between calls,
+# 32 at most: a 32² output with K = 3 takes 72 KiB.
+_WINDOW_CACHE_BYTES = 1 << 20
 
 
 def _hard_index(guide: Tensor, channels: int) -> Tensor:
@@ -153,21 +157,31 @@ def _bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
 _PADDING_TAP = -(1 << 62)
 
 
-@functools.lru_cache(maxsize=16)
-def _window_index(height: int, width: int, geometry, device: torch.device) -> Tensor:
-    """(H'·W', K·K) int64: for output pixel p = u·W' + v and tap t = i·K + j, the input pixel
-    the tap reads, y·W + x with y = s·u + d·i − pad, x = s·v + d·j − pad, or _PADDING_TAP
-    where (y, x) lies in the zero padding. Cached per geometry; read only."""
+def _window_index(height: int, width: int, geometry, device, top: int, bottom: int) -> Tensor:
+    """((bottom − top)·W', K·K) int64: for output pixel p = u·W' + v of output rows top ..
+    bottom − 1 and tap t = i·K + j, the input pixel the tap reads, y·W + x with
+    y = s·u + d·i − pad, x = s·v + d·j − pad, or _PADDING_TAP where (y, x) lies in the zero
+    padding. Read only: tables up to _WINDOW_CACHE_BYTES are cached per geometry."""
+    out_w = corr_output_size(width, *geometry)
+    if (bottom - top) * out_w * geometry[0] ** 2 * 8 <= _WINDOW_CACHE_BYTES:
+        return _cached_window_index(height, width, geometry, device, top, bottom)
+    return _make_window_index(height, width, geometry, device, top, bottom)
+
+
+def _make_window_index(height: int, width: int, geometry, device, top: int, bottom: int):
     k, stride, pad, dilation = geometry
-    out_h, out_w = (corr_output_size(n, *geometry) for n in (height, width))
+    out_w = corr_output_size(width, *geometry)
     with torch.inference_mode(False):  # usable whatever mode the first call ran in
         taps = torch.arange(k, device=device) * dilation
-        ys = (torch.arange(out_h, device=device) * stride - pad).unsqueeze(1) + taps
+        ys = (torch.arange(top, bottom, device=device) * stride - pad).unsqueeze(1) + taps
         xs = (torch.arange(out_w, device=device) * stride - pad).unsqueeze(1) + taps
-        ys, xs = ys.view(out_h, 1, k, 1), xs.view(1, out_w, 1, k)
+        ys, xs = ys.view(bottom - top, 1, k, 1), xs.view(1, out_w, 1, k)
         inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
         index = torch.where(inside, ys * width + xs, _PADDING_TAP)
-    return index.view(out_h * out_w, k * k)
+    return index.view((bottom - top) * out_w, k * k)
+
+
+_cached_window_index = functools.lru_cache(maxsize=32)(_make_window_index)
 
 
 def _sample_ranges(batch: int, pixels: int) -> list[tuple[int, int]]:
@@ -177,19 +191,26 @@ def _sample_ranges(batch: int, pixels: int) -> list[tuple[int, int]]:
     return [(first, min(first + step, batch)) for first in range(0, batch, step)]
 
 
-@functools.lru_cache(maxsize=16)
-def _pooling_rows(height: int, width: int, k: int, dtype: torch.dtype, device) -> Tensor:
-    """Adaptive average pooling to K x K as one (K², H·W) matrix, P_h ⊗ P_w, for an image's
-    channels-last rows (H·W, C) (:func:`~reparam.ops.pooling.pooling_matrix`). Cached; read
-    only."""
-    with torch.inference_mode(False):
-        like = torch.empty(0, dtype=dtype, device=device)
-        rows, cols = pooling_matrix(height, k, like), pooling_matrix(width, k, like)
-        return torch.kron(rows.unsqueeze(1), cols).view(k * k, height * width)
-
-
 def _call(task: Callable[[], object]) -> None:
     task()
+
+
+def _autocasting(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (False for devices without autocast)."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+def _without_data(x: Tensor) -> bool:
+    """Whether ``x`` has no values to read (meta device, or a fake tensor): the 1/r path
+    reads the region counts back, so such inputs take the reference formulation."""
+    if x.device.type == "meta":
+        return True
+    try:
+        from torch._guards import detect_fake_mode
+    except ImportError:  # a torch without it has no fake tensors of this kind either
+        return False
+    return detect_fake_mode((x,)) is not None  # a fake input, or a fake mode active
 
 
 class DRConv2d(nn.Module):
@@ -330,14 +351,14 @@ class DRConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if torch.is_autocast_enabled(x.device.type) and not self._tracing_or_standard():
+        if _autocasting(x) and not self._tracing_or_standard():
             # The 1/r and chosen-region paths multiply the input with the weights directly,
             # in their dtype: under autocast they run as a float32 op does, with autocast
             # off on the input cast to the weights' dtype (it may arrive in the autocast
             # dtype), and return that dtype. (On this CPU a float32 matmul is also faster
             # than a bfloat16 one.)
             with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x.to(self.conv_guide.weight.dtype))
+                return self.forward(x.to(next(self.parameters()).dtype))
         if self.uses_fast_path(x):
             return self._forward_fast(x)
         if self._tracing_or_standard() or not self._needs_grad(x):
@@ -363,6 +384,7 @@ class DRConv2d(nn.Module):
             and self.region_num >= _FAST_MIN_REGIONS
             and not self._tracing_or_standard()
             and not self._needs_grad(x)
+            and not _without_data(x)
         )
 
     @staticmethod
@@ -383,10 +405,11 @@ class DRConv2d(nn.Module):
 
         1. Per range of a few samples (:func:`_sample_ranges`): their input as
            channels-last rows, after one zero row shared by the batch; their adaptive
-           average pools, one matmul each with the pooling matrix P_h ⊗ P_w; their guide
-           (the guide conv on the channels-last view) and each pixel's region (the first
-           argmax). Beside the ranges, one chunk turns the kernel generator's weights into
-           :meth:`_generator_matrix`.
+           average pool (``conv_kernel[0]``); their guide (``conv_guide`` on the
+           channels-last view) and each pixel's region (the first argmax). Beside the
+           ranges, one chunk turns the kernel generator's weights into
+           :meth:`_generator_matrix`. The submodules run once per range, on whichever
+           thread takes it: their hooks see ranges of samples, not the batch.
         2. For the batch: the generator's features, ``conv_kernel``'s 1x1 conv and sigmoid
            of the pooled input (two small ops).
         3. Per sample: its r kernels, one generator matmul; then, in bands of a few output
@@ -412,12 +435,10 @@ class DRConv2d(nn.Module):
         if out_h < 1 or out_w < 1:  # the reference's convolution says why, in its words
             return self.forward_reference(x)
         pixels_in, pixels_out, taps = height * width, out_h * out_w, k * k
-        window_index = _window_index(height, width, geometry, x.device)
-        pooling = _pooling_rows(height, width, k, x.dtype, x.device)
         # All samples' channels-last rows, after one zero row that padding taps read.
         rows = x.new_empty((1 + batch * pixels_in, channels))
         images = rows[1:].view(batch, height, width, channels)
-        pooled = x.new_empty((batch, taps, channels))
+        pooled = x.new_empty((batch, channels, k, k))
         choice = torch.empty((batch, pixels_out), dtype=torch.long, device=x.device)
         generator: list[Tensor] = []
 
@@ -427,7 +448,7 @@ class DRConv2d(nn.Module):
                 # A 2-D transpose: torch's fastest layout change (3-D permute copies are
                 # slower).
                 samples[b - first].copy_(x[b].reshape(channels, pixels_in).t())
-            torch.bmm(pooling.expand(last - first, -1, -1), samples, out=pooled[first:last])
+            pooled[first:last] = self.conv_kernel[0](x[first:last])  # adaptive pool to KxK
             guide = self.conv_guide(images[first:last].permute(0, 3, 1, 2))
             choice[first:last] = first_max_index(guide, 1).reshape(last - first, -1)
 
@@ -454,7 +475,8 @@ class DRConv2d(nn.Module):
             # Band temporaries in per-thread scratch buffers: fresh multi-MiB blocks would
             # fault in page by page on every call.
             by_region = scratch("drconv.sorted_rows", (last - first, taps * channels), x)
-            sources = window_index[first:last].index_select(0, order)
+            window_index = _window_index(height, width, geometry, x.device, top, bottom)
+            sources = window_index.index_select(0, order)
             sources.add_(1 + b * pixels_in).clamp_(min=0)  # sample b's rows; padding: row 0
             torch.index_select(rows, 0, sources.view(-1), out=by_region.view(-1, channels))
             product = segment_mm(by_region, kernels, counts)
@@ -465,9 +487,12 @@ class DRConv2d(nn.Module):
 
         bands = _bands(out_h, out_w * taps * channels * x.element_size())
         if len(bands) == 1:
+            # A sample's kernels in a per-thread scratch buffer, unless they are large.
+            small = math.prod(kernel_shape) * x.element_size() <= _BAND_BYTES
 
             def run_sample(b: int) -> None:
-                kernels = generate(b, scratch("drconv.kernels", kernel_shape, x))
+                buffer = scratch("drconv.kernels", kernel_shape, x) if small else None
+                kernels = generate(b, x.new_empty(kernel_shape) if buffer is None else buffer)
                 run_band(b, kernels, 0, out_h)
 
             parallel_for(run_sample, range(batch), x.device)
@@ -480,12 +505,10 @@ class DRConv2d(nn.Module):
 
     def _features_from_pooled(self, pooled: Tensor) -> Tensor:
         """The generator's input [features, 1] per sample, region and tap, (B, r, K², r + 1),
-        from the adaptively pooled input (B, K², C): ``conv_kernel``'s 1x1 conv and sigmoid
-        (:meth:`_kernel_features`, samples first)."""
-        batch, taps, channels = pooled.shape
-        regions, k = self.region_num, self.kernel_size
-        image = pooled.transpose(1, 2).reshape(batch, channels, k, k)
-        reduced = self.conv_kernel[2](self.conv_kernel[1](image))  # (B, r², K, K)
+        from the adaptively pooled input (B, C, K, K): ``conv_kernel``'s 1x1 conv and
+        sigmoid (:meth:`_kernel_features`, samples first)."""
+        batch, taps, regions = pooled.shape[0], self.kernel_size**2, self.region_num
+        reduced = self.conv_kernel[2](self.conv_kernel[1](pooled))  # (B, r², K, K)
         features = pooled.new_empty((batch, regions, taps, regions + 1))
         features[..., :regions] = reduced.view(batch, regions, regions, taps).transpose(2, 3)
         features[..., regions] = 1
