@@ -430,3 +430,23 @@ def test_reference_form_and_corr_on_an_empty_batch():
     assert corr_reference(x.detach(), kernels, 1, 1, 1, 1).shape == (0, 4, 12, 10)
     with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
         block.forward_reference(torch.randn(0, 3, 2, 2))
+
+
+def test_fast_path_honours_a_replaced_or_hooked_pool():
+    """The 1/r path pools with its own averaging matrices only for the block's adaptive
+    average pool: a replaced pool (here a max pool) is called, and so are a hooked pool's
+    hooks."""
+    block = _block(CONFIGS[0], torch.float64).eval()
+    x = _input(CONFIGS[0], torch.float64, batch=3)
+    block.conv_kernel[0] = nn.AdaptiveMaxPool2d(3)
+    with torch.no_grad():
+        assert block.uses_fast_path(x)
+        assert _rel(block(x), block.forward_reference(x)) <= 1e-12
+    block = _block(CONFIGS[0], torch.float64).eval()
+    seen = []
+    block.conv_kernel[0].register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    with torch.no_grad():
+        fast = block(x)
+    assert sum(seen) == 3  # every sample pooled by the module, in ranges
+    with torch.no_grad():
+        assert _rel(fast, block.forward_reference(x)) <= 1e-12

@@ -62,7 +62,7 @@ from reparam.blocks.region_corr import (
 )
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, corr_output_size, get_corr_mode
-from reparam.ops.pooling import AdaptiveAvgPool2dExact
+from reparam.ops.pooling import AdaptiveAvgPool2dExact, pooling_matrix
 from reparam.ops.segment_mm import segment_mm
 from reparam.ops.threads import one_intra_op_thread, parallel_for
 from reparam.ops.workspace import scratch
@@ -193,6 +193,24 @@ def _sample_ranges(batch: int, pixels: int) -> list[tuple[int, int]]:
 
 def _call(task: Callable[[], object]) -> None:
     task()
+
+
+@functools.lru_cache(maxsize=32)
+def _pooling_matrix(length: int, k: int, dtype: torch.dtype, device) -> Tensor:
+    """:func:`~reparam.ops.pooling.pooling_matrix` (K, L), cached; read only."""
+    with torch.inference_mode(False):  # usable whatever mode the first call ran in
+        return pooling_matrix(length, k, torch.empty(0, dtype=dtype, device=device))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own, or global module hooks)."""
+    from torch.nn.modules import module as module_globals
+
+    own = module._forward_hooks or module._forward_pre_hooks
+    every = getattr(module_globals, "_global_forward_hooks", None) or getattr(
+        module_globals, "_global_forward_pre_hooks", None
+    )
+    return bool(own or every)
 
 
 def _autocasting(x: Tensor) -> bool:
@@ -405,11 +423,12 @@ class DRConv2d(nn.Module):
 
         1. Per range of a few samples (:func:`_sample_ranges`): their input as
            channels-last rows, after one zero row shared by the batch; their adaptive
-           average pool (``conv_kernel[0]``); their guide (``conv_guide`` on the
-           channels-last view) and each pixel's region (the first argmax). Beside the
-           ranges, one chunk turns the kernel generator's weights into
-           :meth:`_generator_matrix`. The submodules run once per range, on whichever
-           thread takes it: their hooks see ranges of samples, not the batch.
+           average pool, P_h · X · P_wᵀ on those rows (``conv_kernel[0]`` itself when it
+           was replaced or is hooked); their guide (``conv_guide`` on the channels-last
+           view) and each pixel's region (the first argmax). Beside the ranges, one chunk
+           turns the kernel generator's weights into :meth:`_generator_matrix`. The
+           submodules called here run once per range, on whichever thread takes it: their
+           hooks see ranges of samples, not the batch.
         2. For the batch: the generator's features, ``conv_kernel``'s 1x1 conv and sigmoid
            of the pooled input (two small ops).
         3. Per sample: its r kernels, one generator matmul; then, in bands of a few output
@@ -435,6 +454,7 @@ class DRConv2d(nn.Module):
         if out_h < 1 or out_w < 1:  # the reference's convolution says why, in its words
             return self.forward_reference(x)
         pixels_in, pixels_out, taps = height * width, out_h * out_w, k * k
+        pool_rows = self._pooling_matrices(height, width, x)
         # All samples' channels-last rows, after one zero row that padding taps read.
         rows = x.new_empty((1 + batch * pixels_in, channels))
         images = rows[1:].view(batch, height, width, channels)
@@ -448,7 +468,12 @@ class DRConv2d(nn.Module):
                 # A 2-D transpose: torch's fastest layout change (3-D permute copies are
                 # slower).
                 samples[b - first].copy_(x[b].reshape(channels, pixels_in).t())
-            pooled[first:last] = self.conv_kernel[0](x[first:last])  # adaptive pool to KxK
+            if pool_rows is None:  # a replaced or hooked pool: the module itself
+                pooled[first:last] = self.conv_kernel[0](x[first:last])
+            else:  # P_h · X · P_wᵀ on the channels-last rows just written (still in cache)
+                across = torch.matmul(pool_rows[1], images[first:last])  # (n, H, K, C)
+                down = torch.matmul(pool_rows[0], across.reshape(last - first, height, -1))
+                pooled[first:last] = down.view(last - first, k, k, channels).permute(0, 3, 1, 2)
             guide = self.conv_guide(images[first:last].permute(0, 3, 1, 2))
             choice[first:last] = first_max_index(guide, 1).reshape(last - first, -1)
 
@@ -502,6 +527,17 @@ class DRConv2d(nn.Module):
             pieces = [(b, top, bottom) for b in range(batch) for top, bottom in bands]
             parallel_for(lambda p: run_band(p[0], kernels[p[0]], *p[1:]), pieces, x.device)
         return out.view(batch, out_channels, out_h, out_w)
+
+    def _pooling_matrices(self, height: int, width: int, like: Tensor):
+        """(P_h, P_w), the (K, H) and (K, W) averaging matrices of ``conv_kernel[0]``, when
+        it is the adaptive average pool to K x K that the block builds (or the seed's) and
+        no hook watches it; else None, and the fast path calls the module."""
+        pool, k = self.conv_kernel[0], self.kernel_size
+        stock = isinstance(pool, AdaptiveAvgPool2dExact | nn.AdaptiveAvgPool2d)
+        size = getattr(pool, "output_size", None)
+        if not stock or size not in ((k, k), k) or _hooked(pool):
+            return None
+        return tuple(_pooling_matrix(n, k, like.dtype, like.device) for n in (height, width))
 
     def _features_from_pooled(self, pooled: Tensor) -> Tensor:
         """The generator's input [features, 1] per sample, region and tap, (B, r, K², r + 1),
