@@ -336,10 +336,7 @@ class DRConv2d(nn.Module):
     def _kernel_features(self, x: Tensor) -> Tensor:
         """The generator's input for every sample and tap, (r, B, K², r + 1): the pooled,
         1x1-convolved, sigmoid features of region ρ's group, then a 1 for the bias."""
-        regions, k = self.region_num, self.kernel_size
-        features = self.conv_kernel[2](self.conv_kernel[1](self.conv_kernel[0](x)))
-        features = features.reshape(x.shape[0], regions, regions, k * k).permute(1, 0, 3, 2)
-        return torch.cat([features, features.new_ones((*features.shape[:-1], 1))], -1)
+        return self._features_from_pooled(self.conv_kernel[0](x)).transpose(0, 1)
 
     def _tap_major_kernels(
         self, features: Tensor, generator: Tensor, out: Tensor | None = None
@@ -516,9 +513,11 @@ class DRConv2d(nn.Module):
             small = math.prod(kernel_shape) * x.element_size() <= _BAND_BYTES
 
             def run_sample(b: int) -> None:
-                buffer = scratch("drconv.kernels", kernel_shape, x) if small else None
-                kernels = generate(b, x.new_empty(kernel_shape) if buffer is None else buffer)
-                run_band(b, kernels, 0, out_h)
+                if small:
+                    kernels = scratch("drconv.kernels", kernel_shape, x)
+                else:
+                    kernels = x.new_empty(kernel_shape)
+                run_band(b, generate(b, kernels), 0, out_h)
 
             parallel_for(run_sample, range(batch), x.device)
         else:
@@ -542,7 +541,7 @@ class DRConv2d(nn.Module):
     def _features_from_pooled(self, pooled: Tensor) -> Tensor:
         """The generator's input [features, 1] per sample, region and tap, (B, r, K², r + 1),
         from the adaptively pooled input (B, C, K, K): ``conv_kernel``'s 1x1 conv and
-        sigmoid (:meth:`_kernel_features`, samples first)."""
+        sigmoid of region ρ's group, then a 1 for the bias."""
         batch, taps, regions = pooled.shape[0], self.kernel_size**2, self.region_num
         reduced = self.conv_kernel[2](self.conv_kernel[1](pooled))  # (B, r², K, K)
         features = pooled.new_empty((batch, regions, taps, regions + 1))

@@ -39,7 +39,6 @@ __all__ = [
     "RegionCorr",
     "first_max_index",
     "im2col_rows",
-    "im2col_windows",
     "straight_through_guide_grad",
 ]
 
@@ -58,28 +57,20 @@ def straight_through_guide_grad(mixed: Tensor, guide: Tensor, dim: int) -> Tenso
     return soft * (mixed - (soft * mixed).sum(dim=dim, keepdim=True))
 
 
-def im2col_windows(padded: Tensor, geometry, out_w: int, top: int, bottom: int) -> Tensor:
-    """Output rows ``top`` .. ``bottom`` − 1's im2col windows of one zero-padded channels-last
-    sample ``padded`` (Hp, Wp, C), as a strided view (rows, W', K, K, C): window (u, v)
-    holds padded[s·u + d·i, s·v + d·j, :]."""
-    k, stride, _, dilation = geometry
-    padded_w, channels = padded.shape[1], padded.shape[2]
-    row = padded_w * channels
-    return padded.as_strided(
-        (bottom - top, out_w, k, k, channels),
-        (stride * row, stride * channels, dilation * row, dilation * channels, 1),
-        padded.storage_offset() + top * stride * row,
-    )
-
-
 def im2col_rows(x: Tensor, geometry: tuple[int, int, int, int], out_size) -> Tensor:
     """The im2col rows of one sample ``x`` (1, C, H, W): (H'·W', K·K·C), row p holding
     x_pad[:, s·u + d·i, s·v + d·j] for p = u·W' + v, ordered (i, j, c)."""
-    k, _, padding, _ = geometry
+    k, stride, padding, dilation = geometry
     out_h, out_w = out_size
     padded = F.pad(x[0].permute(1, 2, 0), (0, 0, padding, padding, padding, padding))
-    windows = im2col_windows(padded.contiguous(), geometry, out_w, 0, out_h)
-    return windows.reshape(out_h * out_w, k * k * x.shape[1])
+    padded = padded.contiguous()
+    channels = padded.shape[2]
+    row = padded.shape[1] * channels
+    windows = padded.as_strided(  # window (u, v) holds padded[s·u + d·i, s·v + d·j, :]
+        (out_h, out_w, k, k, channels),
+        (stride * row, stride * channels, dilation * row, dilation * channels, 1),
+    )
+    return windows.reshape(out_h * out_w, k * k * channels)
 
 
 def _col2im(grad_rows: Tensor, x: Tensor, geometry, out_size) -> Tensor:
