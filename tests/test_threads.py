@@ -76,6 +76,54 @@ def test_the_first_error_is_raised_and_stops_new_chunks(threads):
     assert sorted(out) == [1, 2, 3]
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_a_chunk_starts_only_after_the_chunks_it_needs_have_finished(threads, count):
+    threads(count)
+    events, lock = [], threading.Lock()
+    # Chunk 0 is slow; 1 and 2 need it, 3 needs 2, 4 needs nothing.
+    needs = [(), (0,), (0,), (2,), ()]
+
+    def work(chunk: int) -> None:
+        with lock:
+            events.append(("start", chunk))
+        if chunk == 0:
+            threading.Event().wait(0.2)
+        with lock:
+            events.append(("end", chunk))
+
+    parallel_for(work, list(range(5)), needs=needs)
+    assert sorted(c for kind, c in events if kind == "end") == [0, 1, 2, 3, 4]
+    for chunk, earlier in enumerate(needs):
+        for other in earlier:
+            assert events.index(("end", other)) < events.index(("start", chunk))
+
+
+def test_a_failed_chunk_stops_the_chunks_that_need_it_and_its_error_is_raised(threads):
+    threads(2)
+    ran, lock = [], threading.Lock()
+
+    def work(chunk: int) -> None:
+        with lock:
+            ran.append(chunk)
+        if chunk == 0:
+            threading.Event().wait(0.1)  # the other thread takes chunk 1 and waits
+            raise ValueError("chunk 0 failed")
+
+    needs = [()] + [(0,)] * 20
+    with pytest.raises(ValueError, match="chunk 0 failed"):
+        parallel_for(work, list(range(21)), needs=needs)
+    assert ran == [0]  # no chunk that needed it ran
+    assert torch.get_num_threads() == 2
+
+
+def test_needs_must_name_earlier_chunks(threads):
+    threads(2)
+    with pytest.raises(ValueError, match="chunk 1 needs \\[1\\]"):
+        parallel_for(lambda chunk: None, [0, 1], needs=[(), (1,)])
+    with pytest.raises(ValueError, match="2 chunks but 1 entries"):
+        parallel_for(lambda chunk: None, [0, 1], needs=[()])
+
+
 def test_nested_loops_run_inline_inside_a_shared_chunk(threads):
     threads(2)
     inner, lock = [], threading.Lock()

@@ -105,16 +105,27 @@ def sample_ranges(batch: int, sample_cost: int, workers: int, min_cost: int = 1 
 
 
 def parallel_for(
-    work: Callable[[Chunk], object], chunks: Sequence[Chunk], device: torch.device | str = "cpu"
+    work: Callable[[Chunk], object],
+    chunks: Sequence[Chunk],
+    device: torch.device | str = "cpu",
+    needs: Sequence[Sequence[int]] | None = None,
 ) -> None:
     """Call ``work(chunk)`` for every chunk, on up to :func:`worker_count` threads.
 
-    Chunks must be independent (each writes its own slice of a preallocated result) and
-    must not need autograd: chunks run under ``torch.no_grad()``, with the caller's
+    Chunks must not need autograd: chunks run under ``torch.no_grad()``, with the caller's
     inference mode and CPU autocast state, and one intra-op thread. Threads pull chunks in
     order from a shared counter. The first exception (Ctrl-C included) stops the others
     taking new chunks and is raised here once they have finished the chunk in hand.
+
+    Chunks are independent (each writes its own slice of a preallocated result), except
+    as ``needs`` says: ``needs[i]`` lists earlier chunks (smaller indices) whose results
+    chunk i reads; a thread that takes chunk i first waits for those to finish. Steps that
+    depend on each other thus share one call, and one meeting of the threads, instead of
+    one call per step with every thread waiting for the slowest at the end of each. Since
+    chunks are taken in order, a chunk waited for is already in some thread's hands.
     """
+    if needs is not None:
+        _check_needs(needs, len(chunks))
     available = worker_count(device)
     workers = min(len(chunks), available)
     if workers <= 1:
@@ -125,6 +136,7 @@ def parallel_for(
         return
     next_index = itertools.count()
     stop = threading.Event()
+    finished = [threading.Event() for _ in chunks] if needs is not None else []
     inference = torch.is_inference_mode_enabled()
     autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
@@ -141,11 +153,16 @@ def parallel_for(
                 index = next(next_index)  # itertools.count is atomic under the GIL
                 if index >= len(chunks):
                     return
+                if needs is not None and not _wait_for(finished, needs[index], stop):
+                    return  # a chunk it needs failed: its error is raised
                 try:
                     work(chunks[index])
                 except BaseException:
                     stop.set()
                     raise
+                finally:
+                    if needs is not None:
+                        finished[index].set()
 
     def worker_drain() -> None:
         if torch.get_num_threads() != 1:  # once per pool thread, never restored
@@ -171,6 +188,28 @@ def parallel_for(
                 error = error or exc
     if error is not None:
         raise error
+
+
+def _check_needs(needs: Sequence[Sequence[int]], count: int) -> None:
+    if len(needs) != count:
+        raise ValueError(f"parallel_for: {count} chunks but {len(needs)} entries in needs")
+    for index, earlier in enumerate(needs):
+        if any(not 0 <= other < index for other in earlier):
+            raise ValueError(
+                f"parallel_for: chunk {index} needs {list(earlier)}; a chunk can only need "
+                f"earlier chunks"
+            )
+
+
+def _wait_for(finished: list[threading.Event], earlier: Sequence[int], stop) -> bool:
+    """Wait until every chunk in ``earlier`` has finished; False if the loop was stopped
+    first (a chunk failed, or Ctrl-C reached the caller, perhaps before the chunk it had
+    just taken started: then nothing would ever mark that chunk finished)."""
+    for other in earlier:
+        while not finished[other].wait(0.05):
+            if stop.is_set():
+                return False
+    return not stop.is_set()
 
 
 @contextmanager
