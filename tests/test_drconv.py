@@ -336,29 +336,30 @@ def test_fast_path_takes_any_input_layout(layout):
 def test_cached_window_index_made_in_inference_mode_serves_later_calls():
     """Window index tables are cached across calls; the first call's inference mode must
     not make them inference tensors that later calls cannot use."""
-    import reparam.blocks.drconv as drconv_module
+    import reparam.blocks.region_corr as region_corr
 
-    drconv_module._cached_window_index.cache_clear()
+    region_corr._cached_window_index.cache_clear()
     block = DRConv2d(3, 4, 3, region_num=4, padding=1).eval()
     x = torch.randn(2, 3, 6, 7)
     with torch.inference_mode():
         first = block(x).clone()
     with torch.no_grad():
         assert torch.equal(block(x), first)
-    cached = drconv_module._window_index(6, 7, (3, 1, 1, 1), x.device, 0, 6)
+    cached = region_corr.window_index(6, 7, (3, 1, 1, 1), x.device, 0, 6)
     assert not cached.is_inference()
-    assert drconv_module._cached_window_index.cache_info().currsize == 1
+    assert region_corr._cached_window_index.cache_info().currsize == 1
 
 
 def test_large_window_tables_and_kernels_are_not_kept(monkeypatch):
     """Above their bounds, the window index is made per call and a sample's kernels get a
     fresh tensor instead of a per-thread buffer kept for the thread's life."""
     import reparam.blocks.drconv as drconv_module
+    import reparam.blocks.region_corr as region_corr
     from reparam.ops import workspace
 
-    monkeypatch.setattr(drconv_module, "_WINDOW_CACHE_BYTES", 0)
+    monkeypatch.setattr(region_corr, "_WINDOW_CACHE_BYTES", 0)
     monkeypatch.setattr(drconv_module, "_BAND_BYTES", 4096)  # one band; kernels 36 KiB
-    drconv_module._cached_window_index.cache_clear()
+    region_corr._cached_window_index.cache_clear()
     block = DRConv2d(2, 64, 3, region_num=8, padding=1).double().eval()
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     key = ("drconv.kernels", torch.float64)
@@ -371,7 +372,7 @@ def test_large_window_tables_and_kernels_are_not_kept(monkeypatch):
             assert _rel(block(x), block.forward_reference(x)) <= 1e-12
     finally:
         torch.set_num_threads(threads)
-    assert drconv_module._cached_window_index.cache_info().currsize == 0
+    assert region_corr._cached_window_index.cache_info().currsize == 0
     assert key not in buffers
 
 

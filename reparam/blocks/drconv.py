@@ -59,6 +59,7 @@ from reparam.blocks.region_corr import (
     RegionCorr,
     first_max_index,
     straight_through_guide_grad,
+    window_index,
 )
 from reparam.errors import BlockConfigError, UserInputError
 from reparam.ops.corr import corr, corr_output_size, get_corr_mode
@@ -82,9 +83,6 @@ _BAND_BYTES = 4 << 20
 # larger ops keep threads from queueing for the GIL (B8 32², 2 CPU cores: 1.9-2.3 ms with
 # ranges of 4 images, 3.3-3.7 ms with one image per chunk).
 _RANGE_PIXELS = 4096
-# Window index tables (int64, K² per output pixel) up to this size are kept between calls,
-# 32 at most: a 32² output with K = 3 takes 72 KiB.
-_WINDOW_CACHE_BYTES = 1 << 20
 
 
 def _hard_index(guide: Tensor, channels: int) -> Tensor:
@@ -150,38 +148,6 @@ def _bands(rows: int, row_bytes: int) -> list[tuple[int, int]]:
     _BAND_BYTES each. Independent of the thread count, so the results are too."""
     step = max(1, _BAND_BYTES // max(1, row_bytes))
     return [(top, min(top + step, rows)) for top in range(0, rows, step)]
-
-
-# Where a window tap falls in the zero padding, _window_index gives this: any sample's row
-# offset added to it stays negative, and the gather clamps it to row 0, the zero row.
-_PADDING_TAP = -(1 << 62)
-
-
-def _window_index(height: int, width: int, geometry, device, top: int, bottom: int) -> Tensor:
-    """((bottom − top)·W', K·K) int64: for output pixel p = u·W' + v of output rows top ..
-    bottom − 1 and tap t = i·K + j, the input pixel the tap reads, y·W + x with
-    y = s·u + d·i − pad, x = s·v + d·j − pad, or _PADDING_TAP where (y, x) lies in the zero
-    padding. Read only: tables up to _WINDOW_CACHE_BYTES are cached per geometry."""
-    out_w = corr_output_size(width, *geometry)
-    if (bottom - top) * out_w * geometry[0] ** 2 * 8 <= _WINDOW_CACHE_BYTES:
-        return _cached_window_index(height, width, geometry, device, top, bottom)
-    return _make_window_index(height, width, geometry, device, top, bottom)
-
-
-def _make_window_index(height: int, width: int, geometry, device, top: int, bottom: int):
-    k, stride, pad, dilation = geometry
-    out_w = corr_output_size(width, *geometry)
-    with torch.inference_mode(False):  # usable whatever mode the first call ran in
-        taps = torch.arange(k, device=device) * dilation
-        ys = (torch.arange(top, bottom, device=device) * stride - pad).unsqueeze(1) + taps
-        xs = (torch.arange(out_w, device=device) * stride - pad).unsqueeze(1) + taps
-        ys, xs = ys.view(bottom - top, 1, k, 1), xs.view(1, out_w, 1, k)
-        inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        index = torch.where(inside, ys * width + xs, _PADDING_TAP)
-    return index.view((bottom - top) * out_w, k * k)
-
-
-_cached_window_index = functools.lru_cache(maxsize=32)(_make_window_index)
 
 
 def _sample_ranges(batch: int, pixels: int) -> list[tuple[int, int]]:
@@ -430,8 +396,9 @@ class DRConv2d(nn.Module):
         2. Per sample: its r kernels, one generator matmul; then, in bands of a few output
            rows: the band's pixels sorted by region, their im2col rows gathered in that
            order by one row gather from the channels-last rows (a tap in the zero padding
-           reads the zero row: :func:`_window_index`), one segment matmul of each region's
-           rows with that region's kernel, the results put back in pixel order. No im2col
+           reads the zero row: :func:`~reparam.blocks.region_corr.window_index`), one
+           segment matmul of each region's rows with that region's kernel, the results put
+           back in pixel order. No im2col
            row is written twice. A sample whose im2col rows fit in one band is one chunk,
            its kernels and rows made and used by one thread while they are in cache; a
            larger one has its bands shared out, also in a batch of one.
@@ -499,8 +466,8 @@ class DRConv2d(nn.Module):
             # Band temporaries in per-thread scratch buffers: fresh multi-MiB blocks would
             # fault in page by page on every call.
             by_region = scratch("drconv.sorted_rows", (last - first, taps * channels), x)
-            window_index = _window_index(height, width, geometry, x.device, top, bottom)
-            sources = window_index.index_select(0, order)
+            windows = window_index(height, width, geometry, x.device, top, bottom)
+            sources = windows.index_select(0, order)
             sources.add_(1 + b * pixels_in).clamp_(min=0)  # sample b's rows; padding: row 0
             torch.index_select(rows, 0, sources.view(-1), out=by_region.view(-1, channels))
             product = segment_mm(by_region, kernels, counts)
