@@ -230,6 +230,50 @@ def test_chosen_region_backward_matches_the_seed_formulation(config, dtype, tol)
         assert _rel(got, want) <= tol
 
 
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=IDS[:4])
+def test_gathered_im2col_rows_are_unfolds_columns(config):
+    """One row gather from the channels-last rows with the window table (padding taps read
+    the zero row) gives the im2col rows, ordered taps outer and channels inner."""
+    from reparam.blocks.region_corr import channels_last_rows, window_index
+
+    c_in, _, k, _, s, p, d, h, w = config
+    x = _input(config, torch.float64, batch=1)[0]
+    geometry = (k, s, p, d)
+    windows = window_index(h, w, geometry, x.device, 0, (h + 2 * p - d * (k - 1) - 1) // s + 1)
+    rows = channels_last_rows(x, torch.empty(1 + h * w, c_in, dtype=torch.float64))
+    gathered = rows.index_select(0, (windows + 1).clamp(min=0).view(-1))
+    unfolded = nn.functional.unfold(x[None], k, dilation=d, padding=p, stride=s)[0]
+    expected = unfolded.view(c_in, k * k, -1).permute(2, 1, 0).reshape(-1, c_in)
+    assert torch.equal(gathered, expected)
+
+
+def test_training_temporaries_above_the_bound_are_fresh_tensors(monkeypatch):
+    """Above _SCRATCH_BYTES a sample's training temporaries are new tensors, not per-thread
+    buffers kept for the thread's life; the gradients are the same."""
+    import reparam.blocks.region_corr as region_corr
+    from reparam.ops import workspace
+
+    config = CONFIGS[0]
+    block = _block(config, torch.float64).train()
+    x = _input(config, torch.float64).requires_grad_()
+    weights = torch.randn(block(x).shape, dtype=torch.float64)
+    inputs = [x, *block.parameters()]
+    expected = torch.autograd.grad((block(x) * weights).sum(), inputs)
+    monkeypatch.setattr(region_corr, "_SCRATCH_BYTES", 0)
+    buffers = workspace._local.__dict__.setdefault("buffers", {})
+    for key in [key for key in buffers if key[0].startswith("region_corr.")]:
+        del buffers[key]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every sample on this thread, whose buffers we can see
+    try:
+        got = torch.autograd.grad((block(x) * weights).sum(), inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert not [key for key in buffers if key[0].startswith("region_corr.")]
+    for mine, want in zip(got, expected, strict=True):
+        assert torch.equal(mine, want)
+
+
 def test_chosen_region_backward_without_input_gradient():
     config = CONFIGS[2]
     block = _block(config, torch.float64).train()

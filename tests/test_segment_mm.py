@@ -80,3 +80,24 @@ def test_the_grouped_op_is_used_where_it_applies():
     assert segment._grouped_ok(a, b)
     assert not segment._grouped_ok(a.double(), b.double())
     assert not segment._grouped_ok(torch.randn(12, 7), torch.randn(3, 7, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("counts", COUNTS, ids=["mixed", "one", "even", "empty"])
+def test_segment_weight_gradients_are_per_group_transposed_products(counts, dtype):
+    """segment_tmm: out[g] = A_gᵀ · B_g, zeros for an empty group, written into ``out``
+    whatever its stride between groups (a slice of a larger tensor, pre-filled with NaN)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = sum(counts)
+    a = torch.randn(rows, 6, generator=generator, dtype=dtype)
+    b = torch.randn(rows, 5, generator=generator, dtype=dtype)
+    storage = torch.full((len(counts), 2, 6, 5), float("nan"), dtype=dtype)
+    out = storage[:, 1]  # group stride 2·6·5
+    got = segment.segment_tmm(a, b, counts, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    start = 0
+    for group, count in enumerate(counts):
+        want = a[start : start + count].t() @ b[start : start + count]
+        torch.testing.assert_close(out[group], want)
+        start += count
+    assert storage[:, 0].isnan().all()  # nothing written outside ``out``

@@ -18,6 +18,16 @@ softmax mixture Σ_ρ softmax(guide)_ρ · A_{b,ρ} for the guide. With G the ou
 and ∂x is ∂P folded back onto the input (col2im): 1/r of the correlation's backward over
 all regions, which the published form (a grouped convolution) computes in full.
 
+How, per sample: P_b is one row gather from the sample's channels-last rows
+(:func:`channels_last_rows`, with the :func:`window_index` table; padding taps read a zero
+row). The forward multiplies it with the r kernels side by side, (K·K·C, r·O), in one
+matmul. The backward sorts the pixels by region once, so that every S_ρ is a run of rows:
+P in that order is again one gather, ∂W_{b,ρ} one ``mm`` per run written in place, ∂P one
+segment matmul (:func:`~reparam.ops.segment_mm.segment_mm`), and col2im one ``index_add_``
+of its rows onto the rows they were gathered from. (Before: a strided im2col copy, then an
+``index_select`` of P and G and an ``index_copy_`` of ∂P per region, and a col2im of K²
+strided adds; the training step is 6-9% faster, B8 C64→64 32² K3 r=8, 1 and 2 threads.)
+
 Threads: each sample is one chunk of :func:`~reparam.ops.threads.parallel_for` (a few
 matmuls and memory-bound ops with one intra-op thread), so a sample's many ops wait at no
 thread barrier; a batch smaller than the thread count runs its samples in turn with all
