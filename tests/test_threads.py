@@ -116,6 +116,54 @@ def test_a_failed_chunk_stops_the_chunks_that_need_it_and_its_error_is_raised(th
     assert torch.get_num_threads() == 2
 
 
+def test_needs_may_be_any_iterables(threads):
+    threads(2)
+    events, lock = [], threading.Lock()
+
+    def work(chunk: int) -> None:
+        if chunk == 0:
+            threading.Event().wait(0.1)
+        with lock:
+            events.append(chunk)
+
+    parallel_for(work, [0, 1], needs=[iter(()), iter([0])])
+    assert events == [0, 1]
+
+
+def test_ctrl_c_while_the_caller_waits_is_raised_after_the_workers_chunk(threads):
+    """An interrupt that reaches the caller while it waits for a worker is raised only
+    once that worker has finished the chunk in hand (which may still write results)."""
+    import signal
+
+    threads(2)
+
+    class Interrupt(BaseException):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupt
+
+    worker_started, worker_done = threading.Event(), threading.Event()
+
+    def work(chunk: int) -> None:
+        if threading.current_thread() is threading.main_thread():
+            worker_started.wait(5)  # leave the other chunk to the worker
+        else:
+            worker_started.set()
+            threading.Event().wait(0.6)
+            worker_done.set()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(Interrupt):
+            parallel_for(work, [0, 1])
+        assert worker_done.is_set()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_needs_must_name_earlier_chunks(threads):
     threads(2)
     with pytest.raises(ValueError, match="chunk 1 needs \\[1\\]"):

@@ -26,10 +26,11 @@ the reference formulation, which exports with a dynamic batch.
 
 Training (an autograd graph is needed) computes all r region outputs, as the guide's
 softmax gradient needs them, but the correlation's backward only for the region each pixel
-chose (the straight-through gradient is zero elsewhere): per (sample, region), one matmul
-for the kernels' gradient and one for the im2col rows' gradient, folded back onto the
-input (:class:`~reparam.blocks.region_corr.RegionCorr`): 1/r of the backward work of the
-grouped convolution. The kernels are generated directly in the layout those matmuls read
+chose (the straight-through gradient is zero elsewhere): per sample, its pixels sorted by
+region, one matmul per region for the kernels' gradient and one segment matmul for the
+im2col rows' gradient, folded back onto the input
+(:class:`~reparam.blocks.region_corr.RegionCorr`): 1/r of the backward work of the grouped
+convolution. The kernels are generated directly in the layout those matmuls read
 (:meth:`DRConv2d._tap_major_kernels`), so no copy reorders them. The gradients are those of
 the seed's formulation, :meth:`DRConv2d.forward_reference`.
 
@@ -58,7 +59,9 @@ from torch import Tensor, nn
 from reparam.blocks.region_corr import (
     RegionCorr,
     first_max_index,
+    rows_read,
     straight_through_guide_grad,
+    to_channels_last,
     window_index,
 )
 from reparam.errors import BlockConfigError, UserInputError
@@ -398,8 +401,8 @@ class DRConv2d(nn.Module):
            order by one row gather from the channels-last rows (a tap in the zero padding
            reads the zero row: :func:`~reparam.blocks.region_corr.window_index`), one
            segment matmul of each region's rows with that region's kernel, the results put
-           back in pixel order. No im2col
-           row is written twice. A sample whose im2col rows fit in one band is one chunk,
+           back in pixel order. No im2col row is written twice. A sample whose im2col rows
+           fit in one band is one chunk,
            its kernels and rows made and used by one thread while they are in cache; a
            larger one has its bands shared out, also in a batch of one.
 
@@ -439,9 +442,7 @@ class DRConv2d(nn.Module):
         def prepare(first: int, last: int) -> None:
             samples = images[first:last].view(last - first, pixels_in, channels)
             for b in range(first, last):
-                # A 2-D transpose: torch's fastest layout change (3-D permute copies are
-                # slower).
-                samples[b - first].copy_(x[b].reshape(channels, pixels_in).t())
+                to_channels_last(x[b], out=samples[b - first])
             if pool_rows is None:  # a replaced or hooked pool: the module itself
                 pooled[first:last] = self.conv_kernel[0](x[first:last])
             else:  # P_h · X · P_wᵀ on the channels-last rows just written (still in cache)
@@ -467,8 +468,7 @@ class DRConv2d(nn.Module):
             # fault in page by page on every call.
             by_region = scratch("drconv.sorted_rows", (last - first, taps * channels), x)
             windows = window_index(height, width, geometry, x.device, top, bottom)
-            sources = windows.index_select(0, order)
-            sources.add_(1 + b * pixels_in).clamp_(min=0)  # sample b's rows; padding: row 0
+            sources = rows_read(windows.index_select(0, order), 1 + b * pixels_in)
             torch.index_select(rows, 0, sources.view(-1), out=by_region.view(-1, channels))
             product = segment_mm(by_region, kernels, counts)
             result = scratch("drconv.result", tuple(product.shape), x).index_copy_(

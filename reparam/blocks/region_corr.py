@@ -50,11 +50,12 @@ from reparam.ops.threads import parallel_for, worker_count
 from reparam.ops.workspace import scratch
 
 __all__ = [
-    "PADDING_TAP",
     "RegionCorr",
     "channels_last_rows",
     "first_max_index",
+    "rows_read",
     "straight_through_guide_grad",
+    "to_channels_last",
     "window_index",
 ]
 
@@ -83,13 +84,13 @@ def straight_through_guide_grad(mixed: Tensor, guide: Tensor, dim: int) -> Tenso
 
 # Where a window tap falls in the zero padding, window_index gives this: any sample's row
 # offset added to it stays negative, and the gather clamps it to row 0, the zero row.
-PADDING_TAP = -(1 << 62)
+_PADDING_TAP = -(1 << 62)
 
 
 def window_index(height: int, width: int, geometry, device, top: int, bottom: int) -> Tensor:
     """((bottom − top)·W', K·K) int64: for output pixel p = u·W' + v of output rows top ..
     bottom − 1 and tap t = i·K + j, the input pixel the tap reads, y·W + x with
-    y = s·u + d·i − pad, x = s·v + d·j − pad, or PADDING_TAP where (y, x) lies in the zero
+    y = s·u + d·i − pad, x = s·v + d·j − pad, or _PADDING_TAP where (y, x) lies in the zero
     padding. Read only: tables up to _WINDOW_CACHE_BYTES are cached per geometry."""
     out_w = corr_output_size(width, *geometry)
     if (bottom - top) * out_w * geometry[0] ** 2 * 8 <= _WINDOW_CACHE_BYTES:
@@ -106,20 +107,32 @@ def _make_window_index(height: int, width: int, geometry, device, top: int, bott
         xs = (torch.arange(out_w, device=device) * stride - pad).unsqueeze(1) + taps
         ys, xs = ys.view(bottom - top, 1, k, 1), xs.view(1, out_w, 1, k)
         inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-        index = torch.where(inside, ys * width + xs, PADDING_TAP)
+        index = torch.where(inside, ys * width + xs, _PADDING_TAP)
     return index.view((bottom - top) * out_w, k * k)
 
 
 _cached_window_index = functools.lru_cache(maxsize=32)(_make_window_index)
 
 
+def rows_read(windows: Tensor, first_row: int) -> Tensor:
+    """In place on ``windows`` (a :func:`window_index` table, or rows of one; a tensor the
+    caller owns): the row each tap reads of channels-last rows whose pixel 0 is row
+    ``first_row``, with every padding tap clamped to row 0, the zero row."""
+    return windows.add_(first_row).clamp_(min=0)
+
+
+def to_channels_last(sample: Tensor, out: Tensor) -> Tensor:
+    """``out`` (H·W, C) = one sample (C, H, W) as channels-last rows, by a 2-D transpose:
+    torch's fastest layout change (3-D permute copies are slower)."""
+    return out.copy_(sample.reshape(sample.shape[0], -1).t())
+
+
 def channels_last_rows(sample: Tensor, out: Tensor) -> Tensor:
     """``out`` (1 + H·W, C) filled with one sample (C, H, W) as channels-last rows after a
-    zero row: row 1 + y·W + x holds sample[:, y, x]. With :func:`window_index` + 1, clamped
-    at 0, as row indices, one row gather of these gives the sample's im2col rows."""
-    channels = sample.shape[0]
+    zero row: row 1 + y·W + x holds sample[:, y, x]. Gathering these rows at
+    ``rows_read(window_index(...), 1)`` gives the sample's im2col rows."""
     out[0].zero_()
-    out[1:].copy_(sample.reshape(channels, -1).t())  # a 2-D transpose: torch's fastest
+    to_channels_last(sample, out[1:])
     return out
 
 
@@ -163,7 +176,7 @@ class RegionCorr(torch.autograd.Function):
         # Row p·r + ρ(p) of a sample's outputs viewed (H'W'·r, O) is pixel p's chosen one.
         chosen = choice + torch.arange(pixels, device=x.device) * regions
         # Row of channels_last_rows that each (pixel, tap) reads; padding taps the zero row.
-        sources = (window_index(height, width, geometry, x.device, 0, out_h) + 1).clamp_(min=0)
+        sources = rows_read(window_index(height, width, geometry, x.device, 0, out_h).clone(), 1)
 
         def forward_sample(b: int) -> None:
             rows = _buffer("region_corr.rows", (1 + height * width, channels), x)

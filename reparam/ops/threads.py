@@ -7,7 +7,8 @@ waits for a scheduler time slice, so the loop slows down several times on a busy
 and on a quiet one a second thread gains such small ops little anyway.
 
 :func:`parallel_for` splits the work the other way round: the caller cuts it into
-independent chunks (samples, or groups of rows), and up to ``torch.get_num_threads()``
+chunks (samples, or groups of rows; independent, or each waiting only for the earlier
+chunks whose results it reads), and up to ``torch.get_num_threads()``
 threads, the caller's included, each *pull* the next chunk and run its ops with one
 intra-op thread. Threads meet once per call instead of once per op, and a thread that the
 scheduler pauses simply takes fewer chunks: beside a busy process the work flows to the
@@ -125,6 +126,7 @@ def parallel_for(
     chunks are taken in order, a chunk waited for is already in some thread's hands.
     """
     if needs is not None:
+        needs = [tuple(earlier) for earlier in needs]  # iterators too, read once
         _check_needs(needs, len(chunks))
     available = worker_count(device)
     workers = min(len(chunks), available)
@@ -181,11 +183,15 @@ def parallel_for(
             stop.set()
             error = exc
         for future in futures:
-            try:
-                future.result()
-            except BaseException as exc:
-                stop.set()
-                error = error or exc
+            while True:  # until the worker is done, even if Ctrl-C interrupts the wait
+                try:
+                    future.result()
+                    break
+                except BaseException as exc:
+                    stop.set()
+                    error = error or exc
+                    if future.done():
+                        break
     if error is not None:
         raise error
 
@@ -201,7 +207,9 @@ def _check_needs(needs: Sequence[Sequence[int]], count: int) -> None:
             )
 
 
-def _wait_for(finished: list[threading.Event], earlier: Sequence[int], stop) -> bool:
+def _wait_for(
+    finished: list[threading.Event], earlier: Sequence[int], stop: threading.Event
+) -> bool:
     """Wait until every chunk in ``earlier`` has finished; False if the loop was stopped
     first (a chunk failed, or Ctrl-C reached the caller, perhaps before the chunk it had
     just taken started: then nothing would ever mark that chunk finished)."""
