@@ -351,6 +351,18 @@ def test_scratch_buffers_are_reused_per_thread_and_work_in_and_out_of_inference_
     assert scratch("test.meta", (2,), torch.zeros(1, device="meta")).device.type == "meta"
 
 
+def test_scratch_above_its_bound_is_a_fresh_tensor_and_keeps_no_buffer():
+    from reparam.ops import workspace
+    from reparam.ops.workspace import scratch
+
+    like = torch.zeros(1)
+    kept = scratch("test.bounded", (4, 4), like, max_bytes=64)  # 64 bytes: at the bound
+    assert scratch("test.bounded", (4, 4), like, max_bytes=64).data_ptr() == kept.data_ptr()
+    fresh = scratch("test.bounded_over", (4, 5), like, max_bytes=64)
+    assert fresh.shape == (4, 5)
+    assert ("test.bounded_over", torch.float32) not in workspace._local.buffers
+
+
 def test_a_base_exception_such_as_ctrl_c_propagates_and_stops_the_others(threads):
     threads(2)
 

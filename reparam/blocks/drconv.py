@@ -49,7 +49,6 @@ exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -402,9 +401,9 @@ class DRConv2d(nn.Module):
            reads the zero row: :func:`~reparam.blocks.region_corr.window_index`), one
            segment matmul of each region's rows with that region's kernel, the results put
            back in pixel order. No im2col row is written twice. A sample whose im2col rows
-           fit in one band is one chunk,
-           its kernels and rows made and used by one thread while they are in cache; a
-           larger one has its bands shared out, also in a batch of one.
+           fit in one band is one chunk, its kernels and rows made and used by one thread
+           while they are in cache; a larger one has its bands shared out, also in a batch
+           of one.
 
         Threads: all these chunks are shared out in one
         :func:`~reparam.ops.threads.parallel_for`, each thread running its ops with one
@@ -490,14 +489,10 @@ class DRConv2d(nn.Module):
             needs.append(())
         bands = _bands(out_h, out_w * taps * channels * x.element_size())
         if len(bands) == 1:
-            # A sample's kernels in a per-thread scratch buffer, unless they are large.
-            small = math.prod(kernel_shape) * x.element_size() <= _BAND_BYTES
 
             def run_sample(b: int) -> None:
-                if small:
-                    kernels = scratch("drconv.kernels", kernel_shape, x)
-                else:
-                    kernels = x.new_empty(kernel_shape)
+                # A sample's kernels in a per-thread scratch buffer, unless they are large.
+                kernels = scratch("drconv.kernels", kernel_shape, x, max_bytes=_BAND_BYTES)
                 run_band(b, generate(b, kernels), 0, out_h)
 
             for b in range(batch):

@@ -37,7 +37,6 @@ intra-op threads instead.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -139,9 +138,7 @@ def channels_last_rows(sample: Tensor, out: Tensor) -> Tensor:
 def _buffer(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """A per-thread scratch buffer up to _SCRATCH_BYTES (a fresh block that large faults in
     page by page on every call), a new tensor above (no thread keeps it for good)."""
-    if math.prod(shape) * like.element_size() <= _SCRATCH_BYTES:
-        return scratch(name, shape, like)
-    return like.new_empty(shape)
+    return scratch(name, shape, like, max_bytes=_SCRATCH_BYTES)
 
 
 def _for_each_sample(work: Callable[[int], None], batch: int, device: torch.device) -> None:

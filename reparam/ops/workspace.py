@@ -24,13 +24,18 @@ __all__ = ["scratch"]
 _local = threading.local()
 
 
-def scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+def scratch(
+    name: str, shape: tuple[int, ...], like: Tensor, max_bytes: int | None = None
+) -> Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device, backed by this
     thread's buffer ``name``: valid until the next ``scratch(name, ...)`` in this thread.
 
-    Off the CPU it is a new tensor (other devices cache their own allocations).
+    Off the CPU, or above ``max_bytes`` when given, it is a new tensor instead (other
+    devices cache their own allocations; a large temporary is not kept for the thread's
+    life).
     """
-    if like.device.type != "cpu":
+    too_large = max_bytes is not None and math.prod(shape) * like.element_size() > max_bytes
+    if like.device.type != "cpu" or too_large:
         return like.new_empty(shape)
     buffers: dict = _local.__dict__.setdefault("buffers", {})
     key = (name, like.dtype)
