@@ -25,7 +25,7 @@ from pathlib import Path
 
 from reparam.errors import UnsafeInputError, UserInputError, printable
 
-__all__ = ["atomic_write", "new_file_mode", "prepare_output"]
+__all__ = ["atomic_write", "check_distinct_paths", "new_file_mode", "prepare_output"]
 
 _KINDS = {
     stat.S_ISCHR: "a character device",
@@ -153,3 +153,45 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if tmp is not None:  # any exception or signal between mkstemp and the rename
             tmp.unlink(missing_ok=True)
     return requested
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: the same path after links, or one hard-linked file."""
+    if _resolve(first) == _resolve(second):
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # either does not exist (yet): only the resolved paths could collide
+        return False
+
+
+def check_distinct_paths(writes: dict[str, object], reads: dict[str, object] | None = None) -> None:
+    """Refuse, before any work, a command whose paths collide.
+
+    Every path the command writes must differ from every other path it writes and from
+    every path it reads, through symlinks and hard links too: ``reparam fuse -o X.pt
+    --report X.pt`` would otherwise keep only one of its outputs, and ``verify --report
+    fused.pt -m fused.pt`` would replace its own input.
+
+    Args:
+        writes: ``{option name: path}`` of every output (``None`` values are ignored).
+        reads: ``{option name: path}`` of every input (``None`` values are ignored).
+
+    Raises:
+        UnsafeInputError: Two outputs, or an output and an input, are one file.
+    """
+    outputs = [(name, Path(path)) for name, path in writes.items() if path is not None]  # type: ignore[arg-type]
+    inputs = [(name, Path(path)) for name, path in (reads or {}).items() if path is not None]  # type: ignore[arg-type]
+    for index, (name, path) in enumerate(outputs):
+        for other_name, other in outputs[index + 1 :]:
+            if _same_file(path, other):
+                raise UnsafeInputError(
+                    f"{name} '{printable(path)}' and {other_name} '{printable(other)}' are "
+                    "the same file; one would overwrite the other: choose two paths"
+                )
+        for input_name, source in inputs:
+            if _same_file(path, source):
+                raise UnsafeInputError(
+                    f"{name} '{printable(path)}' would overwrite the input {input_name} "
+                    f"'{printable(source)}'; choose another path"
+                )

@@ -77,14 +77,23 @@ def summarize(error: BaseException, limit: int = MAX_SUMMARY) -> str:
     return summary if len(summary) <= limit else summary[: limit - 1] + "…"
 
 
-def printable(text: object) -> str:
-    """``text`` with every non-printable character escaped as ``repr`` would (``\\x1b``, ``\\n``).
+_ECHO_LIMIT = 160  # characters of one user-supplied value an error line shows
+
+
+def printable(text: object, limit: int = _ECHO_LIMIT) -> str:
+    """``text`` made safe to echo in a one-line message: escaped and cut to ``limit``.
 
     Names taken from files (checkpoint keys, factory names) can hold terminal escape
     sequences or newlines; a message that shows one must neither drive the terminal nor
-    break the one-line ``error:`` contract.
+    break the one-line ``error:`` contract. A value longer than ``limit`` characters (a
+    10 MB model name in a file's metadata, say) is cut, and the cut says how long it was.
     """
     text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    length = len(text)
+    if length > limit:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    if length > limit:
+        text = f"{text[:limit]}… ({length} characters)"
+    return text
