@@ -66,6 +66,11 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
         "quantize",
         "Quantize an ONNX model to INT8 with onnxruntime and report its accuracy.",
     ),
+    "expand": (
+        "reparam.cli.expand_cmd",
+        "expand",
+        "Expand MODEL's plain convs into a family's training-time blocks, exact at step 0.",
+    ),
     "bench": (
         "reparam.cli.bench_cmd",
         "bench",
