@@ -1,0 +1,188 @@
+"""Valid sizes of a graph's symbolic axes: read from torch.export, recorded, checked.
+
+torch.export traces with symbolic sizes and records what the traced code assumed about
+them: a ``forward`` that branches on ``x.shape[-1] > 32`` is traced down one branch, and the
+exported program carries the guard ``s0 > 32`` and the range constraint ``s0 ∈ [33, ∞)``.
+Outside that range the graph computes the *other* branch's function wrongly (126% off at
+24×24 on such a model), so the range is part of the graph's meaning:
+
+- :func:`ranges_from_program` reads each user input axis's range (and the source line of the
+  guards that narrowed it) from an ``ExportedProgram``;
+- the exporter records them in the ONNX metadata under :data:`METADATA_KEY`, a JSON object
+  ``{"<input name>": {"<axis index>": [min, max]}}`` (``max`` null: no upper bound);
+- :func:`check_shapes` refuses, with one line, an input outside the recorded range; the
+  runtime, ``verify`` and ``run`` call it before running the graph.
+
+torch assumes every symbolic size is at least 2 while tracing (0/1 specialisation); a lower
+bound of 2 or less is that assumption, not the model's, so it is recorded as 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reparam.errors import UserInputError, printable
+
+__all__ = [
+    "METADATA_KEY",
+    "AxisRange",
+    "check_shapes",
+    "parse_ranges",
+    "ranges_from_program",
+    "ranges_to_json",
+]
+
+METADATA_KEY = "reparam.shape_ranges"
+_TRACING_ASSUMPTION = 2  # torch's symbolic sizes are traced as >= 2 whatever the model
+
+
+@dataclass
+class AxisRange:
+    """The sizes ``[low, high]`` one symbolic axis is valid for (``high`` None: unbounded).
+
+    ``guards`` holds ``"<condition> (file:line in fn)"`` for every guard of torch's that
+    narrowed the range beyond the tracing assumption.
+    """
+
+    input: str
+    axis: int
+    low: int = 1
+    high: int | None = None
+    guards: list[str] = field(default_factory=list)
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether the model itself (not torch's tracing) restricts this axis."""
+        return self.low > 1 or self.high is not None
+
+    def describe(self) -> str:
+        return f"{self.low}..{'' if self.high is None else self.high}"
+
+
+def _bound(value: Any) -> int | None:
+    """A sympy bound as an int; None for an infinite one."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if abs(number) < (1 << 62) else None
+
+
+def ranges_from_program(program: Any, input_names: list[str]) -> list[AxisRange]:
+    """Every symbolic axis of the program's user inputs with its valid range.
+
+    Args:
+        program: a ``torch.export.ExportedProgram``.
+        input_names: the graph input names, one per user input tensor, in order.
+
+    Returns:
+        One :class:`AxisRange` per symbolic axis (an axis whose size is one plain symbol).
+    """
+    user_inputs = list(program.graph_signature.user_inputs)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    constraints = {str(symbol): value for symbol, value in program.range_constraints.items()}
+    shape_env = None
+    found: list[AxisRange] = []
+    for name, placeholder in zip(input_names, user_inputs, strict=False):
+        node = placeholders.get(placeholder)
+        value = node.meta.get("val") if node is not None else None
+        if value is None or not hasattr(value, "shape"):
+            continue
+        shape_env = shape_env or getattr(getattr(value, "fake_mode", None), "shape_env", None)
+        for axis, size in enumerate(value.shape):
+            symbol = str(size)
+            if symbol not in constraints:  # a constant, or an expression of other axes
+                continue
+            bounds = constraints[symbol]
+            low = _bound(bounds.lower)
+            low = 1 if low is None or low <= _TRACING_ASSUMPTION else low
+            found.append(AxisRange(name, axis, low, _bound(bounds.upper)))
+    _attach_guards(found, shape_env, input_names, program)
+    return found
+
+
+def _attach_guards(
+    ranges: list[AxisRange], shape_env: Any, input_names: list[str], program: Any
+) -> None:
+    """Each narrowed axis's guards with their source line, where torch kept them."""
+    if shape_env is None or not any(r.narrowed for r in ranges):
+        return
+    symbols: dict[str, AxisRange] = {}
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name, placeholder in zip(input_names, program.graph_signature.user_inputs, strict=False):
+        value = placeholders[placeholder].meta.get("val")
+        for axis_range in ranges:
+            if axis_range.input == name and value is not None:
+                symbols[str(value.shape[axis_range.axis])] = axis_range
+    for guard in getattr(shape_env, "guards", []):
+        expression = getattr(guard, "expr", None)
+        names = {str(s) for s in getattr(expression, "free_symbols", ())}
+        for symbol in names & set(symbols):
+            axis_range = symbols[symbol]
+            if axis_range.narrowed:
+                where = str(getattr(guard, "sloc", "") or "").strip()
+                axis_range.guards.append(f"{expression} {where}".strip())
+
+
+def ranges_to_json(ranges: list[AxisRange]) -> str:
+    """The metadata value: ``{"<input>": {"<axis>": [low, high or null]}}``."""
+    table: dict[str, dict[str, list[int | None]]] = {}
+    for axis_range in ranges:
+        table.setdefault(axis_range.input, {})[str(axis_range.axis)] = [
+            axis_range.low,
+            axis_range.high,
+        ]
+    return json.dumps(table, sort_keys=True)
+
+
+def parse_ranges(text: str) -> dict[str, dict[int, tuple[int, int | None]]]:
+    """The metadata value back as ``{input: {axis: (low, high)}}``; malformed → UserInputError."""
+    try:
+        table = json.loads(text)
+        parsed: dict[str, dict[int, tuple[int, int | None]]] = {}
+        for name, axes in table.items():
+            parsed[str(name)] = {}
+            for axis, (low, high) in axes.items():
+                if not isinstance(low, int) or not (high is None or isinstance(high, int)):
+                    raise TypeError("bounds must be integers or null")
+                parsed[str(name)][int(axis)] = (low, high)
+        return parsed
+    except (ValueError, TypeError, AttributeError) as error:
+        raise UserInputError(
+            f"the graph's {METADATA_KEY} metadata is malformed ({printable(error)}); "
+            "re-export the model"
+        ) from None
+
+
+def check_shapes(model_metadata: Mapping[str, str], inputs: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse an input whose size on a symbolic axis is outside the graph's valid range.
+
+    Args:
+        model_metadata: the ONNX model's ``metadata_props`` as a dict (no
+            :data:`METADATA_KEY` entry: nothing to check).
+        inputs: ``{input name: shape}`` of the arrays about to be run.
+
+    Raises:
+        UserInputError: one line naming input, axis, size and the valid range.
+    """
+    text = model_metadata.get(METADATA_KEY)
+    if not text:
+        return
+    for name, axes in parse_ranges(text).items():
+        shape = inputs.get(name)
+        if shape is None:
+            continue
+        for axis, (low, high) in sorted(axes.items()):
+            if axis >= len(shape):
+                continue
+            size = int(shape[axis])
+            if size < low or (high is not None and size > high):
+                valid = f"{low} to {high}" if high is not None else f"{low} or more"
+                raise UserInputError(
+                    f"input '{printable(name)}' axis {axis} has size {size}; the graph is valid "
+                    f"for sizes {valid} only (the model's code depends on that size: re-export "
+                    "with static sizes at the size you need)"
+                )
