@@ -2,8 +2,9 @@
 
 The public names below load on first use (PEP 562), so ``import reparam`` and the CLI's
 ``--version``/``--help`` do not pay for importing torch. Any torch-side name also loads
-:mod:`reparam.blocks`, which registers the block fusers, the torch.fx leaf blocks and the
-adoption of users' copies of published blocks that :func:`reparam.fuse` relies on.
+:mod:`reparam.builtins`, which registers the block fuser, the torch.fx leaf blocks and the
+adoption of users' copies of published blocks (``fuse`` registers them itself as well, so
+nothing depends on what was imported first).
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'reparam' has no attribute {name!r}")
-    blocks_module = importlib.import_module("reparam.blocks")  # registers fusers and passes
-    module = blocks_module if name == "blocks" else importlib.import_module(_LAZY[name])
+    # list_fusers() and get_fuser() answer for the bundled blocks too
+    importlib.import_module("reparam.builtins").register_builtins()
+    module = importlib.import_module(_LAZY[name])
     value = module if name == "blocks" else getattr(module, name)
     globals()[name] = value
     return value

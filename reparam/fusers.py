@@ -9,7 +9,7 @@ Two more registries let higher layers extend model-wide fusion without this laye
 them: *leaf modules* (types that torch.fx tracing must not enter: dynamic blocks whose
 forward is data-dependent) and *pre-fuse passes* (functions run on the model before blocks
 are fused; :mod:`reparam.adopt` registers the one that adopts users' copies of published
-blocks). :mod:`reparam.blocks` registers both when it is imported.
+blocks). :mod:`reparam.builtins` registers reparam's own, explicitly, when a fuse starts.
 """
 
 from __future__ import annotations

@@ -3,11 +3,16 @@
 The layers, bottom up (a module may import its own layer and the layers below it)::
 
     errors, utilities (resources, _io, compare) → ops → fusion math → module fusion
-    → fuser registry, model-wide fuse → blocks, adoption → models → checkpoint
+    → fuser registry, pair finding, fold-and-undo, block walk, fuse report → blocks, adoption
+    → built-in registrations, model-wide fuse, insert, models → checkpoint
     → runtime ← verify ← export, quantize → bench, demo → cli
 
 The test parses every module with ``ast`` (so imports inside functions count), maps each
 ``reparam`` import to its layer, and fails on an upward import or an import cycle.
+
+Importing ``a.b.c`` runs the package ``__init__`` of ``a`` and ``a.b`` first, so those count
+as imports too (except a module's own enclosing packages, which are already being imported
+when it runs): a cycle through a package ``__init__`` is a cycle.
 """
 
 from __future__ import annotations
@@ -31,13 +36,18 @@ LAYERS: dict[str, int] = {
     "reparam.fusion": 2,
     "reparam.module_fusion": 3,
     "reparam.fusers": 4,
-    "reparam.convert": 4,
+    "reparam.fuse_report": 4,
+    "reparam.conv_bn_pairs": 4,
+    "reparam.fold_undo": 4,
+    "reparam.fuse_walk": 4,
     "reparam.blocks": 5,
     "reparam.adopt": 5,
-    "reparam.insert": 5,
-    "reparam.testing": 5,
     "reparam.macs": 5,
-    "reparam.summary": 5,
+    "reparam.builtins": 6,  # registers blocks and adoption for the model-wide fuse
+    "reparam.convert": 6,
+    "reparam.insert": 6,
+    "reparam.testing": 6,
+    "reparam.summary": 6,
     "reparam.models": 6,
     "reparam.checkpoint": 7,
     "reparam.runtime": 8,
@@ -85,7 +95,20 @@ def _imports(path: Path) -> set[str]:
                     PACKAGE.parent / candidate.replace(".", "/")
                 ).is_dir()
                 found.add(candidate if is_module else base)
-    return {name for name in found if name == "reparam" or name.startswith("reparam.")}
+    found = {name for name in found if name == "reparam" or name.startswith("reparam.")}
+    return {package for name in found for package in _with_packages(name)} - _enclosing(module)
+
+
+def _with_packages(name: str) -> set[str]:
+    """``name`` and every package above it: importing a.b.c runs a/__init__ and a/b/__init__."""
+    parts = name.split(".")
+    return {".".join(parts[:end]) for end in range(1, len(parts) + 1)}
+
+
+def _enclosing(module: str) -> set[str]:
+    """The packages ``module`` lives in (including itself when it is a package): already
+    being imported when its code runs, so importing them again runs nothing."""
+    return _with_packages(module)
 
 
 GRAPH = {_module_name(path): _imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
@@ -102,12 +125,10 @@ def test_imports_point_down(module: str) -> None:
 
 
 def test_no_import_cycle() -> None:
-    """Cycles between modules (not packages: ``reparam.blocks`` importing its own submodules
-    is how a package works) found by depth-first search."""
-    graph = {
-        module: {t for t in targets if t in GRAPH and not module.startswith(t + ".")}
-        for module, targets in GRAPH.items()
-    }
+    """Cycles between modules, package ``__init__``s included (a package importing its own
+    submodules is how a package works; a submodule importing an outside module that imports
+    the package back is a cycle), found by depth-first search."""
+    graph = {module: {t for t in targets if t in GRAPH} for module, targets in GRAPH.items()}
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
     stack: list[str] = []
 
@@ -126,3 +147,10 @@ def test_no_import_cycle() -> None:
     for module in sorted(graph):
         if module not in state and (cycle := visit(module)):
             pytest.fail("import cycle: " + " → ".join(cycle))
+
+
+def test_package_init_counts_as_imported() -> None:
+    """Importing reparam.blocks.repvgg runs reparam/blocks/__init__.py: the graph has that edge,
+    so a cycle through the package (blocks → adopt → blocks) would be found above."""
+    assert "reparam.blocks" in GRAPH["reparam.adopt.layouts"]
+    assert "reparam.blocks" not in GRAPH["reparam.blocks.repvgg"]  # its own package: running

@@ -1,0 +1,124 @@
+"""The walk over a model's modules: adoption passes, then every block to its deploy form.
+
+A module whose type has a registered fuser (looked up along the MRO, :mod:`reparam.fusers`)
+is replaced by what the fuser returns; a module of an unregistered type that exposes
+``switch_to_deploy()``, ``reparameterize()`` or ``fuse()`` (the conventions of ACNet/RepVGG,
+timm/MobileOne and YOLO code) has that method called. Children are visited after their
+parent, so a fuser sees its block in training form.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from reparam.conv_bn_pairs import hook_kind
+from reparam.errors import FusionError
+from reparam.fuse_report import FuseReport
+from reparam.fusers import FuseOutcome, get_fuser, pre_fuse_passes
+
+__all__ = ["THIRD_PARTY_METHODS", "adopt", "fuse_blocks"]
+
+THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
+
+
+def adopt(model: nn.Module, report: FuseReport) -> None:
+    """Run the registered pre-fuse passes (adoption of users' copies of published blocks),
+    recording each decision."""
+    for pre_fuse_pass in pre_fuse_passes():
+        for note in pre_fuse_pass(model):
+            if note.adopted_as is None:
+                report.skip(note.path, f"{note.foreign_type} not adopted: {note.reason}")
+            else:
+                report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
+
+
+def fuse_blocks(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
+    if isinstance(module, torch.jit.ScriptModule):
+        report.skip(path or "<model>", "TorchScript submodule: its compiled forward cannot change")
+        return module
+    module = _fuse_one(module, path, report)
+    for name, child in list(module.named_children()):
+        fused = fuse_blocks(child, f"{path}.{name}" if path else name, report)
+        if fused is not child:
+            setattr(module, name, fused)
+    return module
+
+
+def _fuse_one(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
+    where = path or "<model>"
+    kind = type(module).__name__
+    fuser = get_fuser(type(module))
+    method = None if fuser is not None else _third_party_method(module)
+    if fuser is None and method is None:
+        return module
+    if getattr(module, "deploy", False) is True:
+        return module  # already in deploy form: nothing to check or do
+    hooked = _hooked_submodule(module)
+    if hooked is not None:
+        report.skip(where, f"{kind} not fused: {hooked} would be dropped")
+        return module
+    params = list(module.parameters())
+    frozen = bool(params) and not any(p.requires_grad for p in params)
+    try:
+        if fuser is not None:
+            outcome = fuser(module)
+            if outcome is None:
+                return module
+            detail = ""
+            if isinstance(outcome, FuseOutcome):
+                outcome, detail = outcome.module, outcome.detail
+            report.record(kind, f"{where} ({kind}): {detail}" if detail else "")
+        else:
+            result = method()
+            report.record(kind)
+            outcome = result if isinstance(result, nn.Module) else module
+    except FusionError as error:
+        raise FusionError(f"{where} ({kind}): {error}") from error
+    # Blame the fuse only when the block's own weights were finite (checked only on failure).
+    if not all(map(_finite, outcome.parameters())) and all(map(_finite, params)):
+        raise FusionError(
+            f"{where} ({kind}): the fused weights are not finite (inf or NaN): a folded "
+            f"kernel exceeds what {params[0].dtype if params else 'the dtype'} can hold"
+        )
+    if frozen:  # a frozen block stays frozen: the new deploy parameters keep the flag
+        for parameter in outcome.parameters():
+            parameter.requires_grad_(False)
+    return outcome.eval()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point() or not tensor.numel():
+        return True
+    return all(math.isfinite(float(v)) for v in torch.aminmax(tensor.detach()))  # NaN propagates
+
+
+def _hooked_submodule(block: nn.Module) -> str | None:
+    for name, module in block.named_modules():
+        kind = hook_kind(module)
+        if kind is not None:
+            return f"the {kind} on {name or 'the block'}"
+    return None
+
+
+def _third_party_method(module: nn.Module) -> Callable[[], object] | None:
+    """A no-argument deploy method defined by the module's own (non-torch) class."""
+    for name in THIRD_PARTY_METHODS:
+        method = getattr(module, name, None)
+        if not callable(method) or type(module).__module__.startswith("torch."):
+            continue
+        try:
+            required = [
+                p
+                for p in inspect.signature(method).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            continue
+        if not required:
+            return method
+    return None
