@@ -234,7 +234,7 @@ def test_chosen_region_backward_matches_the_seed_formulation(config, dtype, tol)
 def test_gathered_im2col_rows_are_unfolds_columns(config):
     """One row gather from the channels-last rows with the window table (padding taps read
     the zero row) gives the im2col rows, ordered taps outer and channels inner."""
-    from reparam.blocks.region_corr import channels_last_rows, window_index
+    from reparam.ops.region_corr import channels_last_rows, window_index
 
     c_in, _, k, _, s, p, d, h, w = config
     x = _input(config, torch.float64, batch=1)[0]
@@ -250,7 +250,7 @@ def test_gathered_im2col_rows_are_unfolds_columns(config):
 def test_training_temporaries_above_the_bound_are_fresh_tensors(monkeypatch):
     """Above _SCRATCH_BYTES a sample's training temporaries are new tensors, not per-thread
     buffers kept for the thread's life; the gradients are the same."""
-    import reparam.blocks.region_corr as region_corr
+    import reparam.ops.region_corr as region_corr
     from reparam.ops import workspace
 
     config = CONFIGS[0]
@@ -306,7 +306,7 @@ def test_low_precision_fast_path_no_worse_than_the_seed_formulation(low):
 def test_fast_path_in_bands_matches_the_reference(config, band_bytes, monkeypatch):
     """The 1/r path cut into bands of output rows (stride and dilation move each band's
     window): same outputs as the all-region reference, whatever the band height."""
-    import reparam.blocks.drconv as drconv_module
+    import reparam.ops.drconv_kernels as drconv_module
 
     monkeypatch.setattr(drconv_module, "_BAND_BYTES", band_bytes)
     block = _block(config, torch.float64).eval()
@@ -318,7 +318,7 @@ def test_fast_path_in_bands_matches_the_reference(config, band_bytes, monkeypatc
 
 
 def test_first_max_index_is_argmax_ties_included():
-    from reparam.blocks.region_corr import first_max_index
+    from reparam.ops.region_corr import first_max_index
 
     generator = torch.Generator().manual_seed(0)
     guide = torch.randn(3, 8, 5, 7, generator=generator)
@@ -350,7 +350,7 @@ def test_fast_path_input_smaller_than_the_kernel_gives_the_convolution_error():
 def test_fast_path_sample_ranges_match_the_reference(config, range_pixels, monkeypatch):
     """The per-sample preparation (channels-last rows, pooling, guide) run on ranges of one,
     a few or all samples: same outputs as the all-region reference."""
-    import reparam.blocks.drconv as drconv_module
+    import reparam.ops.drconv_kernels as drconv_module
 
     monkeypatch.setattr(drconv_module, "_RANGE_PIXELS", range_pixels)
     block = _block(config, torch.float64).eval()
@@ -380,7 +380,7 @@ def test_fast_path_takes_any_input_layout(layout):
 def test_cached_window_index_made_in_inference_mode_serves_later_calls():
     """Window index tables are cached across calls; the first call's inference mode must
     not make them inference tensors that later calls cannot use."""
-    import reparam.blocks.region_corr as region_corr
+    import reparam.ops.region_corr as region_corr
 
     region_corr._cached_window_index.cache_clear()
     block = DRConv2d(3, 4, 3, region_num=4, padding=1).eval()
@@ -397,8 +397,8 @@ def test_cached_window_index_made_in_inference_mode_serves_later_calls():
 def test_large_window_tables_and_kernels_are_not_kept(monkeypatch):
     """Above their bounds, the window index is made per call and a sample's kernels get a
     fresh tensor instead of a per-thread buffer kept for the thread's life."""
-    import reparam.blocks.drconv as drconv_module
-    import reparam.blocks.region_corr as region_corr
+    import reparam.ops.drconv_kernels as drconv_module
+    import reparam.ops.region_corr as region_corr
     from reparam.ops import workspace
 
     monkeypatch.setattr(region_corr, "_WINDOW_CACHE_BYTES", 0)

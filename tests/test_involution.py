@@ -249,7 +249,7 @@ def test_unknown_layout_is_refused():
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_generated_chunks_match_whole_kernels(config, monkeypatch):
     """The no-grad path generates kernels chunk by chunk: tiny chunks must not change it."""
-    import reparam.blocks.involution as module
+    import reparam.ops.involution_kernels as module
 
     block = _block(config, torch.float64).eval()
     x = _input(config, torch.float64, batch=3)

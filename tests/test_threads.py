@@ -293,7 +293,7 @@ def small_bands(request, monkeypatch):
     """DRConv's 1/r path as it chunks these small inputs (a sample per chunk, several samples
     per preparation range), or in bands of one or two output rows and one sample per range,
     so batch 1 has several pieces."""
-    import reparam.blocks.drconv as drconv_module
+    import reparam.ops.drconv_kernels as drconv_module
 
     if request.param == "small":
         monkeypatch.setattr(drconv_module, "_BAND_BYTES", 2048)
