@@ -2,19 +2,24 @@
 
 :func:`adopt_one` builds the block for a layout, gives its BatchNorms the copy's eps and
 momentum, moves it to the copy's dtype and device, loads the copy's state dict with strict
-keys, and runs both modules on the layout's probe input in float64 and eval mode (on
-copies, so the user's module is untouched). The block is returned only when the outputs
-agree to a relative error of :data:`RTOL`; otherwise a FusionError says why not.
+keys, and runs both modules on the layout's probe inputs in float64 and eval mode (on
+copies, so the user's module is untouched). The probes span magnitudes, signs, spatial and
+batch sizes (:mod:`reparam.adopt.parts`), plus the inputs the block saw on the user's
+example when one is given, so a copy is judged by what it computes (ReLU6 behind an
+``nn.ReLU`` attribute, a size- or batch-dependent branch), not by its types. The block is
+returned only when the outputs agree to a relative error of :data:`RTOL` on every probe;
+otherwise a FusionError says why not, naming the probe.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
 
-from reparam.adopt.layouts import Layout
+from reparam.adopt.parts import Layout, Probe
 from reparam.errors import FusionError, summarize
 
 __all__ = ["RTOL", "adopt_one"]
@@ -34,41 +39,84 @@ def _outputs(value: object) -> list[Tensor]:
     raise FusionError(f"returns a {type(value).__name__}, not tensors")
 
 
-def _relative_error(foreign: nn.Module, candidate: nn.Module, inputs: tuple) -> float:
-    """Largest |difference| of the two modules' float64 eval-mode outputs on ``inputs``,
-    relative to the largest output magnitude. Both run on copies: the user's module keeps
-    its dtype, device and train/eval state."""
+def _finite_error(expected: Tensor, got: Tensor) -> float:
+    """Largest |difference| where the copy's output is finite; inf infinity where the two
+    disagree on which entries are NaN or ±inf (NaN at the same place is not "equal" unless
+    the copy gives NaN there too)."""
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return math.inf
+    if not finite.all():
+        same_nan = torch.equal(expected.isnan(), got.isnan())
+        if not same_nan or not torch.equal(expected[expected.isinf()], got[got.isinf()]):
+            return math.inf
+    if not finite.any():
+        return 0.0
+    return float((expected[finite] - got[finite]).abs().max())
+
+
+def _probe_error(reference: nn.Module, adopted: nn.Module, probe: Probe) -> float | None:
+    """Relative error of one probe, or None when the copy itself fails on it (a shape it does
+    not take: nothing to compare)."""
+    try:
+        expected = _outputs(reference(*probe.inputs))
+    except FusionError:
+        raise
+    except Exception:
+        return None
+    try:
+        got = _outputs(adopted(*probe.inputs))
+    except Exception as error:
+        reason = f"the adopted block fails on the probe input {probe.label} ({summarize(error)})"
+        raise FusionError(reason) from error
+    shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in got]
+    if shapes[0] != shapes[1] or not expected:
+        raise FusionError(
+            f"output shapes differ on the probe input {probe.label}: {shapes[0]} vs {shapes[1]}"
+        )
+    finite = [t[torch.isfinite(t)] for t in expected]
+    scale = max((float(t.abs().max()) for t in finite if t.numel()), default=0.0)
+    error = max(_finite_error(a, b) for a, b in zip(expected, got, strict=True))
+    return error / max(scale, 1e-30)
+
+
+def _relative_error(
+    foreign: nn.Module, candidate: nn.Module, probes: list[Probe]
+) -> tuple[float, str]:
+    """The largest relative error of the two modules' float64 eval-mode outputs over
+    ``probes`` (each relative to its own largest output magnitude), and the probe it came
+    from. Both run on copies: the user's module keeps its dtype, device and train/eval
+    state. The first probe must run on the copy; later ones it fails on are skipped."""
     try:
         reference = copy.deepcopy(foreign).to(device="cpu", dtype=torch.float64).eval()
     except Exception as error:
         raise FusionError(f"it cannot be copied for the check ({summarize(error)})") from error
     adopted = copy.deepcopy(candidate).to(device="cpu", dtype=torch.float64).eval()
+    worst, where = 0.0, probes[0].label
     with torch.no_grad():
-        try:
-            expected = _outputs(reference(*inputs))
-        except Exception as error:  # the user's forward: any failure means "cannot check"
-            raise FusionError(f"its forward fails on a probe input ({summarize(error)})") from error
-        try:
-            got = _outputs(adopted(*inputs))
-        except Exception as error:
-            reason = f"the adopted block fails on the probe input ({summarize(error)})"
-            raise FusionError(reason) from error
-    shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in got]
-    if shapes[0] != shapes[1] or not expected:
-        raise FusionError(f"output shapes differ on the probe input: {shapes[0]} vs {shapes[1]}")
-    scale = max(float(t.abs().max()) for t in expected)
-    error = max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
-    return error / max(scale, 1e-30)
+        for index, probe in enumerate(probes):
+            error = _probe_error(reference, adopted, probe)
+            if error is None and index == 0:
+                try:  # run it again for the message
+                    reference(*probe.inputs)
+                except Exception as failure:
+                    reason = f"its forward fails on a probe input ({summarize(failure)})"
+                    raise FusionError(reason) from failure
+            if error is not None and not error <= worst:
+                worst, where = error, probe.label
+                if not error <= RTOL:  # decided: the rest cannot make it equal
+                    break
+    return worst, where
 
 
-def _sync_norm_settings(foreign: nn.Module, candidate: nn.Module) -> None:
+def _sync_norm_settings(foreign: nn.Module, candidate: nn.Module, layout: Layout) -> None:
     """Give every BatchNorm of ``candidate`` the eps and momentum of the copy's BatchNorm at
     the same path (copies sometimes use eps=1e-3 as YOLOv5 does); state dicts carry neither."""
     for path, norm in candidate.named_modules():
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
             continue
         try:
-            theirs = foreign.get_submodule(path)
+            theirs = foreign.get_submodule(layout.theirs(path))
         except AttributeError:
             continue
         if isinstance(theirs, nn.modules.batchnorm._BatchNorm):
@@ -83,40 +131,64 @@ def _reference_tensor(module: nn.Module) -> Tensor | None:
     return None
 
 
-def adopt_one(foreign: nn.Module, layout: Layout) -> tuple[nn.Module, float]:
-    """The reparam block computing what ``foreign`` computes, and the probe's relative error.
-
-    Raises FusionError with the reason when it cannot be built, loaded or shown equal.
-    """
-    # Building the block initialises weights from the global RNG: keep the user's stream.
+def _candidates(foreign: nn.Module, layout: Layout) -> list[nn.Module]:
+    # Building a block initialises weights from the global RNG: keep the user's stream.
     with torch.random.fork_rng(devices=[]):
         try:
-            candidate = layout.build(foreign)
+            built = layout.build(foreign)
         except FusionError:
             raise
         except Exception as error:  # the block's own constructor checks, or odd shapes
             reason = f"no {layout.target} matches its configuration ({summarize(error)})"
             raise FusionError(reason) from error
-    _sync_norm_settings(foreign, candidate)
+    return built if isinstance(built, list) else [built]
+
+
+def _loaded(foreign: nn.Module, layout: Layout, candidate: nn.Module) -> nn.Module:
+    """``candidate`` with the copy's norm settings, dtype, device and weights."""
+    _sync_norm_settings(foreign, candidate, layout)
     reference = _reference_tensor(foreign)
     if reference is not None:
         candidate.to(device=reference.device, dtype=reference.dtype)
     try:
-        candidate.load_state_dict(foreign.state_dict(), strict=True)
+        candidate.load_state_dict(layout.ours(foreign.state_dict()), strict=True)
     except RuntimeError as error:
         reason = f"its state dict does not load into {layout.target}: {summarize(error)}"
         raise FusionError(reason) from error
+    return candidate
+
+
+def adopt_one(
+    foreign: nn.Module, layout: Layout, extra_probes: list[Probe] = ()
+) -> tuple[nn.Module, float]:
+    """The reparam block computing what ``foreign`` computes, and the probes' relative error.
+
+    The layout's builder may offer several candidates (e.g. RepVGG's SE with the published
+    window pool, then with a global pool); the first that agrees on every probe wins.
+    ``extra_probes`` (the inputs the block saw on the user's example) are checked too.
+    Raises FusionError with the reason when none can be built, loaded or shown equal.
+    """
+    candidates = _candidates(foreign, layout)
     try:
-        inputs = layout.probe(foreign)
+        probes = list(layout.probe(foreign)) + list(extra_probes)
     except FusionError:
         raise
     except Exception as error:
         raise FusionError(f"no probe input could be built ({summarize(error)})") from error
-    error = _relative_error(foreign, candidate, inputs)
-    if not error <= RTOL:
-        raise FusionError(
-            f"it computes something else than {layout.target} (relative error {error:.2e} on a "
-            f"probe input, eval mode, float64)"
-        )
-    candidate.train(foreign.training)
-    return candidate, error
+    first_failure: FusionError | None = None
+    for candidate in candidates:
+        try:
+            candidate = _loaded(foreign, layout, candidate)
+            error, where = _relative_error(foreign, candidate, probes)
+            if not error <= RTOL:
+                raise FusionError(
+                    f"it computes something else than {layout.target} (relative error "
+                    f"{error:.2e} on a probe input {where}, eval mode, float64)"
+                )
+        except FusionError as failure:
+            first_failure = first_failure or failure
+            continue
+        candidate.train(foreign.training)
+        return candidate, error
+    assert first_failure is not None
+    raise first_failure

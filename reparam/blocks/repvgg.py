@@ -28,6 +28,7 @@ rbr_identity (a BatchNorm2d, absent when the shapes do not allow it), se.{down,u
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reparam.blocks.base import (
@@ -37,28 +38,45 @@ from reparam.blocks.base import (
     crop_border,
     resolve_padding,
 )
+from reparam.errors import BlockConfigError
 from reparam.fusion import add_branches, centre_kernel, centred_padding
 from reparam.module_fusion import conv_bn_kernel, identity_bn_kernel
 
-__all__ = ["RepVGGBlock", "SEBlock"]
+__all__ = ["SE_POOLS", "RepVGGBlock", "SEBlock"]
+
+
+SE_POOLS = ("global", "window")
 
 
 class SEBlock(nn.Module):
-    """Squeeze-excitation as in RepVGG: x·sigmoid(up(ReLU(down(mean_hw(x))))).
+    """Squeeze-excitation as in RepVGG: x·sigmoid(up(ReLU(down(pool(x))))).
 
-    The published block pools with ``avg_pool2d(kernel_size=W)``, which is only global for
-    square inputs; this one averages over both spatial axes, whatever their sizes.
+    ``pool="global"`` (default) averages over both spatial axes, whatever their sizes.
+    ``pool="window"`` is the published block's ``avg_pool2d(x, kernel_size=W)``: W×W windows
+    at stride W, the same on square maps; on an H×W map with W < H ≤ 2W−1 it averages the
+    first W rows only (13×10: rows 0–9), and other shapes give torch's errors or a
+    non-broadcastable scale, exactly as published. Adoption picks it for pasted copies.
     """
 
-    def __init__(self, input_channels: int, internal_neurons: int) -> None:
+    def __init__(self, input_channels: int, internal_neurons: int, pool: str = "global") -> None:
         super().__init__()
+        if pool not in SE_POOLS:
+            raise BlockConfigError(f"SE pool must be one of {SE_POOLS}, got {pool!r}")
         self.down = nn.Conv2d(input_channels, internal_neurons, kernel_size=1, bias=True)
         self.up = nn.Conv2d(internal_neurons, input_channels, kernel_size=1, bias=True)
         self.input_channels = input_channels
+        self.pool = pool
 
     def forward(self, inputs: Tensor) -> Tensor:
-        scale = self.up(torch.relu(self.down(inputs.mean((2, 3), keepdim=True))))
+        if self.pool == "window":
+            pooled = F.avg_pool2d(inputs, kernel_size=inputs.size(3))
+        else:
+            pooled = inputs.mean((2, 3), keepdim=True)
+        scale = self.up(torch.relu(self.down(pooled)))
         return inputs * torch.sigmoid(scale)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}" if self.pool != "global" else ""
 
 
 class RepVGGBlock(ReparamBlock):
@@ -76,6 +94,11 @@ class RepVGGBlock(ReparamBlock):
         use_se: squeeze-excitation on the summed branches, before the ReLU, with
             max(1, out_channels // 16) hidden channels (the published code has
             out_channels // 16, which is 0 below 16 channels).
+        se_pool: ``"global"`` (mean over H and W) or ``"window"`` (the published
+            ``avg_pool2d(kernel_size=W)``, set when a pasted copy is adopted); see
+            :class:`SEBlock`.
+        use_identity: build the identity BN branch where the shapes allow it (False for
+            layouts that make it optional, e.g. ultralytics' RepConv with ``bn=False``).
     """
 
     deploy_conv_name = "rbr_reparam"
@@ -92,6 +115,8 @@ class RepVGGBlock(ReparamBlock):
         groups: int = 1,
         deploy: bool = False,
         use_se: bool = False,
+        se_pool: str = "global",
+        use_identity: bool = True,
     ) -> None:
         super().__init__()
         check_branch_geometry(
@@ -105,7 +130,15 @@ class RepVGGBlock(ReparamBlock):
         self.deploy = deploy
 
         self.nonlinearity = nn.ReLU()
-        self.se = SEBlock(out_channels, max(1, out_channels // 16)) if use_se else nn.Identity()
+        if se_pool not in SE_POOLS:
+            raise BlockConfigError(
+                f"RepVGGBlock: se_pool must be one of {SE_POOLS}, got {se_pool!r}"
+            )
+        self.se = (
+            SEBlock(out_channels, max(1, out_channels // 16), pool=se_pool)
+            if use_se
+            else nn.Identity()
+        )
 
         if deploy:
             self.rbr_reparam = nn.Conv2d(
@@ -115,7 +148,7 @@ class RepVGGBlock(ReparamBlock):
             return
 
         same = padding == dilation * (kernel_size // 2)
-        has_identity = in_channels == out_channels and stride == 1 and same
+        has_identity = use_identity and in_channels == out_channels and stride == 1 and same
         self.rbr_identity = nn.BatchNorm2d(in_channels) if has_identity else None
         shared = dict(stride=stride, dilation=dilation, groups=groups)
         self.rbr_dense = conv_bn_branch(
