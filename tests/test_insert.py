@@ -18,7 +18,7 @@ def test_resnet18_converts_every_3x3_pair_and_keeps_its_outputs():
     converted, count = convert_to_acblocks(model)
     assert count == 17  # the 16 3x3 convs of the residual blocks and the 7x7 stem
     assert sum(isinstance(m, ACBlock) for m in converted.modules()) == 17
-    assert converted.stem[0].kernel_size == 7
+    assert converted.stem[0].block.kernel_size == 7
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(converted.eval()(x), model(x), rtol=1e-5, atol=1e-5)
 
@@ -30,14 +30,15 @@ def test_converted_network_trains_then_fuses_exactly():
         nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=2), nn.BatchNorm2d(8),
     )  # fmt: skip
     converted, count = convert_to_acblocks(model)
-    assert count == 2 and isinstance(converted[0], ACBlock) and converted[3].groups == 2
+    assert count == 2 and isinstance(converted[0].block, ACBlock)
+    assert converted[3].block.groups == 2
     optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
     converted.train()
     for _ in range(3):
         optimizer.zero_grad()
         converted(torch.randn(4, 3, 12, 12)).square().mean().backward()
         optimizer.step()
-    assert converted[0].ver_bn.weight.abs().sum() > 0  # the new branches learnt something
+    assert converted[0].block.ver_bn.weight.abs().sum() > 0  # the new branches learnt something
     converted.eval()
     fused = reparam.fuse(converted)
     x = torch.randn(2, 3, 12, 12)
