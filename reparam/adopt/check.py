@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from reparam.adopt.parts import Layout, Probe
-from reparam.errors import FusionError, summarize
+from reparam.errors import FusionError, printable, summarize
 
 __all__ = ["RTOL", "adopt_one"]
 
@@ -150,8 +150,20 @@ def _loaded(foreign: nn.Module, layout: Layout, candidate: nn.Module) -> nn.Modu
     reference = _reference_tensor(foreign)
     if reference is not None:
         candidate.to(device=reference.device, dtype=reference.dtype)
+    state = layout.ours(foreign.state_dict())
+    expected = set(candidate.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        listed = (("unexpected", unexpected), ("missing", missing))
+        parts = [
+            f"{what} {', '.join(keys[:4])}" + (" …" if len(keys) > 4 else "")
+            for what, keys in listed
+            if keys
+        ]
+        reason = f"its state dict does not load into {layout.target}: {'; '.join(parts)}"
+        raise FusionError(printable(reason, 320))
     try:
-        candidate.load_state_dict(layout.ours(foreign.state_dict()), strict=True)
+        candidate.load_state_dict(state, strict=True)
     except RuntimeError as error:
         reason = f"its state dict does not load into {layout.target}: {summarize(error)}"
         raise FusionError(reason) from error
