@@ -4,9 +4,11 @@ For a reference output r and a candidate c, each output tensor is summarised by
 max|c − r|, the relative error max|c − r| / max|r| (one scale per tensor, so outputs near
 zero do not blow it up), and the cosine similarity of the flattened tensors.
 
-Non-finite values count as infinitely wrong unless both outputs hold the same one at the same
-place (NaN where the reference is NaN, +inf where it is +inf): a NaN difference must never
-pass a ``max_rel <= rtol`` check by comparing false.
+Non-finite values count as infinitely wrong. NaN counts so even where the reference holds NaN
+at the same place: a model whose weights are all NaN must not pass a check as "max rel 0,
+cosine 1" against a copy of itself. Only an infinity matched by the same infinity at the
+same place is left out of the errors (an overflow both sides agree on). A NaN difference
+must never pass a ``max_rel <= rtol`` check by comparing false.
 """
 
 from __future__ import annotations
@@ -93,9 +95,10 @@ def compare_outputs(reference: object, candidate: object) -> list[OutputDiff]:
 
 
 def _diff(name: str, ref: Tensor, cand: Tensor) -> OutputDiff:
-    """Errors over the finite entries; any other non-finite mismatch makes them infinite."""
+    """Errors over the finite entries; NaN anywhere, or an infinity the other side does not
+    hold at the same place, makes them infinite."""
     shape = tuple(ref.shape)
-    same_special = (ref.isnan() & cand.isnan()) | (ref.isinf() & (ref == cand))
+    same_special = ref.isinf() & (ref == cand)
     finite = ref.isfinite() & cand.isfinite()
     if not bool((finite | same_special).all()):
         return OutputDiff(name, shape, math.inf, math.inf, math.nan)

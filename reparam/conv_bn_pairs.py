@@ -53,20 +53,29 @@ def hook_kind(module: nn.Module) -> str | None:
 
 
 def _torch_forward(module: nn.Module) -> bool:
-    """Whether ``module`` runs a forward defined by torch itself (not a user override)."""
-    return type(module).forward.__module__.startswith("torch.")
+    """Whether ``module`` runs a forward defined by torch itself: not a subclass override,
+    and not a function put on the instance (``bn.forward = ...``)."""
+    return type(module).forward.__module__.startswith("torch.") and "forward" not in vars(module)
 
 
-def _foldable_pair(layer: nn.Module, bn: nn.Module) -> bool:
-    """``bn(layer(x))`` is an affine map of ``layer``'s weights: a torch ConvNd or Linear
-    (forward not overridden) and a torch BatchNorm over its output channels."""
-    if not isinstance(bn, _BatchNorm) or not _torch_forward(layer) or not _torch_forward(bn):
-        return False
+def refusal(layer: nn.Module, bn: nn.Module) -> str | None:
+    """Why ``bn(layer(x))`` is not an affine map of ``layer``'s weights, or None when it is:
+    a torch ConvNd or Linear and a torch BatchNorm over its output channels, each running
+    torch's own forward."""
+    if not isinstance(bn, _BatchNorm):
+        return "not a BatchNorm"
+    for module in (layer, bn):
+        if not _torch_forward(module):
+            return f"{type(module).__name__} runs a forward of its own, not torch's"
     if isinstance(layer, _ConvNd):
-        return bn.num_features == layer.out_channels
+        if bn.num_features != layer.out_channels:
+            return "its channels are not the conv's output channels"
+        return None
     if type(layer) is nn.Linear:
-        return isinstance(bn, nn.BatchNorm1d) and bn.num_features == layer.out_features
-    return False
+        if not isinstance(bn, nn.BatchNorm1d) or bn.num_features != layer.out_features:
+            return "not a BatchNorm1d over the Linear's output features"
+        return None
+    return "its input is not a conv's or Linear's output"
 
 
 @dataclass(frozen=True)
@@ -78,17 +87,29 @@ class ConvBNPair:
 
 
 class PairFinder:
-    """Collects pairs from the passes; a pair found by several passes is kept once."""
+    """Collects pairs from the passes; a pair found by several passes is kept once.
+
+    ``refused`` maps a BatchNorm path to why a candidate pair ending in it was not taken,
+    so the report can say why that BatchNorm was left.
+    """
 
     def __init__(self, model: nn.Module, report: FuseReport | None = None):
         self.model = model
         self.report = report
         self.pairs: dict[str, ConvBNPair] = {}
+        self.refused: dict[str, str] = {}
+        self.linear_candidates: list[tuple[str, str]] = []
         self.uses = Counter(id(m) for m in model.modules(remove_duplicate=False))
 
     def add(self, conv_path: str, bn_path: str) -> bool:
         conv, bn = self.model.get_submodule(conv_path), self.model.get_submodule(bn_path)
-        if not _foldable_pair(conv, bn) or self.uses[id(conv)] > 1 or self.uses[id(bn)] > 1:
+        if not isinstance(bn, _BatchNorm):
+            return False
+        why = refusal(conv, bn)
+        if why is None and (self.uses[id(conv)] > 1 or self.uses[id(bn)] > 1):
+            why = "the conv or the BatchNorm is reachable under two names"
+        if why is not None:
+            self.refused.setdefault(bn_path, f"after {conv_path}: {why}")
             return False
         for path, module in ((conv_path, conv), (bn_path, bn)):
             kind = hook_kind(module)
@@ -141,7 +162,10 @@ def traced_pairs(finder: PairFinder) -> str:
         if len(source.users) == 1 and calls[node.target] == 1 and calls[source.target] == 1:
             layer = finder.model.get_submodule(source.target)
             if type(layer) is nn.Linear:
-                continue  # its output rank is unknown here; the probe pass checks it
+                # BatchNorm1d normalises dim 1: the Linear's features only for a 2-D output,
+                # a rank the graph does not hold; the probe pass sees it
+                finder.linear_candidates.append((source.target, node.target))
+                continue
             finder.add(source.target, node.target)
     return ""
 

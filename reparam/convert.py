@@ -29,6 +29,7 @@ walk over blocks), :mod:`reparam.conv_bn_pairs` (pair finding), :mod:`reparam.fo
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -37,8 +38,9 @@ from reparam.builtins import register_builtins
 from reparam.conv_bn_pairs import ConvBNPair, PairFinder, sequential_pairs, traced_pairs
 from reparam.errors import FusionError, summarize
 from reparam.fold_undo import fold_pairs, replace_module
+from reparam.fuse_probe import record_inputs
 from reparam.fuse_report import FuseReport
-from reparam.fuse_walk import adopt, fuse_blocks
+from reparam.fuse_walk import adopt, convertible, fuse_blocks
 from reparam.fusers import (
     FuseOutcome,
     Fuser,
@@ -111,7 +113,11 @@ def fuse_with_report(
     report = FuseReport()
     adopt(target, report)
     with torch.no_grad():
-        target = fuse_blocks(target, "", report)
+        recorded = None
+        if inputs is not None:  # what each block received: its checks run on these
+            blocks = {id(m): m for m in target.modules() if convertible(m)}
+            recorded = record_inputs(target, inputs, blocks) if blocks else {}
+        target = fuse_blocks(target, "", report, recorded)
         fold_pairs(target, report, trace, inputs)
     return target.eval(), report
 
@@ -124,6 +130,12 @@ def _check_model(model: object) -> None:
             "fuse the Python nn.Module before torch.jit.script/trace"
         )
     if isinstance(model, nn.Module):
+        if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            raise FusionError(
+                "the model is on the meta device: its weights hold no values, so nothing can "
+                "be folded or checked; build it on a real device (or call "
+                "model.to_empty(device='cpu') and load a state dict) before fusing"
+            )
         return
     hint = ""
     if isinstance(model, dict):
@@ -160,15 +172,18 @@ def find_conv_bn_pairs(model: nn.Module, *, trace: bool = True) -> tuple[list[Co
     """Conv→BatchNorm (and Linear→BatchNorm1d) pairs that can be folded without changing
     any other computation.
 
-    Found as adjacent children of a plain ``nn.Sequential`` and, with ``trace``, through
-    ``torch.fx``: a conv whose only consumer is a BatchNorm. Modules reachable under two names
-    or called twice, and modules with hooks, are skipped.
+    Found through ``torch.fx`` (a conv whose only consumer is a BatchNorm) when ``trace`` is
+    set and the model traces; otherwise as adjacent children of a plain ``nn.Sequential``
+    (which assumes the forward calls the Sequential as a whole: ``fuse`` does not fold such
+    a pair without example inputs that show it). Modules reachable under two names or called
+    twice, and modules with hooks, are skipped.
 
     Returns:
         The pairs, and why tracing failed ("" when it succeeded or was not asked for).
     """
     register_builtins()
     finder = PairFinder(model)
-    sequential_pairs(finder)
     error = traced_pairs(finder) if trace else ""
+    if not trace or error:  # a trace shows which Sequential pairs the forward really runs
+        sequential_pairs(finder)
     return list(finder.pairs.values()), error

@@ -13,24 +13,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from reparam.compare import compare_outputs
-from reparam.conv_bn_pairs import (
-    ConvBNPair,
-    PairFinder,
-    probe_pairs,
-    sequential_pairs,
-    traced_pairs,
-)
-from reparam.errors import FusionError
+from reparam.conv_bn_pairs import ConvBNPair, PairFinder, probe_pairs, traced_pairs
+from reparam.errors import FusionError, summarize
+from reparam.fuse_probe import outputs_agree, scaled_probes
 from reparam.fuse_report import CONV_BN, LINEAR_BN, FuseReport
 from reparam.module_fusion import check_foldable, fold_bn_into_conv, fold_bn_into_linear
 
-__all__ = ["PROBE_RTOL", "Undo", "fold_pairs", "replace_module"]
-
-# Largest relative output change accepted when checking probe-found folds on the probe input.
-PROBE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-PROBE_RTOL_LOW_PRECISION = 2e-2
+__all__ = ["Undo", "fold_pairs", "replace_module"]
 
 
 def replace_module(model: nn.Module, path: str, replacement: nn.Module) -> None:
@@ -56,39 +47,146 @@ class Undo:
 
 
 def fold_pairs(model: nn.Module, report: FuseReport, trace: bool, inputs: tuple | None) -> None:
+    """Fold every proven pair of ``model``, check the folds on ``inputs`` and list every
+    BatchNorm left, with why.
+
+    A pair is proven by a torch.fx trace (the conv's only user is the BatchNorm, each called
+    once) or by a probe forward on ``inputs`` (the BatchNorm received the very tensor the
+    conv returned, read by no other operation). Adjacency in an ``nn.Sequential`` proves
+    nothing on its own: a model fx cannot trace may call the Sequential's members one by
+    one, tap the conv output, or run only the conv. So without a trace and without example
+    inputs no pair is folded (exact or refused), and each BatchNorm says so.
+    """
     finder = PairFinder(model, report)
-    sequential_pairs(finder)
     if trace:
         report.trace_error = traced_pairs(finder)
         report.traced = not report.trace_error
-    probe_only: set[str] = set()
-    reference = None
-    # The probe forward is for models torch.fx cannot trace: where the trace succeeded it
-    # has found every pair already, and the probe (a forward under a TorchFunctionMode, then
-    # a second one to check the folds) would cost more than the whole fuse.
-    if inputs is not None and not report.traced:
-        probe_only, report.probe_error = probe_pairs(finder, inputs)
+    # The probe forward (under a TorchFunctionMode) is for what the trace cannot show: a
+    # model fx cannot trace, or the rank of a Linear's output before a BatchNorm1d.
+    if inputs is not None and (not report.traced or finder.linear_candidates):
+        _, report.probe_error = probe_pairs(finder, inputs)
         report.probed = not report.probe_error
-        if probe_only:
-            reference = model(*inputs)
-    undo = [_fold(model, pair) for pair in finder.pairs.values()]
-    if reference is not None and not _same_outputs(reference, model(*inputs), model):
-        for step in undo:
-            if step.pair.bn in probe_only:
-                step.apply(model)
-                report.skip(
-                    f"{step.pair.conv} -> {step.pair.bn}",
-                    "folding changed the outputs on the example inputs (another operation "
-                    "reads the conv output); left unfolded",
-                )
-        undo = [step for step in undo if step.pair.bn not in probe_only]
-    for step in undo:
-        report.record(
-            LINEAR_BN
-            if type(step.bn) is nn.BatchNorm1d
-            and type(model.get_submodule(step.pair.conv)) is nn.Linear
-            else CONV_BN
+    pairs = list(finder.pairs.values())
+    steps = _checked_folds(model, pairs, inputs, report) if inputs is not None else None
+    if steps is None:
+        steps = [_fold(model, pair) for pair in pairs]
+    for step in steps:
+        layer = model.get_submodule(step.pair.conv)
+        report.record(LINEAR_BN if type(layer) is nn.Linear else CONV_BN)
+    _list_left_batchnorms(model, report, finder, inputs is not None)
+
+
+def _checked_folds(
+    model: nn.Module, pairs: list[ConvBNPair], inputs: tuple, report: FuseReport
+) -> list[Undo] | None:
+    """Fold ``pairs`` and check the model on the example inputs scaled by
+    :data:`~reparam.fuse_probe.SCALES`; when the outputs change (or the forward fails: a
+    module may read the BatchNorm's attributes), undo all and keep, one by one, only the
+    folds that pass. None when the model's forward fails on every probe (nothing to check
+    against: only traced pairs, proven, were found)."""
+    probes, reference = [], []
+    for probe in scaled_probes([inputs]):
+        try:
+            reference.append(model(*probe))
+            probes.append(probe)
+        except Exception:
+            continue
+    if not probes:
+        return None
+    dtype = _dtype(model)
+    steps = [_fold(model, pair) for pair in pairs]
+    if _check(model, probes, reference, dtype) is None:
+        return steps
+    for step in reversed(steps):
+        step.apply(model)
+    kept = []
+    for index, pair in enumerate(pairs):
+        where = f"{pair.conv} -> {pair.bn}"
+        if index >= ONE_BY_ONE:
+            report.skip(
+                where,
+                "folding all pairs changed the outputs on the example inputs, "
+                f"and only the first {ONE_BY_ONE} are tried one by one; left unfolded",
+            )
+            continue
+        step = _fold(model, pair)
+        why = _check(model, probes, reference, dtype)
+        if why is None:
+            kept.append(step)
+            continue
+        step.apply(model)
+        report.skip(
+            where,
+            f"folding it changed the model on the example inputs ({why}): "
+            "something else reads the conv output or the BatchNorm; left unfolded",
         )
+    return kept
+
+
+# Pairs tried one at a time after a joint fold failed its check (each costs the probes'
+# forwards); further pairs are left unfolded and listed.
+ONE_BY_ONE = 64
+
+
+def _check(model: nn.Module, probes: list, reference: list, dtype: torch.dtype) -> str | None:
+    try:
+        got = [model(*probe) for probe in probes]
+    except Exception as error:  # a module reading the removed BatchNorm, say
+        return f"the forward fails after the fold: {summarize(error, 120)}"
+    return outputs_agree(reference, got, dtype)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _list_left_batchnorms(
+    model: nn.Module, report: FuseReport, finder: PairFinder, probed: bool
+) -> None:
+    """Every BatchNorm still in ``model`` gets a ``not_fused`` entry saying why it is left
+    and how to fold it, unless an entry names it already."""
+    listed = [path for path, _ in report.not_fused]
+    for path, module in model.named_modules():
+        if not isinstance(module, _BatchNorm) or any(
+            entry == path or entry.endswith(f"-> {path}") for entry in listed
+        ):
+            continue
+        inside = next((e for e in listed if path.startswith(f"{e}.")), None)
+        where = f"inside {inside} (left as it was); " if inside else ""
+        report.skip(
+            path, f"{type(module).__name__} left: {where}{_why_left(path, report, finder, probed)}"
+        )
+
+
+def _why_left(path: str, report: FuseReport, finder: PairFinder, probed: bool) -> str:
+    if path in finder.refused:
+        reason = finder.refused[path]
+        if any(bn == path for _, bn in finder.linear_candidates) and not probed:
+            reason += "; pass example_inputs to fold it"
+        return reason
+    linear = next((conv for conv, bn in finder.linear_candidates if bn == path), None)
+    if linear is not None and not report.probed:
+        return (
+            f"after {linear}: a Linear→BatchNorm1d pair folds only for a 2-D output, a rank "
+            "the fx graph does not hold; pass example_inputs to fold it"
+        )
+    if not report.traced and not report.probed:
+        why = "trace=False" if report.traced is None else "torch.fx cannot trace the model"
+        if report.probed is False:
+            return (
+                f"{why} and the probe forward failed ({report.probe_error}), so nothing "
+                "proves which conv feeds it; fix the forward on example_inputs to fold it"
+            )
+        return (
+            f"{why} and no example_inputs were given, so nothing proves which conv feeds "
+            "it (an nn.Sequential's members may be called one by one); pass example_inputs "
+            "to fold it"
+        )
+    return (
+        "its input is not the output of a conv or Linear that nothing else reads, so there "
+        "is nothing to fold it into; it stays a BatchNorm (a per-channel affine map in eval "
+        "mode)"
+    )
 
 
 def _fold(model: nn.Module, pair: ConvBNPair) -> Undo:
@@ -101,17 +199,6 @@ def _fold(model: nn.Module, pair: ConvBNPair) -> Undo:
         else:
             fold_bn_into_conv(layer, bn)
     except FusionError as error:
-        smallest = float((bn.running_var + bn.eps).min()) if bn.running_var is not None else 1.0
-        why = f" (eps={bn.eps:g} with a running_var of 0)" if smallest <= 0 else ""
-        raise FusionError(f"{pair.bn} ({type(bn).__name__}): {error}{why}") from error
+        raise FusionError(f"{pair.bn} ({type(bn).__name__}): {error}") from error
     replace_module(model, pair.bn, nn.Identity())
     return step
-
-
-def _same_outputs(reference: object, candidate: object, model: nn.Module) -> bool:
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    rtol = PROBE_RTOL.get(dtype, PROBE_RTOL_LOW_PRECISION)
-    try:
-        return all(diff.within(rtol) for diff in compare_outputs(reference, candidate))
-    except (TypeError, ValueError):  # outputs that cannot be compared: do not trust the folds
-        return False

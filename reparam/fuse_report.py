@@ -50,6 +50,23 @@ class FuseReport:
         if all(existing != path for existing, _ in self.not_fused):
             self.not_fused.append((path, reason))
 
+    def add_reason(self, path: str, reason: str) -> None:
+        """Like :meth:`skip`, but a path already listed gets ``reason`` added to its entry
+        (one entry per module, holding every reason it was left)."""
+        for index, (existing, why) in enumerate(self.not_fused):
+            if existing == path:
+                self.not_fused[index] = (path, f"{why}; {reason}")
+                return
+        self.not_fused.append((path, reason))
+
+    def unskip(self, path: str) -> str | None:
+        """Take ``path`` off ``not_fused`` (it was converted after all); returns its reason."""
+        for index, (existing, why) in enumerate(self.not_fused):
+            if existing == path:
+                del self.not_fused[index]
+                return why
+        return None
+
     def summary(self) -> str:
         """A few lines a person can read: what was fused, adopted, and left alone."""
         fused = ", ".join(f"{kind} x{n}" for kind, n in sorted(self.blocks.items()))

@@ -18,10 +18,11 @@ from torch import nn
 
 from reparam.conv_bn_pairs import hook_kind
 from reparam.errors import FusionError
+from reparam.fuse_probe import checked_conversion, inferred_input
 from reparam.fuse_report import FuseReport
 from reparam.fusers import FuseOutcome, get_fuser, pre_fuse_passes
 
-__all__ = ["THIRD_PARTY_METHODS", "adopt", "fuse_blocks"]
+__all__ = ["THIRD_PARTY_METHODS", "adopt", "convertible", "fuse_blocks"]
 
 THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
 
@@ -37,19 +38,39 @@ def adopt(model: nn.Module, report: FuseReport) -> None:
                 report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
 
 
-def fuse_blocks(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
+def convertible(module: nn.Module) -> bool:
+    """Whether the walk would convert ``module``: a registered fuser or a deploy method."""
+    return get_fuser(type(module)) is not None or _third_party_method(module) is not None
+
+
+def fuse_blocks(
+    module: nn.Module, path: str, report: FuseReport, recorded: dict[int, list[tuple]] | None
+) -> nn.Module:
+    """Every block under ``module`` in deploy form, top down; returns what replaces
+    ``module``. ``recorded``: each module's inputs on the user's example inputs (by id), or
+    None when none were given."""
     if isinstance(module, torch.jit.ScriptModule):
         report.skip(path or "<model>", "TorchScript submodule: its compiled forward cannot change")
         return module
-    module = _fuse_one(module, path, report)
+    module = _fuse_one(module, path, report, recorded)
     for name, child in list(module.named_children()):
-        fused = fuse_blocks(child, f"{path}.{name}" if path else name, report)
+        fused = fuse_blocks(child, f"{path}.{name}" if path else name, report, recorded)
         if fused is not child:
             setattr(module, name, fused)
     return module
 
 
-def _fuse_one(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
+def _fuse_one(
+    module: nn.Module, path: str, report: FuseReport, recorded: dict[int, list[tuple]] | None
+) -> nn.Module:
+    """One module to its deploy form, all or nothing.
+
+    A registered fuser (reparam's blocks, or the user's own) is trusted where there is no
+    example input, and checked on the module's recorded inputs where there is. A deploy
+    method of another library's class is never trusted: it runs only under
+    :func:`~reparam.fuse_probe.checked_conversion` (recorded inputs, or an input inferred
+    from the module's first conv), and is undone when it changes the outputs.
+    """
     where = path or "<model>"
     kind = type(module).__name__
     fuser = get_fuser(type(module))
@@ -64,27 +85,64 @@ def _fuse_one(module: nn.Module, path: str, report: FuseReport) -> nn.Module:
         return module
     params = list(module.parameters())
     frozen = bool(params) and not any(p.requires_grad for p in params)
+    bases = (recorded or {}).get(id(module), [])
+    detail = ""
+    already_deployed = False
+
+    def run_fuser() -> nn.Module:
+        nonlocal detail, already_deployed
+        outcome = fuser(module)
+        if outcome is None:
+            already_deployed = True
+            return module
+        if isinstance(outcome, FuseOutcome):
+            outcome, detail = outcome.module, outcome.detail
+        return outcome
+
+    def run_method() -> nn.Module:
+        result = method()
+        return result if isinstance(result, nn.Module) else module
+
     try:
-        if fuser is not None:
-            outcome = fuser(module)
-            if outcome is None:
-                return module
-            detail = ""
-            if isinstance(outcome, FuseOutcome):
-                outcome, detail = outcome.module, outcome.detail
-            report.record(kind, f"{where} ({kind}): {detail}" if detail else "")
+        if fuser is not None and not bases:
+            outcome, why = run_fuser(), None
+        elif fuser is not None:
+            outcome, why = checked_conversion(module, run_fuser, bases, f"the {kind} fuser")
         else:
-            result = method()
-            report.record(kind)
-            outcome = result if isinstance(result, nn.Module) else module
+            name = f"its own {method.__name__}()"
+            if not bases:
+                inferred = inferred_input(module)
+                bases = [inferred] if inferred is not None else []
+            if not bases:
+                report.add_reason(
+                    where,
+                    f"{kind}: {name} not called: no probe input to check it against "
+                    "(no conv or Linear to infer one from); pass example_inputs",
+                )
+                return module
+            outcome, why = checked_conversion(module, run_method, bases, name)
     except FusionError as error:
         raise FusionError(f"{where} ({kind}): {error}") from error
+    if why is not None:
+        report.add_reason(where, f"{kind}: {why}")
+        return outcome
+    if already_deployed:
+        return module
     # Blame the fuse only when the block's own weights were finite (checked only on failure).
     if not all(map(_finite, outcome.parameters())) and all(map(_finite, params)):
         raise FusionError(
             f"{where} ({kind}): the fused weights are not finite (inf or NaN): a folded "
             f"kernel exceeds what {params[0].dtype if params else 'the dtype'} can hold"
         )
+    if method is not None:
+        # Converted by its own method and checked: it is fused, not "not adopted".
+        previous = report.unskip(where)
+        checked = "checked equal on probe inputs scaled 1e-2 to 1e2"
+        note = f"{where} ({kind}): converted by {method.__name__}(), {checked}"
+        detail = f"{note}; {previous}" if previous else note
+        report.record(kind, detail)
+    else:
+        report.record(kind, f"{where} ({kind}): {detail}" if detail else "")
     if frozen:  # a frozen block stays frozen: the new deploy parameters keep the flag
         for parameter in outcome.parameters():
             parameter.requires_grad_(False)

@@ -67,6 +67,27 @@ def _fit(tensor: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     return tensor.to(dtype)
 
 
+def _check_variance(variance: Tensor, eps: float) -> None:
+    """Refuse v + ε ≤ 0, naming the cause: σ = sqrt(v + ε) would be NaN (negative) or 0
+    (division by zero). A negative running_var is corrupt statistics, not a zero variance."""
+    if not variance.numel():
+        return
+    smallest = float(variance.min())
+    if smallest < 0:
+        channel = int(variance.argmin())
+        raise FusionError(
+            f"running_var is negative ({smallest:.4g} at channel {channel}): a variance cannot "
+            "be below 0, so the BatchNorm's statistics are corrupt; recompute them "
+            "(e.g. re-run the training-mode forward on data) or reload the checkpoint"
+        )
+    if smallest + eps <= 0:
+        channel = int(variance.argmin())
+        raise FusionError(
+            f"running_var + eps is 0 at channel {channel} (running_var 0 with eps={eps:g}): "
+            "the BatchNorm divides by zero; give it a positive eps"
+        )
+
+
 def fold_batchnorm(
     kernel: Tensor,
     bias: Tensor | None,
@@ -105,7 +126,9 @@ def fold_batchnorm(
     out_dtype, device = kernel.dtype, kernel.device
     dtype = _compute_dtype(out_dtype)
     mean = running_mean.to(device, dtype)
-    std = torch.sqrt(running_var.to(device, dtype) + eps)
+    variance = running_var.to(device, dtype)
+    _check_variance(variance, eps)
+    std = torch.sqrt(variance + eps)
     scale = (gamma.to(device, dtype) if gamma is not None else torch.ones_like(mean)) / std
     shift = beta.to(device, dtype) if beta is not None else torch.zeros_like(mean)
     conv_bias = bias.to(device, dtype) if bias is not None else torch.zeros_like(mean)

@@ -99,25 +99,33 @@ def test_acblock_without_running_stats_names_the_block():
         reparam.fuse(model)
 
 
-def test_untraceable_model_still_folds_sequential_pairs():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
 
-        def forward(self, x):
-            y = self.seq(x)
-            if y.sum() > 0:  # data-dependent control flow defeats symbolic tracing
-                return self.bn(self.conv(y))
-            return self.bn(self.conv(-y))
+    def forward(self, x):
+        y = self.seq(x)
+        if y.sum() > 0:  # data-dependent control flow defeats symbolic tracing
+            return self.bn(self.conv(y))
+        return self.bn(self.conv(-y))
 
+
+def test_untraceable_model_folds_pairs_only_where_the_probe_proves_them():
+    """Sequential adjacency alone proves nothing in a model fx cannot trace (the forward may
+    call the members one by one): without example inputs nothing is folded and every
+    BatchNorm is listed with "pass example_inputs"; with them, the probe folds both."""
     torch.manual_seed(0)
     model = randomize_batchnorm(Branchy()).eval()
     fused, report = reparam.fuse_with_report(model)
     assert report.traced is False and "TraceError" in report.trace_error
-    assert isinstance(fused.seq[1], nn.Identity) and isinstance(fused.bn, nn.BatchNorm2d)
+    assert count(fused, nn.BatchNorm2d) == 2 and not report.blocks
+    left = dict(report.not_fused)
+    assert set(left) == {"seq.1", "bn"} and all("pass example_inputs" in w for w in left.values())
     x = torch.randn(1, 3, 8, 8)
+    fused, report = reparam.fuse_with_report(model, example_inputs=x)
+    assert count(fused, nn.BatchNorm2d) == 0 and report.blocks["Conv+BatchNorm"] == 2
     torch.testing.assert_close(fused(x), model(x))
 
 

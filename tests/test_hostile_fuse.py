@@ -152,8 +152,18 @@ def test_zero_eps_and_zero_variance_is_refused(dtype):
     model[1].eps = 0.0
     with torch.no_grad():
         model[1].running_var[2] = 0.0
-    with pytest.raises(FusionError, match=r"^1 \(BatchNorm2d\): .*not finite.*eps=0"):
+    with pytest.raises(FusionError, match=r"^1 \(BatchNorm2d\): running_var \+ eps is 0 .*eps=0"):
         reparam.fuse(model)
+
+
+def test_negative_running_var_is_named_negative():
+    """Issue 19: a negative running_var was reported as "a running_var of 0"."""
+    model = conv_bn(torch.float32)
+    with torch.no_grad():
+        model[1].running_var[1] = -0.5
+    with pytest.raises(FusionError, match=r"^1 \(BatchNorm2d\): running_var is negative") as info:
+        reparam.fuse(model)
+    assert "-0.5" in str(info.value) and "of 0" not in str(info.value)
 
 
 def test_block_whose_fused_kernel_overflows_is_refused():
@@ -173,8 +183,13 @@ def test_nan_and_inf_differences_fail_the_comparison():
         candidate[1] = bad
         (diff,) = compare_outputs(reference, candidate)
         assert not diff.within(1e-3) and diff.max_rel > 1e-3
+    # Issue 19: NaN at the same place is no agreement (an all-NaN model passed its check).
     same_nan = torch.tensor([1.0, float("nan")])
-    assert compare_outputs(same_nan, same_nan.clone())[0].within(0.0)
+    (diff,) = compare_outputs(same_nan, same_nan.clone())
+    assert not diff.within(1.0) and diff.max_rel == float("inf")
+    same_inf = torch.tensor([1.0, float("inf")])
+    assert compare_outputs(same_inf, same_inf.clone())[0].within(0.0)
+    assert not compare_outputs(reference, torch.full((3,), float("nan")))[0].within(1.0)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e-3, "abc", None])
