@@ -333,3 +333,71 @@ def test_same_groups_convention_differs_from_dli14_in_shapes():
     assert (theirs.h2h.groups, theirs.l2l.groups, theirs.l2h.groups) == (3, 1, 4)
     with pytest.raises(FusionError, match="groups_convention"):
         OctaveConv(16, 16, 3, groups_convention="other")
+
+
+# d-li14's depthwise mode (`is_dw`, groups == in_channels): h2h and l2l only, as in the
+# depthwise layers of their oct-MobileNet (issue 19 case 9).
+class _DLi14DepthwiseOctave(nn.Module):
+    """Their OctaveConv with groups == in_channels: conv_h2h / conv_l2l, no cross paths."""
+
+    def __init__(self, channels, alpha, stride):
+        super().__init__()
+        low = int(alpha * channels)
+        self.stride = stride
+        self.conv_h2h = nn.Conv2d(channels - low, channels - low, 3, 1, 1, groups=channels - low,
+                                  bias=False)  # fmt: skip
+        self.conv_l2l = nn.Conv2d(low, low, 3, 1, 1, groups=low, bias=False) if low else None
+
+    def forward(self, x):
+        x_h, x_l = x if isinstance(x, tuple) else (x, None)
+        x_h = nn.functional.avg_pool2d(x_h, 2) if self.stride == 2 else x_h
+        y_h = self.conv_h2h(x_h)
+        if x_l is None:
+            return y_h, None
+        x_l = nn.functional.avg_pool2d(x_l, 2) if self.stride == 2 else x_l
+        return y_h, self.conv_l2l(x_l)
+
+
+class _DLi14DepthwiseConvBNAct(nn.Module):
+    """Their Conv_BN_ACT around it: conv, bn_h, bn_l, act (ReLU)."""
+
+    def __init__(self, channels, alpha, stride):
+        super().__init__()
+        self.conv = _DLi14DepthwiseOctave(channels, alpha, stride)
+        low = int(alpha * channels)
+        self.bn_h = nn.BatchNorm2d(channels - low)
+        self.bn_l = nn.BatchNorm2d(low) if low else None
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y_h, y_l = self.conv(x)
+        y_h = self.act(self.bn_h(y_h))
+        return y_h if y_l is None else (y_h, self.act(self.bn_l(y_l)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("alpha", "stride"), [(0.5, 1), (0.5, 2), (0.25, 1), (0.0, 1)])
+def test_dli14_depthwise_octave_loads_and_fuses_exactly(alpha, stride, dtype):
+    """Before: refused ('not both divisible by groups'). After: loads their keys strictly,
+    computes their forward and fuses exactly."""
+    theirs = randomize_batchnorm(_DLi14DepthwiseConvBNAct(16, alpha, stride), seed=2)
+    theirs = theirs.to(dtype).eval()
+    block = OctaveConvBN(16, 16, 3, alpha, alpha, stride=stride, padding=1, groups=16,
+                         activation=nn.ReLU(), groups_convention="d-li14")  # fmt: skip
+    block.to(dtype).load_state_dict(theirs.state_dict(), strict=True)
+    block.eval()
+    assert block.conv.depthwise and not hasattr(block.conv, "l2h")
+    x = _inputs(block.conv, (12, 8), seed=4)
+    x = tuple(t.to(dtype) for t in x) if isinstance(x, tuple) else x.to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        expected = theirs(x)
+        for got in (block(x), reparam.fuse(block)(x)):
+            got, want = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+            for ours, ref in zip(got, want, strict=True):
+                torch.testing.assert_close(ours, ref, **tol)
+
+
+def test_dli14_depthwise_needs_equal_alphas():
+    with pytest.raises(FusionError, match="alpha_out must equal alpha_in"):
+        OctaveConv(16, 16, 3, 0.5, 0.0, groups=16, groups_convention="d-li14")

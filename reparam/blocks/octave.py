@@ -31,6 +31,17 @@ Groups: by default every path's conv has ``groups`` groups. d-li14/octconv.pytor
 them between the two resolutions instead: h2h gets ⌈g − α_in·g⌉ and l2l ⌈α_in·g⌉ groups,
 h2l and l2h keep g. ``groups_convention="d-li14"`` builds that layout (where l2h and l2l
 then differ in groups they are not merged in the deploy form).
+
+Depthwise: under ``groups_convention="d-li14"`` a conv with groups == in_channels is their
+``is_dw`` mode (the depthwise layers of their oct-MobileNets): no cross paths, each
+resolution filtered on its own,
+
+    Y_h = f_hh(X_h) (pool X_h at stride 2),     Y_l = f_ll(X_l) (pool X_l at stride 2),
+
+with h2h and l2l grouped as above (⌈g − α_in·g⌉ and ⌈α_in·g⌉: one group per channel).
+Their forward returns the low input's path only when the low part exists on both sides, so
+the depthwise mode needs ``alpha_out == alpha_in``. Deployed, each path absorbs its own BN
+(full fold: nothing else joins its sum).
 """
 
 from __future__ import annotations
@@ -148,6 +159,13 @@ class OctaveConv(ReparamBlock):
             out_channels, alpha_out, "alpha_out", "out_channels"
         )
         self.alpha_in, self.groups = alpha_in, groups
+        # d-li14's `is_dw`: a depthwise octave conv has no cross paths (their oct-MobileNets).
+        self.depthwise = groups_convention == "d-li14" and groups == in_channels and groups > 1
+        if self.depthwise and alpha_in != alpha_out:
+            raise BlockConfigError(
+                f"a depthwise d-li14 OctaveConv (groups == in_channels == {groups}) has no "
+                f"cross paths, so alpha_out must equal alpha_in ({alpha_in}), got {alpha_out}"
+            )
         for path, (cin, cout) in self._path_channels().items():
             path_groups = self._path_groups(path)
             if cin % path_groups or cout % path_groups:
@@ -187,11 +205,18 @@ class OctaveConv(ReparamBlock):
         """(input, output) channels of the paths the alphas need, in h2h, h2l, l2h, l2l order."""
         paths = {"h2h": (self.in_h, self.out_h), "h2l": (self.in_h, self.out_l)}
         paths |= {"l2h": (self.in_l, self.out_h), "l2l": (self.in_l, self.out_l)}
-        return {name: channels for name, channels in paths.items() if min(channels) > 0}
+        cross = ("h2l", "l2h") if self.depthwise else ()
+        return {
+            name: channels
+            for name, channels in paths.items()
+            if min(channels) > 0 and name not in cross
+        }
 
     @property
     def _merges_low(self) -> bool:
         """Whether the deploy form merges l2h and l2l (both exist and read the same X_l)."""
+        if self.depthwise:
+            return False
         same_groups = self._path_groups("l2h") == self._path_groups("l2l")
         return self.stride == 1 and self.in_l > 0 and self.out_l > 0 and same_groups
 
@@ -248,6 +273,10 @@ class OctaveConv(ReparamBlock):
         if self.stride == 2:
             x_h = _downsample(x_h)
         y_h = self.h2h(x_h)
+        if self.depthwise:  # no cross paths: each resolution on its own
+            if x_l is None:
+                return y_h
+            return y_h, self.l2l(_downsample(x_l) if self.stride == 2 else x_l)
         y_l = self.h2l(_downsample(x_h)) if self.out_l else None
         if x_l is not None:
             to_high, to_low = self._low_paths(x_l)
@@ -379,7 +408,7 @@ class OctaveConvBN(ReparamBlock):
         kernels: dict[str, Kernel] = {}
         for name, (kernel, bias) in conv._training_kernels().items():
             bn = self.bn_h if name.endswith("2h") else self.bn_l
-            if name in ("h2h", "h2l"):  # full fold: this path carries μ and β of the sum
+            if name in ("h2h", "h2l") or conv.depthwise:  # this path carries μ and β of its sum
                 kernels[name] = conv_bn_kernel(getattr(conv, name), bn)
             else:
                 kernels[name] = _scale_only(kernel, bias, bn)
