@@ -17,6 +17,7 @@ beside the target and rename it over the target. Rules:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -25,7 +26,13 @@ from pathlib import Path
 
 from reparam.errors import UnsafeInputError, UserInputError, printable
 
-__all__ = ["atomic_write", "check_distinct_paths", "new_file_mode", "prepare_output"]
+__all__ = [
+    "atomic_write",
+    "check_distinct_paths",
+    "describe_os_error",
+    "new_file_mode",
+    "prepare_output",
+]
 
 _KINDS = {
     stat.S_ISCHR: "a character device",
@@ -195,3 +202,53 @@ def check_distinct_paths(writes: dict[str, object], reads: dict[str, object] | N
                     f"{name} '{printable(path)}' would overwrite the input {input_name} "
                     f"'{printable(source)}'; choose another path"
                 )
+
+
+def _in_temp_dir(filename: object) -> bool:
+    if not filename:
+        return False
+    try:
+        return (
+            Path(os.fsdecode(filename))
+            .resolve()
+            .is_relative_to(Path(tempfile.gettempdir()).resolve())
+        )
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def describe_os_error(error: OSError) -> str | None:
+    """One line for an environment failure the user can fix, or None for anything else.
+
+    A closed output pipe (``reparam ... | head -1``), a full disk or ``> /dev/full``, a full
+    or missing temporary folder, a read-only file system, a denied permission: these are the
+    user's environment, not reparam's bugs, so they are named as such instead of "internal
+    error". The file involved, if the error has one, is named (escaped, cut).
+    """
+    if "No usable temporary directory" in str(error):
+        return (
+            "no usable temporary folder (TMPDIR is full, missing or read-only): set TMPDIR "
+            "to a folder with free space"
+        )
+    code = error.errno
+    where = f" ('{printable(os.fsdecode(error.filename))}')" if error.filename else ""
+    if code == errno.EPIPE:
+        return "the output was closed before everything was written (a pipe such as | head)"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        if _in_temp_dir(error.filename):
+            return (
+                f"no space left in the temporary folder{where}: free space there, or set "
+                "TMPDIR to a folder with space"
+            )
+        if not error.filename:
+            return "no space left on the device being written (the disk, or stdout is full)"
+        return f"no space left on the device{where}: free space, or write elsewhere"
+    if code == errno.EROFS:
+        return f"read-only file system{where}: write elsewhere"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}"
+    if code == errno.EIO:
+        return f"input/output error{where}"
+    if code == errno.ENAMETOOLONG:
+        return f"a file name is too long{where}"
+    return None

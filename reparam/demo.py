@@ -10,6 +10,8 @@ INT8 (calibrated on the training images) and measure it the same way.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -22,13 +24,17 @@ from torch import Tensor, nn
 
 from reparam.compare import compare_outputs
 from reparam.convert import fuse_with_report
-from reparam.errors import UserInputError
+from reparam.errors import UserInputError, printable
 from reparam.models import create_model
 from reparam.summary import model_stats
 
 __all__ = ["DemoResult", "StageResult", "load_digits_split", "run_demo"]
 
 TEST_FRACTION = 0.2
+DEMO_FILES = ("digits_net-standard.onnx", "digits_net-custom.onnx", "digits_net-int8.onnx")
+"""What the demo writes into its output folder."""
+
+Progress = Callable[[int], AbstractContextManager[Callable[[str], object]]]
 
 
 @dataclass
@@ -83,25 +89,32 @@ def train(
     *,
     epochs: int,
     seed: int,
-    progress: Callable[[int], AbstractContextManager] | None = None,
+    progress: Progress | None = None,
     batch_size: int = 64,
 ) -> None:
-    """A few epochs of AdamW with cross-entropy, in training mode (BN batch statistics)."""
+    """A few epochs of AdamW with cross-entropy, in training mode (BN batch statistics).
+
+    ``progress(epochs)`` gives a context whose ``advance(detail)`` is called after each
+    epoch with the epoch's mean loss: a bar that moves per epoch on a terminal, a line per
+    epoch in a log.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * ((len(labels) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps)
     model.train()
-    with progress(steps) if progress else nullcontext() as bar:
+    with progress(epochs) if progress else nullcontext(None) as advance:
         for _ in range(epochs):
+            total, batches = 0.0, 0
             for index in _batches(len(labels), batch_size, generator):
                 optimizer.zero_grad()
                 loss = nn.functional.cross_entropy(model(images[index]), labels[index])
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                if bar is not None:
-                    bar.update(1)
+                total, batches = total + loss.item(), batches + 1
+            if advance is not None:
+                advance(f"loss {total / max(batches, 1):.3f}")
     model.eval()
 
 
@@ -115,20 +128,20 @@ def run_demo(
     *,
     epochs: int = 8,
     seed: int = 0,
-    progress: Callable[[int], AbstractContextManager] | None = None,
+    progress: Progress | None = None,
     announce: Callable[[str], object] | None = None,
 ) -> DemoResult:
     """Train, fuse, export (both Corr modes), verify and run; see the module docstring.
 
-    ``progress(steps)`` gives the training progress bar; ``announce(line)`` is called as each
-    later stage starts (a status line on a terminal, a log line when piped).
+    ``progress(epochs)`` gives the training progress (see :func:`train`); ``announce(line)``
+    is called as each later stage starts (a status line on a terminal, a log line when piped).
     """
     say = announce or (lambda line: None)
     from reparam.export import export_onnx, verify_onnx
     from reparam.runtime import load as load_onnx_model
 
     if not output_dir.is_dir():
-        raise UserInputError(f"output directory '{output_dir}' does not exist")
+        raise UserInputError(f"output directory '{printable(output_dir)}' does not exist")
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits_split(seed)
     model = create_model("digits_net")
@@ -171,7 +184,7 @@ def run_demo(
     result.notes.append(f"fused: {fused_blocks}")
 
     for corr in ("standard", "custom"):
-        path = output_dir / f"digits_net-{corr}.onnx"
+        path = output_dir / f"digits_net-{corr}.onnx"  # DEMO_FILES
         label = f"ONNX, Corr {corr} (onnxruntime)"
         say(f"exporting ONNX with Corr {corr}, verifying and running it")
         start = time.perf_counter()
@@ -222,14 +235,17 @@ def _int8_stage(
     from reparam.quantize import quantize_onnx
     from reparam.runtime import load as load_onnx_model
 
-    source = output_dir / "digits_net-standard.onnx"
+    source = output_dir / DEMO_FILES[0]
     if not source.is_file():
         return
     start = time.perf_counter()
-    calibration = output_dir / "calibration-train.npy"
-    np.save(calibration, x_train.numpy())
-    path = output_dir / "digits_net-int8.onnx"
+    # A scratch file of its own (never a user's file that happens to share a name).
+    handle, name = tempfile.mkstemp(prefix=".calibration-", suffix=".npy", dir=output_dir)
+    os.close(handle)
+    calibration = Path(name)
+    path = output_dir / DEMO_FILES[2]
     try:
+        np.save(calibration, x_train.numpy())
         report = quantize_onnx(source, path, calibration=calibration, batch_sizes=(1, 32))
     finally:
         calibration.unlink(missing_ok=True)  # a scratch file, not a demo output

@@ -12,7 +12,7 @@ from torch import nn
 
 from reparam.blocks.acb import ACBlock
 
-__all__ = ["MODULE", "small_net", "small_net_with_shapes"]
+__all__ = ["MODULE", "small_net", "small_net_with_shapes", "untraceable_net"]
 
 MODULE = __name__
 """The name under which this module was imported (what ``MODULE:callable`` must say)."""
@@ -43,3 +43,25 @@ def small_net_with_shapes(num_classes: int = 3) -> nn.Module:
     model = small_net(num_classes=num_classes)
     model.example_input_shapes = [(1, 3, 9, 7)]
     return model
+
+
+class _Untraceable(nn.Module):
+    """Conv→BN pairs that are attributes, not a Sequential, behind a branch on a value:
+    torch.fx cannot trace it, so only a probe forward finds the pairs."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x)).relu()
+        if float(y.mean()) > -1e9:  # a branch on a value: no torch.fx trace
+            y = self.bn2(self.conv2(y))
+        return self.head(y.mean((2, 3)))
+
+
+def untraceable_net(width: int = 4) -> nn.Module:
+    """:class:`_Untraceable`: what ``reparam fuse`` folds only with a probe input."""
+    return _Untraceable(width)

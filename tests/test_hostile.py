@@ -388,8 +388,11 @@ HYGIENE = {
         ["acnet_tiny", "-k", "width=1000000"],
         ("width", "would take", "TiB", "available", "smaller arguments"),
     ),
-    "seed-negative": (["acnet_tiny", "--seed", "-1"], ("outside 0..",)),
-    "seed-too-big": (["acnet_tiny", "--seed", str(2**63)], ("outside 0..",)),
+    "seed-negative": (
+        ["acnet_tiny", "--seed", "-1"],
+        ("--seed", "or equal to 0", "--help"),
+    ),
+    "seed-too-big": (["acnet_tiny", "--seed", str(2**63)], ("--seed",)),
     "nested-json": (["acnet_tiny", "-k", "width=" + "[" * 100000], ("nested too deeply",)),
     "rtol-nan": (["acnet_tiny", "--rtol", "nan"], ("--rtol",)),
     "rtol-negative": (["acnet_tiny", "--rtol", "-1"], ("--rtol",)),

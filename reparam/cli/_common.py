@@ -7,6 +7,8 @@ not pay for ``import torch``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import traceback
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reparam.cli.app import settings
+from reparam.cli.app import settings, stdout_gone_quietly
 from reparam.errors import (
     NotAFusedCheckpointError,
     ReparamError,
@@ -40,11 +42,10 @@ MODEL_FILE_SUFFIXES = (".pt", ".pth")
 
 
 def _bundled_names() -> str:
-    # The help text lists the bundled models, which needs the model registry (and torch);
-    # this runs when a command module is imported, which the CLI does only for that command.
-    from reparam.models import list_models
+    # A static list: the registry would import torch and every model, and help must be fast.
+    from reparam.cli._model_names import BUNDLED_MODELS
 
-    return ", ".join(list_models())
+    return ", ".join(BUNDLED_MODELS)
 
 
 MODEL_RULE = (
@@ -117,7 +118,8 @@ ModelOverrideOpt = Annotated[
 ]
 FactoryOverrideOpt = Annotated[str | None, typer.Option("--factory", help=_MODEL_OVERRIDE_HELP)]
 SeedOpt = Annotated[
-    int, typer.Option(help=f"Seed (0..{MAX_SEED}) for probe inputs and randomised BN statistics.")
+    int,
+    typer.Option(min=0, max=MAX_SEED, help="Seed for probe inputs and randomised BN statistics."),
 ]
 
 
@@ -125,13 +127,18 @@ SeedOpt = Annotated[
 def user_errors() -> Iterator[None]:
     """Whatever a command raises becomes one ``error:`` line on stderr and a non-zero exit.
 
-    A :class:`ReparamError` prints its message (exit 1). Anything else is a bug or an
-    environment failure: ``error: internal error: <Type: first line>`` (exit 1), with the
-    traceback only under ``--verbose``. Warnings raised meanwhile (torch's, onnx's) are held
-    back: shown after success as ``warning: <line>`` (each once), dropped on failure unless
-    ``--verbose``, so a failing user sees one line. ``typer.Exit``, ``KeyboardInterrupt``
-    and ``SystemExit`` pass through.
+    A :class:`ReparamError` prints its message (exit 1). An environment failure the user can
+    fix (a closed output pipe, a full disk or TMPDIR, ``> /dev/full``, a denied permission:
+    :func:`reparam._io.describe_os_error`) is named as such. Anything else is a bug:
+    ``error: internal error: <Type: first line>`` (exit 1), with the traceback only under
+    ``--verbose``. Under ``--json`` the same message is also printed on stdout as
+    ``{"error": "..."}``, so a script reading stdout always gets one JSON object. Warnings
+    raised meanwhile (torch's, onnx's) are held back: shown after success as
+    ``warning: <line>`` (each once), dropped on failure unless ``--verbose``, so a failing
+    user sees one line. ``typer.Exit``, ``KeyboardInterrupt`` and ``SystemExit`` pass through.
     """
+    from reparam._io import describe_os_error
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:
@@ -142,21 +149,50 @@ def user_errors() -> Iterator[None]:
             _fail("input is nested too deeply to process", caught)
         except MemoryError:
             _fail("out of memory (try smaller input shapes or batch sizes)", caught)
+        except OSError as error:
+            message = describe_os_error(error)
+            if message is None:
+                _internal(error, caught)
+            if error.errno == errno.EPIPE:
+                stdout_gone_quietly()
+            _fail(message, caught)
         except Exception as error:  # a bug or environment failure: still one line, exit 1
-            if settings.verbose:
-                traceback.print_exc()
-            _fail(f"internal error: {summarize(error)}", caught)
+            _internal(error, caught)
     if not settings.quiet:  # success: the held-back warnings, one line each, once
         for message in dict.fromkeys(str(item.message) for item in caught):
-            typer.echo(f"warning: {printable(' '.join(message.split()))}", err=True)
+            typer.echo(f"warning: {printable(' '.join(message.split()), 500)}", err=True)
+
+
+def _internal(error: BaseException, caught: list[warnings.WarningMessage]) -> None:
+    if settings.verbose:
+        traceback.print_exc()
+    _fail(f"internal error: {summarize(error)}", caught)
+
+
+# Each user-supplied value in a message is cut where it is put in (reparam.errors.printable);
+# the whole line is only escaped, with a generous bound as a last guard.
+_MESSAGE_LIMIT = 2000
 
 
 def _fail(message: str, caught: list[warnings.WarningMessage]) -> None:
     if settings.verbose:
         for item in caught:
-            typer.echo(f"warning: {printable(item.message)}", err=True)
-    typer.echo(f"error: {printable(message)}", err=True)
+            typer.echo(f"warning: {printable(item.message, 500)}", err=True)
+    line = printable(message, _MESSAGE_LIMIT)
+    if settings.as_json:
+        with contextlib.suppress(OSError):  # stdout may be what failed
+            typer.echo(json.dumps({"error": line}))
+    typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code=1)
+
+
+def initial_weights_note(command: str) -> str:
+    """The note a command prints when it runs a model without ``-w``: its output then says
+    nothing about the user's trained model (a differing check is expected noise)."""
+    return (
+        f"no --weights: {command} used the model's initial weights (BN statistics "
+        "randomised), not trained ones; pass -w CHECKPOINT for your trained model"
+    )
 
 
 def check_seed(seed: int) -> int:
@@ -225,20 +261,20 @@ class LoadedModel:
     """The fused checkpoint read, if the model came from one (an input of the command)."""
     notes: list[str] = field(default_factory=list)
     """Sentences worth printing: which checkpoint entry was used, a replaced factory."""
+    initial_weights: bool = False
+    """Built without ``--weights`` (not from a fused file): say so, see
+    :func:`initial_weights_note`."""
 
     def probe_inputs(self, seed: int) -> list[torch.Tensor]:
         """Random normal inputs of the model's dtype and device, one per input shape."""
         import torch
 
+        from reparam.checkpoint import probe_inputs
+
         reference = next(self.model.parameters(), None)
         dtype = reference.dtype if reference is not None else torch.float32
         device = reference.device if reference is not None else "cpu"
-        check_allocation(self.input_shapes, dtype, "probe input", copies=2)
-        generator = torch.Generator().manual_seed(check_seed(seed))
-        return [
-            torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-            for shape in self.input_shapes
-        ]
+        return probe_inputs(self.input_shapes, check_seed(seed), dtype, device)
 
 
 def load_model(
@@ -312,16 +348,33 @@ def load_model(
     if weights is not None:
         read = read_weights(weights, trust_pickle=trust_pickle, key=weights_key)
         # The checkpoint may be the training form or a deploy (fused) form: its keys tell.
-        model, form = load_weights(model, read.state_dict, f"'{printable(weights)}'")
+        used = read.describe()
+        try:
+            model, form = load_weights(model, read.state_dict, f"'{printable(weights)}' ({used})")
+        except UserInputError as error:
+            if not read.others:
+                raise
+            others = ", ".join(printable(key) for key in read.others)
+            raise UserInputError(
+                f"{error}; the file also holds weights under {others}: choose with --weights-key"
+            ) from None
         deploy_form = form == DEPLOY
         description = f"{printable(name)} with weights {printable(weights)} ({read.entry})"
-        notes.append(f"weights: {read.entry} of {printable(weights)}, {form} form")
+        notes.append(f"weights: {used} of {printable(weights)}, {form} form")
     else:
         randomize_batchnorm(model, seed)
         description = f"{printable(name)} (initial weights, randomised BN statistics)"
     if not shapes:
         shapes = _default_shapes(spec, model)
-    return LoadedModel(model.eval(), spec, shapes, description, fused=deploy_form, notes=notes)
+    return LoadedModel(
+        model.eval(),
+        spec,
+        shapes,
+        description,
+        fused=deploy_form,
+        notes=notes,
+        initial_weights=weights is None,
+    )
 
 
 def _build(spec: ModelSpec) -> nn.Module:

@@ -7,10 +7,15 @@ is the one list of commands; its short help is what ``reparam --help`` shows.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import importlib.util
+import json
+import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -18,6 +23,12 @@ import typer
 from typer.core import TyperGroup
 from typer.models import CommandInfo
 
+from reparam._io import describe_os_error
+
+try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_errors
 from reparam._version import __version__
 
 
@@ -30,6 +41,8 @@ class Settings:
 
     verbose: bool = False
     quiet: bool = False
+    as_json: bool = False
+    """The running command was given ``--json``: failures also print ``{"error": ...}``."""
 
     def ort_log_severity(self) -> int:
         """onnxruntime's log level: everything with --verbose, otherwise errors only (3)."""
@@ -115,7 +128,27 @@ def _real_command(name: str) -> Any:
         rich_markup_mode=app.rich_markup_mode,
     )
     _plain_metavars(command)
+    _watch_json(command)
     return command
+
+
+def _watch_json(command: Any) -> None:
+    """Make ``command`` set :attr:`Settings.as_json` from its own ``--json`` when it runs.
+
+    Every command that has ``--json`` then fails with an ``{"error": ...}`` object on stdout
+    (printed by ``reparam.cli._common.user_errors``), without each command doing it.
+    """
+    if getattr(command, "_reparam_watches_json", False):
+        return
+    flags = [param.name for param in command.params if "--json" in getattr(param, "opts", ())]
+    invoke = command.invoke
+
+    def invoke_noting_json(ctx: Any) -> Any:
+        settings.as_json = any(bool(ctx.params.get(name)) for name in flags)
+        return invoke(ctx)
+
+    command.invoke = invoke_noting_json
+    command._reparam_watches_json = True
 
 
 # Help placeholders: click's plain words (FILE, SHAPE, INTEGER) instead of typer's `<str>`,
@@ -190,10 +223,86 @@ class LazyGroup(TyperGroup):
         command = super().get_command(ctx, cmd_name)
         if command is not None and not isinstance(command, _LazyCommand):
             _plain_metavars(command)  # registered earlier in this process: built anew here
+            _watch_json(command)
         if command is None and cmd_name in COMMANDS and _available(cmd_name):
             command = _LazyCommand(cmd_name)
             self.add_command(command, cmd_name)
         return command
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """As click's, with the closest command names suggested for a typo."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click_errors.UsageError as error:
+            if args and not args[0].startswith("-"):
+                names = self.list_commands(ctx)
+                close = difflib.get_close_matches(args[0][:100], names, n=2, cutoff=0.6)
+                if close:
+                    error.message += f" Did you mean {' or '.join(close)}?"
+            raise
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run as click does, but show usage errors with reparam's hints (see
+        :func:`_usage_error`) and report a closed output pipe in one line."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.ClickException as error:
+            _usage_error(error, argv)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            sys.stderr.write("error: aborted\n")
+            sys.exit(1)
+        except OSError as error:
+            message = describe_os_error(error)
+            if message is None:
+                raise
+            stdout_gone_quietly()
+            sys.stderr.write(f"error: {message}\n")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# The root command's options: given after a command, they are "no such option" there.
+GLOBAL_OPTIONS = ("-q", "--quiet", "-v", "--verbose", "--version")
+
+
+def _usage_error(error: click_errors.ClickException, argv: list[str]) -> None:
+    """Show ``error`` as one ``error:`` line, like every other failure, naming the help to
+    read; with the hint that global options go before the command, and an
+    ``{"error": ...}`` object on stdout when ``--json`` was given."""
+    message = " ".join(error.format_message().split())
+    if isinstance(error, click_errors.NoSuchOption) and error.option_name in GLOBAL_OPTIONS:
+        command = next((arg for arg in argv if arg in COMMANDS), "COMMAND")
+        message += (
+            f" ({error.option_name} is a global option: global options go before the "
+            f"command, as in: reparam {error.option_name} {command} ...)"
+        )
+    context = getattr(error, "ctx", None)
+    if isinstance(error, click_errors.UsageError) and context is not None:
+        message += f" (see: {context.command_path} --help)"
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    if "--json" in options:
+        with contextlib.suppress(OSError):
+            typer.echo(json.dumps({"error": message}))
+    typer.echo(f"error: {message}", err=True)
+
+
+def stdout_gone_quietly() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush of a closed pipe does
+    not print a second, raw error."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 app = typer.Typer(

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reparam._table import format_table
 from reparam.cli._common import (
     KwargOpt,
     ModelArg,
@@ -20,6 +19,7 @@ from reparam.cli._common import (
     TrustPickleOpt,
     WeightsKeyOpt,
     WeightsOpt,
+    initial_weights_note,
     load_model,
     model_arg_kind,
     user_errors,
@@ -42,7 +42,8 @@ def fuse(
     input_shape: ShapeOpt = None,
     trust_pickle: TrustPickleOpt = False,
     rtol: Annotated[
-        float, typer.Option(help="Fail if max|fused − original| / max|original| exceeds this.")
+        float,
+        typer.Option(min=0.0, help="Fail if max|fused − original| / max|original| exceeds this."),
     ] = 1e-4,
     trace: Annotated[
         bool, typer.Option(help="Also fold Conv→BN pairs found by torch.fx tracing.")
@@ -60,7 +61,7 @@ def fuse(
     difference on a random probe input. Exits 1 if that difference exceeds --rtol.
     """
     # The library modules import torch: imported here so that `reparam --help` does not.
-    from reparam._io import prepare_output
+    from reparam._io import check_distinct_paths, prepare_output
     from reparam.checkpoint import save_fused
     from reparam.summary import fuse_and_check
 
@@ -68,8 +69,14 @@ def fuse(
     with user_errors():
         if not math.isfinite(rtol) or rtol < 0:
             raise UserInputError(f"--rtol must be a finite number >= 0, not {rtol}")
-        inputs = [weights, Path(model) if model_arg_kind(model) == "file" else None]
-        if output is not None:  # checked before any work, so a bad -o fails at once
+        model_file = Path(model) if model_arg_kind(model) == "file" else None
+        inputs = [weights, model_file]
+        # Checked before any work: outputs that collide with each other or with an input
+        # (links too), and a bad -o, fail at once.
+        check_distinct_paths(
+            {"-o": output, "--report": report}, {"--weights": weights, "MODEL": model_file}
+        )
+        if output is not None:
             prepare_output(output, inputs=inputs)
         if report is not None:
             prepare_output(report, inputs=inputs)
@@ -84,10 +91,14 @@ def fuse(
             model_override=model_override,
             trust_code=trust_code,
         )
-        target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + "-fused.pt")
+        target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name)[:200] + "-fused.pt")
+        if output is None:
+            check_distinct_paths({"-o": target, "--report": report}, {"--weights": weights})
         prepare_output(target, inputs=inputs)
         for note in loaded.notes:
             out.echo(f"note: {note}")
+        if loaded.initial_weights:
+            out.echo(f"note: {initial_weights_note('fuse')}")
         try:
             with out.progress() as say:
                 say(f"fusing {printable(loaded.spec.name)} and checking it on a probe input")
@@ -112,17 +123,31 @@ def fuse(
                 **run.to_dict(),
             }
         )
+        if not math.isfinite(run.max_abs):
+            raise UserInputError(
+                "the outputs on the probe hold NaN or infinity (NaN or infinite weights or BN "
+                "statistics?): a fused model cannot be checked against them; nothing written"
+            )
         if not passed:
             raise UserInputError(
                 f"fused model differs from the original: max rel {run.max_rel:.3g} > rtol "
                 f"{rtol:g} (max abs {run.max_abs:.3g}); nothing written"
             )
-        save_fused(run.fused, target, loaded.spec, input_shapes=loaded.input_shapes, trace=trace)
+        save_fused(
+            run.fused,
+            target,
+            loaded.spec,
+            input_shapes=loaded.input_shapes,
+            trace=trace,
+            probe_seed=seed,
+        )
         out.wrote(f"wrote {printable(target)}")
 
 
 def render_report(description: str, input_shapes: list[tuple[int, ...]], run: FuseRun) -> str:
     """The text ``reparam fuse`` prints: what was fused, sizes before → after, the check."""
+    from reparam._table import format_table  # rich: imported when a report is printed
+
     blocks = sorted(run.report.blocks.items()) or [("(nothing to fuse)", 0)]
     sizes = [
         ("parameters", f"{run.before.parameters:,}", f"{run.after.parameters:,}"),

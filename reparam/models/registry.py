@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-from reparam.errors import UserInputError
+from reparam.errors import UserInputError, printable
 
 __all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
 
@@ -45,14 +46,24 @@ def list_models() -> list[str]:
 
 
 def get_model_info(name: str) -> ModelInfo:
-    """The registry entry for ``name``; a clear error listing the choices otherwise."""
+    """The registry entry for ``name``; a clear error otherwise, with the closest names.
+
+    The closest names come from :func:`difflib.get_close_matches` (a typo such as
+    ``repvgg_ao`` suggests ``repvgg_a0``); without one close enough, all names are listed.
+    """
     try:
         return _MODELS[name]
-    except KeyError:
-        raise UserInputError(
-            f"unknown model '{name}'; bundled models: {', '.join(list_models())} "
-            "(or give a factory as package.module:callable)"
-        ) from None
+    except (KeyError, TypeError):
+        pass
+    close = difflib.get_close_matches(str(name)[:200], list_models(), n=3, cutoff=0.6)
+    if close:
+        choices = f"did you mean {' or '.join(close)}?"
+    else:
+        choices = f"bundled models: {', '.join(list_models())}"
+    raise UserInputError(
+        f"unknown model '{printable(name)}'; {choices} (or give a factory as "
+        "package.module:callable, or a file as ./NAME.pt)"
+    )
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
