@@ -123,8 +123,11 @@ def _performer_keys(dim: int, emb: int) -> dict[str, tuple[int, ...]]:
     return keys | {"mlp.2.weight": (emb, emb), "mlp.2.bias": (emb,)}
 
 
-def _published_performer(state: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """The published performer layer, written from its equations with plain tensor ops."""
+def _published_performer(
+    state: dict, prefix: str, x: torch.Tensor, training: bool = False
+) -> torch.Tensor:
+    """The published performer layer, written from its equations with plain tensor ops; its
+    two Dropout(0.1) (after proj, at the end of the MLP) act in training mode."""
     p = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     f = torch.nn.functional
     emb, m = p["proj.weight"].shape[0], p["w"].shape[0]
@@ -140,14 +143,14 @@ def _published_performer(state: dict, prefix: str, x: torch.Tensor) -> torch.Ten
     d = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(2)
     kptv = torch.einsum("bin,bim->bnm", v, kp)
     y = torch.einsum("bti,bni->btn", qp, kptv) / (d.expand(-1, -1, emb) + 1e-8)
-    y = v + f.linear(y, p["proj.weight"], p["proj.bias"])
+    y = v + f.dropout(f.linear(y, p["proj.weight"], p["proj.bias"]), 0.1, training)
     hidden = f.layer_norm(y, (emb,), p["norm2.weight"], p["norm2.bias"])
     hidden = f.linear(
         f.gelu(f.linear(hidden, p["mlp.0.weight"], p["mlp.0.bias"])),
         p["mlp.2.weight"],
         p["mlp.2.bias"],
     )
-    return y + hidden
+    return y + f.dropout(hidden, 0.1, training)
 
 
 def _published_performer_state(in_chans, token_dim, embed_dim, dtype, seed=0):
@@ -164,24 +167,33 @@ def _published_performer_state(in_chans, token_dim, embed_dim, dtype, seed=0):
     return state
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_performer_loads_published_keys_strictly_and_computes_the_same(dtype, tol):
+def test_performer_loads_published_keys_strictly_and_computes_the_same(dtype, tol, training):
+    """Also in training mode (issue 19 case 10): the published four Dropout(0.1) draw the
+    same masks from the same RNG state (before: no dropout, 0.20 off in training)."""
     state = _published_performer_state(3, 8, 24, dtype)
     module = T2TModule(img_size=32, embed_dim=24, token_dim=8, tokens_type="performer")
-    module = module.to(dtype).eval()
+    module = module.to(dtype).train(training)
+    dropouts = [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+    assert [m.p for m in dropouts] == [0.1] * 4
     assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {
         k: tuple(v.shape) for k, v in state.items()
     }
     module.load_state_dict(state, strict=True)
     assert not module.attention1.w.requires_grad  # a saved, fixed random-feature matrix
     x = torch.randn(2, 3, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    tokens = _published_performer(state, "attention1.", module.soft_split0(x).transpose(1, 2))
+    torch.manual_seed(7)
+    tokens = module.soft_split0(x).transpose(1, 2)
+    tokens = _published_performer(state, "attention1.", tokens, training)
     grid = tokens.transpose(1, 2).reshape(2, 8, 8, 8)
-    tokens = _published_performer(state, "attention2.", module.soft_split1(grid).transpose(1, 2))
+    tokens = module.soft_split1(grid).transpose(1, 2)
+    tokens = _published_performer(state, "attention2.", tokens, training)
     grid = tokens.transpose(1, 2).reshape(2, 8, 4, 4)
     expected = torch.nn.functional.linear(
         module.soft_split2(grid).transpose(1, 2), state["project.weight"], state["project.bias"]
     )
+    torch.manual_seed(7)
     with torch.no_grad():
         assert _rel(module(x), expected) <= tol
 

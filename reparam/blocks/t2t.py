@@ -26,7 +26,9 @@ saved as the parameter ``w`` (not trained), so
 
     y = v + proj( φ(q)·(φ(k)ᵀv) / (φ(q)·Σ_t φ(k_t) + ε) ),   out = y + MLP(LN(y))
 
-with k, q, v split from one ``kqv`` projection (with bias), in that order. Keys:
+with k, q, v split from one ``kqv`` projection (with bias), in that order, and the published
+dropouts (rate 0.1) on proj's output and at the end of the MLP: two per layer, four in
+the module, so training mode draws the same masks from the same RNG state. Keys:
 ``attention{1,2}.{kqv,proj,norm1,norm2,mlp.0,mlp.2,w}``. The published code computes the
 features in float32 whatever the input dtype; here they stay in the input's dtype.
 T2TModule keeps ``tokens_type="transformer"`` as its default (reparam's earlier behaviour
@@ -109,19 +111,28 @@ class TokenPerformer(nn.Module):
         dim: input token width.
         out_dim: output token width (the published ``in_dim``; one head).
         kernel_ratio: random features m = int(out_dim · kernel_ratio).
+        dropout: rate of the two published dropouts (after ``proj`` and at the end of the
+            MLP; 0.1 as published), active in training mode only.
     """
 
     epsilon = 1e-8  # keeps the normaliser away from 0, as published
 
-    def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5) -> None:
+    def __init__(
+        self, dim: int, out_dim: int, kernel_ratio: float = 0.5, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.emb = out_dim
         self.kqv = nn.Linear(dim, 3 * out_dim)
+        self.dp = nn.Dropout(dropout)  # on proj's output, before the residual (published dp1)
         self.proj = nn.Linear(out_dim, out_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(out_dim)
+        # The published MLP ends in Dropout(dp2): keys mlp.0 / mlp.2, index 3 has none.
         self.mlp = nn.Sequential(
-            nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
+            nn.Linear(out_dim, out_dim),
+            nn.GELU(),
+            nn.Linear(out_dim, out_dim),
+            nn.Dropout(dropout),
         )
         self.m = max(1, int(out_dim * kernel_ratio))
         features = nn.init.orthogonal_(torch.empty(self.m, out_dim)) * math.sqrt(self.m)
@@ -136,7 +147,7 @@ class TokenPerformer(nn.Module):
         kp, qp = self.random_features(k), self.random_features(q)
         normaliser = qp @ kp.sum(1).unsqueeze(-1)  # (B, T, 1)
         y = (qp @ (kp.transpose(1, 2) @ v)) / (normaliser + self.epsilon)
-        y = v + self.proj(y)  # the residual from v: the layer changes the token width
+        y = v + self.dp(self.proj(y))  # the residual from v: the layer changes the width
         return y + self.mlp(self.norm2(y))
 
 
