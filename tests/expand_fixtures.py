@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MODULE", "YoloConv", "coverage_net", "untraceable_net", "yolo_net"]
+__all__ = ["MODULE", "YoloConv", "coverage_net", "linear_net", "untraceable_net", "yolo_net"]
 
 MODULE = __name__
 
@@ -128,3 +128,20 @@ class UntraceableNet(nn.Module):
 
 def untraceable_net() -> UntraceableNet:
     return UntraceableNet()
+
+
+class LinearNet(nn.Module):
+    """Nothing a family can expand: a Linear layer only."""
+
+    example_input_shapes: ClassVar[list] = [(2, 6)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+
+def linear_net() -> LinearNet:
+    return LinearNet()
