@@ -75,7 +75,10 @@ def refusal(layer: nn.Module, bn: nn.Module) -> str | None:
         if not isinstance(bn, nn.BatchNorm1d) or bn.num_features != layer.out_features:
             return "not a BatchNorm1d over the Linear's output features"
         return None
-    return "its input is not a conv's or Linear's output"
+    return (
+        "its input is not a conv's or Linear's output: it stays a BatchNorm (a per-channel "
+        "affine map in eval mode)"
+    )
 
 
 @dataclass(frozen=True)

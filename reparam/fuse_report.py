@@ -77,11 +77,23 @@ class FuseReport:
             lines += ["not fused:", *(f"  {path}: {reason}" for path, reason in self.not_fused)]
         if self.details:
             lines += ["notes:", *(f"  {detail}" for detail in self.details)]
-        if self.traced is False:
-            lines.append(f"torch.fx trace failed: {self.trace_error}")
+        if self.trace_note:
+            lines.append(self.trace_note)
         if self.probed is False:
             lines.append(f"probe forward failed: {self.probe_error}")
         return "\n".join(lines)
+
+    @property
+    def trace_note(self) -> str:
+        """One line on how pairs were found when torch.fx could not trace the model ("" when
+        it could): by the probe forward, or not at all (then: pass example_inputs)."""
+        if self.traced is not False:
+            return ""
+        if self.probed:
+            how = "Conv→BN pairs were found by the probe forward on the example inputs"
+        else:
+            how = "no Conv→BN pair is proven without a trace; pass example_inputs to fold them"
+        return f"torch.fx trace failed ({self.trace_error}); {how}"
 
     def __str__(self) -> str:
         return self.summary()
@@ -97,4 +109,5 @@ class FuseReport:
             "probe_error": self.probe_error,
             "adopted": list(self.adopted),
             "not_fused": [{"path": path, "reason": reason} for path, reason in self.not_fused],
+            "trace_note": self.trace_note,
         }

@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "reparam.convert": 6,
     "reparam.insert": 6,
     "reparam.expansion_blocks": 5,
+    "reparam.expansion_qarepvgg": 5,
     "reparam.expansion": 6,
     "reparam.expansion_checkpoint": 7,
     "reparam.testing": 6,
