@@ -94,13 +94,26 @@ def test_bottleneck_with_repconv_names_is_left_alone_silently():
     assert model[0] is foreign
 
 
-def test_qarepvgg_copy_with_a_1x1_bias_is_refused_with_the_key():
+def test_qarepvgg_copy_with_a_1x1_bias_is_adopted_with_it():
     block = fy.YOLOv6QARepVGGBlock(8, 8)
     block.rbr_1x1 = nn.Conv2d(8, 8, 1, bias=True)
-    model = _user_model(lambda: block)
+    original = _user_model(lambda: block)
+    model = copy.deepcopy(original)
     notes = adopt_foreign_blocks(model)
+    assert [n.adopted_as for n in notes] == ["QARepVGGBlock"]
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = original.double()(x)
+        assert _relative(expected, reparam.fuse(model.double())(x)) <= 1e-12
+
+
+def test_qarepvgg_copy_with_a_1x1_bn_is_refused_with_the_key():
+    block = fy.YOLOv6QARepVGGBlock(8, 8)
+    block.rbr_1x1 = nn.Conv2d(8, 8, 1, bias=False)
+    block.rbr_1x1.bn = nn.BatchNorm2d(8)  # a stray submodule: its keys have no place
+    notes = adopt_foreign_blocks(_user_model(lambda: block))
     assert [n.adopted_as for n in notes] == [None]
-    assert "rbr_1x1.bias" in notes[0].reason
+    assert "unexpected rbr_1x1.bn." in notes[0].reason
 
 
 def test_yolov7_repconv_keys_are_renamed_not_lost():

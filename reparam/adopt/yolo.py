@@ -71,7 +71,7 @@ def _build_qarepvgg(foreign: nn.Module) -> nn.Module:
     _check_1x1(child(foreign, "rbr_1x1", nn.Conv2d), dense, "rbr_1x1")
     if has_se(foreign):
         raise FusionError("it has an SE (YOLOv6's QARepVGGBlock has none; reparam's neither)")
-    block = QARepVGGBlock(**dense)
+    block = QARepVGGBlock(**dense, bias_1x1=foreign.rbr_1x1.bias is not None)
     if (getattr(foreign, "rbr_identity", None) is None) != (block.rbr_identity is None):
         raise FusionError("its identity branch does not follow the shapes (in == out, stride 1)")
     act = activation_of(foreign, "nonlinearity")

@@ -14,12 +14,13 @@ branches and the post-sum BN are linear, so the deploy form is one KxK conv:
     K = W_d' + centre(W_1) + centre(I),      b = b_d'
     W = K·s,   bias = β + (b − μ)·s,   s = γ/√(v + ε)   (BN_post's statistics)
 
-where ' marks the BN_d-folded kernel. The 1x1 branch has no bias, so b is the dense
+where ' marks the BN_d-folded kernel. YOLOv6's 1x1 conv has no bias, so b is the dense
 branch's folded bias alone (the published ``get_equivalent_kernel_bias`` returns that
 ``bias3x3``; its ``_fuse_extra_bn_tensor`` folds BN_post by subtracting b from μ, the same
-formula). YOLOv6's own ``switch_to_deploy`` keeps BN_post after the fused conv for
-quantization-aware training; here it is folded too (one conv), and a YOLOv6 deploy
-checkpoint (``rbr_reparam`` + ``bn``) loads into the deploy form by folding ``bn`` on load.
+formula); with ``bias_1x1=True`` (copies that add one) b also holds the 1x1 bias.
+YOLOv6's own ``switch_to_deploy`` keeps BN_post after the fused conv for quantization-aware
+training; here it is folded too (one conv), and a YOLOv6 deploy checkpoint
+(``rbr_reparam`` + ``bn``) loads into the deploy form by folding ``bn`` on load.
 
 Alignment follows :class:`~reparam.blocks.RepVGGBlock`: the 1x1 branch is padded
 p − d·(K//2) (cropped when negative) and the identity exists only when in_channels ==
@@ -57,6 +58,8 @@ class QARepVGGBlock(ReparamBlock):
         stride, dilation, groups: as for ``nn.Conv2d``, shared by all branches.
         padding: the KxK conv's padding; None means dilation·(K//2) ("same" at stride 1).
         deploy: build the fused conv directly (to load fused checkpoints).
+        bias_1x1: give the 1x1 conv a bias (YOLOv6's has none; some copies add one). It is
+            added to b before BN_post is folded.
     """
 
     deploy_conv_name = "rbr_reparam"
@@ -72,6 +75,7 @@ class QARepVGGBlock(ReparamBlock):
         dilation: int = 1,
         groups: int = 1,
         deploy: bool = False,
+        bias_1x1: bool = False,
     ) -> None:
         super().__init__()
         check_branch_geometry(
@@ -100,7 +104,7 @@ class QARepVGGBlock(ReparamBlock):
         padding_1x1 = centred_padding(padding, kernel_size, 1, dilation)
         self.crop_1x1 = max(0, -padding_1x1)
         self.rbr_1x1 = nn.Conv2d(
-            in_channels, out_channels, 1, padding=max(0, padding_1x1), bias=False, **shared
+            in_channels, out_channels, 1, padding=max(0, padding_1x1), bias=bias_1x1, **shared
         )
         same = padding == dilation * (kernel_size // 2)
         has_identity = in_channels == out_channels and stride == 1 and same
@@ -118,9 +122,9 @@ class QARepVGGBlock(ReparamBlock):
     def _fold_branches(self) -> tuple[Tensor, Tensor]:
         size = (self.kernel_size, self.kernel_size)
         dense_kernel, dense_bias = conv_bn_kernel(self.rbr_dense.conv, self.rbr_dense.bn)
-        one = self.rbr_1x1.weight.detach()
-        # The bare branches carry no bias: b = b_d' (a zero bias keeps add_branches' shapes).
-        branches = [(dense_kernel, dense_bias), (centre_kernel(one, size), dense_bias * 0)]
+        one, one_bias = conv_bn_kernel(self.rbr_1x1, None)  # bias 0 unless bias_1x1
+        # The identity carries no bias (a zero bias keeps add_branches' shapes).
+        branches = [(dense_kernel, dense_bias), (centre_kernel(one, size), one_bias)]
         if self.rbr_identity is not None:
             identity = identity_kernel(
                 self.in_channels,
