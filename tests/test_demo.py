@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -44,6 +46,17 @@ def test_demo_runs_every_stage_and_they_agree(tmp_path):
     ]
     int8 = next(line for line in lines if line.startswith("ONNX INT8"))
     assert "same as fp32" in int8 and "cosine" in int8
+    # Piped (not a terminal): one progress line per epoch, with the epoch's loss.
+    assert re.search(r"^… training: epoch 1/1 \(loss \d+\.\d+\)$", result.stderr, re.MULTILINE)
+
+
+def test_demo_outputs_that_are_one_file_are_refused_before_any_work(tmp_path):
+    (tmp_path / "digits_net-standard.onnx").write_bytes(b"user's file")
+    (tmp_path / "digits_net-int8.onnx").symlink_to(tmp_path / "digits_net-standard.onnx")
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path)])
+    assert result.exit_code == 1 and result.stderr.startswith("error:"), result.output
+    assert "same file" in result.stderr and "training" not in result.stderr
+    assert (tmp_path / "digits_net-standard.onnx").read_bytes() == b"user's file"
 
 
 def test_demo_output_path_that_is_a_file_is_refused(tmp_path):
