@@ -320,20 +320,19 @@ def test_module_peak_extra_memory_within_three_inputs():
     assert peak <= 3 * x.numel() * x.element_size()
 
 
-def test_intra_op_threads_restored():
-    from reparam.ops.threads import one_intra_op_thread
-
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with one_intra_op_thread():
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), one_intra_op_thread():
-            raise RuntimeError
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(saved)
+def test_vmap_over_involution_equals_the_loop():
+    torch.manual_seed(0)
+    block = Involution(16, 3, group_channels=8).eval()
+    randomize_batchnorm(block)
+    xs = torch.randn(3, 2, 16, 7, 6)
+    with torch.no_grad():
+        expected = torch.stack([block(x) for x in xs])
+        got = torch.func.vmap(block)(xs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    weight = torch.randn(3, 2, 2 * 9, 7, 6)  # the op itself, mapped over its inputs
+    loop = torch.stack([involution(x, w, 3, 1, 8) for x, w in zip(xs, weight, strict=True)])
+    torch.testing.assert_close(torch.func.vmap(involution, in_dims=(0, 0, None, None, None))(
+        xs, weight, 3, 1, 8), loop, rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 def test_backward_on_channels_last_input():

@@ -1,4 +1,5 @@
-"""reparam.ops.threads: chunks pulled by threads, one intra-op thread each, state mirrored."""
+"""reparam.ops.threads: chunks pulled by threads, one intra-op thread each, state mirrored,
+and no other thread's state touched."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import torch
 
 from reparam.blocks.drconv import DRConv2d
 from reparam.blocks.involution import Involution
-from reparam.ops.threads import one_intra_op_thread, parallel_for, sample_ranges, worker_count
+from reparam.ops.threads import (
+    call_single_threaded,
+    parallel_for,
+    pool_available,
+    sample_ranges,
+    worker_count,
+)
 
 
 @pytest.fixture
@@ -229,13 +236,106 @@ def test_writes_into_inference_tensors_from_worker_threads(threads):
     assert torch.equal(out, torch.arange(8.0).unsqueeze(1).expand(8, 4))
 
 
-def test_worker_count_is_one_off_cpu_and_one_intra_op_thread_restores(threads):
+def test_worker_count_is_one_off_cpu_and_single_threaded_calls_leave_the_caller_alone(threads):
     threads(2)
     assert worker_count("meta") == 1
     assert worker_count() == 2
-    with one_intra_op_thread():
-        assert torch.get_num_threads() == 1
+    seen = call_single_threaded(
+        lambda: (threading.current_thread() is threading.main_thread(), torch.get_num_threads())
+    )
+    assert seen == (False, 1)  # on a pool thread, with one intra-op thread
     assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="inside"):
+        call_single_threaded(lambda: (_ for _ in ()).throw(RuntimeError("inside")))
+    assert torch.get_num_threads() == 2
+
+
+def _observe_during(block, x, hooked) -> dict[str, int]:
+    """Run ``block(x)`` without grad and, while it runs (a hook on ``hooked`` holds it at a
+    barrier), read the thread count of another thread that had already used torch and of a
+    thread whose first torch op runs then."""
+    arrived, release = threading.Barrier(2, timeout=20), threading.Barrier(2, timeout=20)
+    seen: dict[str, int] = {}
+    ready = threading.Event()
+
+    def observer() -> None:
+        torch.get_num_threads()  # this thread has used torch before the call
+        ready.set()
+        arrived.wait()
+        seen["existing"] = torch.get_num_threads()
+        fresh: list[int] = []
+        thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        seen["fresh"] = fresh[0]
+        release.wait()
+
+    calls = []
+
+    def hook(*_args) -> None:
+        if not calls:  # only the first call meets the observer
+            calls.append(1)
+            arrived.wait()
+            release.wait()
+
+    handle = hooked.register_forward_hook(hook)
+    watcher = threading.Thread(target=observer)
+    watcher.start()
+    ready.wait(10)
+    try:
+        with torch.no_grad():
+            block(x)
+    finally:
+        handle.remove()
+        watcher.join(20)
+    return seen
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("which", ["inv", "dr"])
+def test_other_threads_counts_never_change_during_a_call(threads, count, which):
+    """No process-wide state: while a dynamic block runs on several threads, another
+    thread, and a thread starting then, see the user's thread count."""
+    threads(count)
+    torch.manual_seed(0)
+    if which == "inv":
+        block = Involution(32, 3, group_channels=8).eval()
+        hooked, x = block.conv1.conv, torch.randn(4, 32, 10, 10)
+    else:
+        block = DRConv2d(8, 8, 3, region_num=4, padding=1).eval()
+        hooked, x = block.conv_guide, torch.randn(4, 8, 10, 10)
+    assert _observe_during(block, x, hooked) == {"existing": count, "fresh": count}
+    assert torch.get_num_threads() == count
+
+
+def test_the_pool_is_available_here():
+    """The per-thread calls are found with torch's own OpenMP runtime (else every chunk
+    would run inline, and the speed targets would not hold)."""
+    assert pool_available()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (Involution(32, 5, group_channels=8), torch.randn(4, 32, 12, 12), "addcmul_"),
+        lambda: (DRConv2d(8, 8, 3, region_num=4, padding=1), torch.randn(4, 8, 10, 10), "mm"),
+    ],
+    ids=["inv", "dr"],
+)
+def test_the_profiler_sees_every_op_at_any_thread_count(threads, make):
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    block, x, name = make()
+    block.eval()
+    counts = []
+    for count in (1, 2):
+        threads(count)
+        with torch.no_grad(), profile() as prof:
+            block(x)
+        names = [event.key for event in prof.key_averages() for _ in range(event.count)]
+        counts.append(sum(1 for key in names if name in key))
+    assert counts[0] > 0 and counts[1] == counts[0]
 
 
 def test_sample_ranges():

@@ -44,8 +44,9 @@ from reparam.ops.involution_kernels import (
     involution_inference,
     involution_shift,
     involution_unfold,
+    whole_tensor_form,
 )
-from reparam.ops.threads import one_intra_op_thread
+from reparam.ops.threads import call_single_threaded
 
 __all__ = [
     "LAYOUTS",
@@ -189,7 +190,7 @@ class Involution(ReparamBlock):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        if needs_grad or torch.compiler.is_compiling():
+        if needs_grad or whole_tensor_form():
             weight = self.kernels(x)
             return involution(x, weight, self.kernel_size, self.stride, self.group_channels)
         return self._forward_inference(x)
@@ -204,8 +205,7 @@ class Involution(ReparamBlock):
         span = self._span()
         # One intra-op thread: three medium ops whose barriers would stall beside a busy
         # process (measured: the forward went from 37 to 78 ms there with them threaded).
-        with one_intra_op_thread():
-            features = self._reduce(x)
+        features = call_single_threaded(lambda: self._reduce(x), x.device)
         return involution_inference(
             x, features, span.weight, span.bias, self.kernel_size, self.stride,
             self.group_channels,

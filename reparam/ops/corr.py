@@ -63,8 +63,17 @@ def corr_mode(mode: str) -> Iterator[None]:
 
 
 def get_corr_mode() -> str:
-    """The mode :func:`corr` uses in the current context."""
+    """The mode :func:`corr` uses in the current context.
+
+    Under ``torch.compile`` the mode at compile time holds for the compiled graph: dynamo
+    cannot read a context variable, so this function is marked as having a constant result
+    (what ``torch.compiler.assume_constant_result`` does, without importing dynamo, 1 s,
+    for every user of the operator).
+    """
     return _MODE.get()
+
+
+get_corr_mode._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def corr_output_size(size, kernel_size: int, stride: int, padding: int, dilation: int):
@@ -269,6 +278,6 @@ def corr(
     Runs ``torch.ops.reparam.corr`` in mode ``"op"`` (the default) and
     :func:`corr_standard` in mode ``"standard"`` (see :func:`corr_mode`).
     """
-    if _MODE.get() == "standard":
+    if get_corr_mode() == "standard":
         return corr_standard(x, kernel, groups, stride, padding, dilation)
     return torch.ops.reparam.corr(x, kernel, groups, stride, padding, dilation)

@@ -43,6 +43,7 @@ __all__ = [
     "involution_inference",
     "involution_shift",
     "involution_unfold",
+    "whole_tensor_form",
 ]
 
 # Elements per chunk (padded input + kernels + accumulator): 4 MiB in float32, so the chunk
@@ -50,6 +51,13 @@ __all__ = [
 # B8 C64 56² K7 on 2 cores: 2^20 beat 2^18, 2^19, 2^21 and no chunking.
 _CHUNK_ELEMENTS = 1 << 20
 _WIDE_ACCUMULATOR = (torch.float16, torch.bfloat16)
+
+
+def whole_tensor_form() -> bool:
+    """Whether the loop must run as plain ops on whole tensors (:func:`_traced`): while
+    tracing, and under a ``torch.func`` transform, whose wrapped tensors exist only in the
+    calling thread and take no strided views or ``out=`` arguments."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _geometry(x: Tensor, weight: Tensor, kernel_size: int, stride: int, group_channels: int):
@@ -240,7 +248,7 @@ def involution_shift(
     differentiable call.
     """
     batch, groups, out_h, out_w = _geometry(x, weight, kernel_size, stride, group_channels)
-    if torch.compiler.is_compiling():
+    if whole_tensor_form():
         return _traced(x, weight, kernel_size, stride, group_channels, out_h, out_w)
     kernels = weight.reshape(batch * groups, kernel_size * kernel_size, out_h, out_w)
     return _accumulate(
@@ -406,7 +414,7 @@ def involution(
         stride: s.
         group_channels: channels sharing one kernel.
     """
-    if torch.compiler.is_compiling() or not (
+    if whole_tensor_form() or not (
         torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     ):
         return involution_shift(x, weight, kernel_size, stride, group_channels)

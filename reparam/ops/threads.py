@@ -8,30 +8,35 @@ and on a quiet one a second thread gains such small ops little anyway.
 
 :func:`parallel_for` splits the work the other way round: the caller cuts it into
 chunks (samples, or groups of rows; independent, or each waiting only for the earlier
-chunks whose results it reads), and up to ``torch.get_num_threads()``
-threads, the caller's included, each *pull* the next chunk and run its ops with one
-intra-op thread. Threads meet once per call instead of once per op, and a thread that the
-scheduler pauses simply takes fewer chunks: beside a busy process the work flows to the
-core that is free, on a quiet machine every core is used.
+chunks whose results it reads), and up to ``torch.get_num_threads()`` worker threads each
+*pull* the next chunk and run its ops with one intra-op thread. Threads meet once per call
+instead of once per op, and a thread that the scheduler pauses simply takes fewer chunks:
+beside a busy process the work flows to the core that is free, on a quiet machine every
+core is used.
 
 Given the chunks, every chunk runs the same single-threaded ops whichever thread takes
 it. (Where the callers cut chunks by the thread count, for a batch smaller than it, the
 results can differ by rounding between thread counts.)
 
-While a torch dispatch or function mode is active in the calling thread (``FlopCounterMode``,
-``TorchDispatchMode`` subclasses: they are per thread and would not see the workers' ops)
-the chunks run inline in the calling thread.
+No process-wide state: ``torch.set_num_threads`` is never called. It would also set the
+count that every thread's first torch op starts from, so a thread starting then would keep
+one intra-op thread for life. Instead each of the pool's own threads sets its own OpenMP
+and MKL thread counts to one, once, through the runtimes' per-thread calls
+(``omp_set_num_threads``, ``mkl_set_num_threads_local``: what torch's own per-thread
+setup calls), and the caller only waits: no other thread's count changes, during or after a
+call. Where those calls cannot be found (another OpenMP runtime, another platform), the
+chunks run inline in the caller's thread with its own thread count.
 
-torch's intra-op thread count belongs to each OS thread once it has run a parallel op, and
-``torch.set_num_threads`` also sets the count that new threads start from. The caller's
-count is changed for the duration of the call and restored after every worker is done;
-the pool's own threads are set to one intra-op thread once and never restored, so that no
-stale count of theirs is ever written back.
+The chunks also run inline in the calling thread while anything per thread would miss the
+workers' ops: a torch dispatch or function mode (``FlopCounterMode``), the profiler, or a
+``torch.func`` transform.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import itertools
 import os
 import threading
@@ -42,9 +47,17 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["one_intra_op_thread", "parallel_for", "sample_ranges", "worker_count"]
+__all__ = [
+    "call_single_threaded",
+    "modes_active",
+    "parallel_for",
+    "pool_available",
+    "sample_ranges",
+    "worker_count",
+]
 
 Chunk = TypeVar("Chunk")
+Result = TypeVar("Result")
 
 # Per OS thread: the number of threads a parallel_for started here may use, while this
 # thread is itself running chunks (1 inside a pooled chunk, so nested loops run inline).
@@ -54,41 +67,78 @@ _executor: ThreadPoolExecutor | None = None
 _executor_size = 0
 
 
-@contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Run the enclosed torch ops with one intra-op thread, restoring the count afterwards.
+@functools.lru_cache(maxsize=1)
+def _per_thread_setters() -> tuple[Callable[[], None], ...] | None:
+    """The calls that give the calling OS thread one OpenMP and one MKL thread, or None.
 
-    Only the calling OS thread's count changes (torch keeps one per thread); a thread
-    created inside the block starts with one intra-op thread.
+    torch's OpenMP runtime is the one loaded into the process (read from
+    ``/proc/self/maps``); MKL's per-thread call is exported by ``libtorch_cpu`` in its
+    by-reference (Fortran) form, whose convention is fixed by that name.
     """
-    threads = torch.get_num_threads()
-    if threads == 1 or torch.compiler.is_compiling():
-        yield
-        return
-    torch.set_num_threads(1)
+    if torch.get_num_threads() < 1 or not os.path.exists("/proc/self/maps"):
+        return None
     try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if line.count(" ") >= 5}
+        names = ("libgomp", "libiomp5", "libomp")
+        runtime = next((p for p in sorted(paths) if os.path.basename(p).startswith(names)), None)
+        if runtime is None:
+            return None
+        omp_set = ctypes.CDLL(runtime).omp_set_num_threads
+        setters: list[Callable[[], None]] = [lambda: omp_set(1)]
+        if torch.backends.mkl.is_available():
+            library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+            mkl_set = ctypes.CDLL(library).mkl_set_num_threads_local_
+            one = ctypes.c_int(1)
+            setters.append(lambda: mkl_set(ctypes.byref(one)))
+    except (OSError, AttributeError):
+        return None
+    return tuple(setters)
+
+
+def pool_available() -> bool:
+    """Whether chunks can be shared out without touching any thread's count but the pool's."""
+    return _per_thread_setters() is not None
+
+
+def _pin_to_one_thread() -> None:
+    """Pool thread initialiser: one intra-op thread for this thread only, for good."""
+    torch.get_num_threads()  # torch's own per-thread setup first, so it cannot undo ours
+    for setter in _per_thread_setters() or ():
+        setter()
 
 
 def worker_count(device: torch.device | str = "cpu") -> int:
     """Threads a :func:`parallel_for` called here would use for work on ``device``.
 
     ``torch.get_num_threads()`` for CPU work outside any chunk; 1 for other devices (their
-    ops are asynchronous), inside a chunk (nested loops run inline), while tracing, and while
-    a torch dispatch or function mode is active (modes are per thread).
+    ops are asynchronous), inside a chunk (nested loops run inline), while tracing, while a
+    torch dispatch or function mode, the profiler or a ``torch.func`` transform is active
+    (all per thread), and where the pool's threads cannot be given one intra-op thread
+    each.
     """
-    if torch.device(device).type != "cpu" or torch.compiler.is_compiling() or modes_active():
+    if (
+        torch.device(device).type != "cpu"
+        or torch.compiler.is_compiling()
+        or modes_active()
+        or not pool_available()
+    ):
         return 1
     budget = getattr(_local, "budget", None)
     return budget if budget is not None else max(1, torch.get_num_threads())
 
 
 def modes_active() -> bool:
-    """Whether a torch dispatch or function mode (e.g. ``FlopCounterMode``) is active in
-    this thread: such modes see only this thread's ops."""
-    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
+    """Whether anything that sees only this thread's ops is active: a torch dispatch or
+    function mode (e.g. ``FlopCounterMode``), the autograd profiler, or a ``torch.func``
+    transform (``vmap``, ``grad``)."""
+    return (
+        torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._len_torch_function_stack() > 0
+        or torch.autograd.profiler._is_profiler_enabled
+        or torch._C._autograd._profiler_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 def sample_ranges(batch: int, sample_cost: int, workers: int, min_cost: int = 1 << 16):
@@ -105,6 +155,19 @@ def sample_ranges(batch: int, sample_cost: int, workers: int, min_cost: int = 1 
     return [(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
+def call_single_threaded(fn: Callable[[], Result], device: torch.device | str = "cpu") -> Result:
+    """``fn()`` with one intra-op thread: on a pool thread (the caller waits) when the
+    caller has several, else inline. For a few medium ops that must run as one call (a
+    module whose BN needs the whole batch) but whose barriers would stall beside a busy
+    process. Runs under ``torch.no_grad()`` with the caller's inference mode and autocast,
+    as chunks do."""
+    results: list = []
+    if worker_count(device) <= 1:
+        return fn()
+    _share(lambda _: results.append(fn()), [None], 1, None)
+    return results[0]
+
+
 def parallel_for(
     work: Callable[[Chunk], object],
     chunks: Sequence[Chunk],
@@ -114,9 +177,11 @@ def parallel_for(
     """Call ``work(chunk)`` for every chunk, on up to :func:`worker_count` threads.
 
     Chunks must not need autograd: chunks run under ``torch.no_grad()``, with the caller's
-    inference mode and CPU autocast state, and one intra-op thread. Threads pull chunks in
-    order from a shared counter. The first exception (Ctrl-C included) stops the others
-    taking new chunks and is raised here once they have finished the chunk in hand.
+    inference mode and CPU autocast state. Shared out, they run on the pool's threads
+    (one intra-op thread each) while the caller waits; else inline in the caller's thread,
+    with its own thread count. Threads pull chunks in order from a shared counter. The
+    first exception (Ctrl-C included) stops the others taking new chunks and is raised
+    here once they have finished the chunk in hand.
 
     Chunks are independent (each writes its own slice of a preallocated result), except
     as ``needs`` says: ``needs[i]`` lists earlier chunks (smaller indices) whose results
@@ -132,10 +197,20 @@ def parallel_for(
     workers = min(len(chunks), available)
     if workers <= 1:
         # Inline; a loop nested in the chunk may still share out its own chunks.
-        with _budget(available), one_intra_op_thread(), torch.no_grad():
+        with _budget(available), torch.no_grad():
             for chunk in chunks:
                 work(chunk)
         return
+    _share(work, chunks, workers, needs)
+
+
+def _share(
+    work: Callable[[Chunk], object],
+    chunks: Sequence[Chunk],
+    workers: int,
+    needs: Sequence[tuple[int, ...]] | None,
+) -> None:
+    """Run the chunks on ``workers`` pool threads; the caller waits for all of them."""
     next_index = itertools.count()
     stop = threading.Event()
     finished = [threading.Event() for _ in chunks] if needs is not None else []
@@ -166,32 +241,20 @@ def parallel_for(
                     if needs is not None:
                         finished[index].set()
 
-    def worker_drain() -> None:
-        if torch.get_num_threads() != 1:  # once per pool thread, never restored
-            torch.set_num_threads(1)
-        drain()
-
     error: BaseException | None = None
-    # The caller's count is restored only after every worker is done (see the module
-    # docstring). Any exception here, a chunk's or Ctrl-C between chunks or while waiting,
-    # stops the workers taking new chunks; it is raised once they have finished.
-    with one_intra_op_thread():
-        futures = _submit(worker_drain, workers - 1)
-        try:
-            drain()
-        except BaseException as exc:
-            stop.set()
-            error = exc
-        for future in futures:
-            while True:  # until the worker is done, even if Ctrl-C interrupts the wait
-                try:
-                    future.result()
+    # Any exception, a chunk's or Ctrl-C while waiting, stops the workers taking new
+    # chunks; it is raised once they have all finished the chunk in hand (which may still
+    # write results).
+    for future in _submit(drain, workers):
+        while True:  # until the worker is done, even if Ctrl-C interrupts the wait
+            try:
+                future.result()
+                break
+            except BaseException as exc:
+                stop.set()
+                error = error or exc
+                if future.done():
                     break
-                except BaseException as exc:
-                    stop.set()
-                    error = error or exc
-                    if future.done():
-                        break
     if error is not None:
         raise error
 
@@ -239,7 +302,9 @@ def _submit(fn: Callable[[], None], count: int) -> list:
         if _executor is None or _executor_size < count:
             if _executor is not None:
                 _executor.shutdown(wait=False)  # its queued work still runs
-            _executor = ThreadPoolExecutor(count, thread_name_prefix="reparam-worker")
+            _executor = ThreadPoolExecutor(
+                count, thread_name_prefix="reparam-worker", initializer=_pin_to_one_thread
+            )
             _executor_size = count
         return [_executor.submit(fn) for _ in range(count)]
 
