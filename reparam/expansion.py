@@ -10,8 +10,7 @@ main branch = the original kernel and BatchNorm, added branches end in BatchNorm
 relative in float32); in training mode too for convs that had a BatchNorm.
 
 ``reparam.fuse`` turns each :class:`ExpandedConv` back into a plain ``nn.Conv2d`` with the
-original conv's geometry (via its ``fuse()`` method, the convention fuse already honours),
-so the fused model has the original architecture with its BatchNorms folded.
+original conv's geometry (the fuser :func:`fuse_expanded_conv`), so the fused model has the original architecture with its BatchNorms folded.
 
 Every conv left alone is listed in the :class:`ExpandReport` with the reason.
 """
@@ -32,8 +31,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from reparam.blocks.base import ReparamBlock
 from reparam.errors import BlockConfigError, UserInputError, printable
-from reparam.expansion_blocks import FAMILIES, Geometry, build_block, qarepvgg_available
-from reparam.fusers import get_fuser
+from reparam.expansion_blocks import FAMILIES, Geometry, build_block
+from reparam.fusers import get_fuser, register_fuser
 from reparam.module_fusion import make_conv
 
 __all__ = [
@@ -44,6 +43,7 @@ __all__ = [
     "check_family",
     "expand",
     "expand_with_report",
+    "fuse_expanded_conv",
 ]
 
 SHOWN_REASONS = 3
@@ -59,7 +59,8 @@ class ExpandedConv(nn.Module):
     """A plain conv in training form: ``block`` (a family's block) computing that conv.
 
     ``fuse()`` returns the plain ``nn.Conv2d`` (original stride, padding, dilation, groups
-    and padding mode; always a bias) that the block folds into; :func:`reparam.fuse` calls it.
+    and padding mode; always a bias) that the block folds into; :func:`reparam.fuse` calls
+    it through :func:`fuse_expanded_conv`, the fuser registered for this type.
     """
 
     def __init__(self, block: nn.Module, family: str, conv: nn.Conv2d) -> None:
@@ -85,6 +86,18 @@ class ExpandedConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"family={self.family}"
+
+
+def fuse_expanded_conv(module: ExpandedConv) -> nn.Conv2d:
+    """The fuser of :class:`ExpandedConv`: its plain conv (reparam's own exact fold, so
+    fuse need not probe it as it probes third-party deploy methods)."""
+    return module.fuse()
+
+
+# An ExpandedConv exists only once this module is imported, so registering here is in time
+# for every fuse that meets one (reparam.builtins may register it as well; same function).
+if get_fuser(ExpandedConv) is None:
+    register_fuser(ExpandedConv, fuse_expanded_conv)
 
 
 @dataclass
@@ -137,13 +150,7 @@ class ExpandReport:
 def check_family(family: object) -> str:
     """``family`` if known; a :class:`UserInputError` listing the known ones otherwise."""
     if isinstance(family, str) and family.lower() in FAMILIES:
-        family = family.lower()
-        if family == "qarepvgg" and not qarepvgg_available():
-            raise UserInputError(
-                "family 'qarepvgg' needs reparam.blocks.qarepvgg (QARepVGGBlock), which this "
-                "reparam does not have yet"
-            )
-        return family
+        return family.lower()
     guess = difflib.get_close_matches(str(family).lower(), FAMILIES, n=1)
     hint = f" (did you mean '{guess[0]}'?)" if guess else ""
     raise UserInputError(

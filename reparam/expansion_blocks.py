@@ -34,10 +34,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from reparam.blocks.acb import ACBlock
 from reparam.blocks.dbb import DiverseBranchBlock
 from reparam.blocks.mobileone import MobileOneBlock
+from reparam.blocks.qarepvgg import QARepVGGBlock
 from reparam.blocks.repvgg import RepVGGBlock
 from reparam.errors import BlockConfigError
+from reparam.fusion import identity_kernel
 
-__all__ = ["FAMILIES", "Geometry", "build_block", "qarepvgg_available"]
+__all__ = ["FAMILIES", "Geometry", "build_block"]
 
 FAMILIES = ("acnet", "repvgg", "dbb", "mobileone", "qarepvgg")
 
@@ -63,15 +65,8 @@ class _Built:
     main_bn: _BatchNorm
     added: list[_BatchNorm]
     """The BatchNorms ending each added branch: γ = β = 0."""
-
-
-def qarepvgg_available() -> bool:
-    """Whether :mod:`reparam.blocks.qarepvgg` (QARepVGGBlock) is in this reparam."""
-    try:
-        from reparam.blocks.qarepvgg import QARepVGGBlock  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    finish: Callable[[], None] | None = None
+    """Run after the main branch is loaded (QARepVGG's bare branches)."""
 
 
 def _zeros_only(family: str, geometry: Geometry) -> None:
@@ -135,10 +130,32 @@ def _mobileone(g: Geometry, options: dict) -> _Built:
 
 
 def _qarepvgg(g: Geometry, options: dict) -> _Built:
-    from reparam.expansion_qarepvgg import build_qarepvgg
-
+    """QARepVGG's 1x1 and identity branches have no BN to start at zero, and its BN acts on
+    the sum: y = BN_post(BN_d(W_d ⋆ x) + W_1 ⋆ x + x). So the original BN (or the identity
+    BN) becomes BN_post, BN_d the eval-mode identity (μ = 0, σ² = 1, γ = √(1 + ε), β = 0),
+    W_1 = 0 and W_d = W − centre(I) where the identity branch exists: the sum is W ⋆ x.
+    W_1 gets gradients from the first step. In training mode BN_d normalises with batch
+    statistics, so a QARepVGG expansion matches the original in eval mode only."""
     _zeros_only("qarepvgg", g)
-    return build_qarepvgg(g, _Built)
+    block = QARepVGGBlock(
+        g.in_channels, g.out_channels, g.kernel_size, stride=g.stride, padding=g.padding,
+        dilation=g.dilation, groups=g.groups,
+    )  # fmt: skip
+    block.nonlinearity = nn.Identity()
+
+    def finish() -> None:
+        dense, dense_bn = block.rbr_dense.conv, block.rbr_dense.bn
+        dense_bn.eps, dense_bn.momentum = block.bn.eps, block.bn.momentum
+        _identity_bn(dense_bn)
+        block.rbr_1x1.weight.zero_()
+        if block.rbr_identity is not None:
+            identity = identity_kernel(
+                g.in_channels, g.kernel_size, groups=g.groups, dtype=torch.float64,
+                device=dense.weight.device,
+            )  # fmt: skip
+            dense.weight.copy_(dense.weight.to(torch.float64) - identity)
+
+    return _Built(block, block.rbr_dense.conv, block.bn, [], finish)
 
 
 _BUILDERS: dict[str, Callable[[Geometry, dict], _Built]] = {
@@ -167,9 +184,8 @@ def build_block(
         added.momentum = built.main_bn.momentum
         added.weight.zero_()
         added.bias.zero_()
-    finish = getattr(built, "finish", None)
-    if finish is not None:
-        finish()
+    if built.finish is not None:
+        built.finish()
     return block.train(conv.training)
 
 
@@ -179,10 +195,9 @@ def _load_main(conv: nn.Conv2d, bn: _BatchNorm | None, main_conv: nn.Conv2d, mai
     main_conv.weight.copy_(conv.weight)
     bias = conv.bias.detach() if conv.bias is not None else None
     if bn is None:
-        main_bn.running_mean.zero_()
-        main_bn.running_var.fill_(1.0)
-        main_bn.weight.fill_(math.sqrt(1.0 + main_bn.eps))  # 1/√(1 + ε) · √(1 + ε) = 1
-        main_bn.bias.copy_(bias if bias is not None else torch.zeros_like(main_bn.bias))
+        _identity_bn(main_bn)
+        if bias is not None:
+            main_bn.bias.copy_(bias)
         return
     main_bn.eps, main_bn.momentum = bn.eps, bn.momentum
     mean = bn.running_mean.to(torch.float64)
@@ -198,3 +213,11 @@ def _load_main(conv: nn.Conv2d, bn: _BatchNorm | None, main_conv: nn.Conv2d, mai
     else:  # an affine-free BN is γ = 1, β = 0; the main branch becomes trainable there
         main_bn.weight.fill_(1.0)
         main_bn.bias.zero_()
+
+
+def _identity_bn(bn: _BatchNorm) -> None:
+    """Make ``bn`` the identity map in eval mode: μ = 0, σ² = 1, γ = √(1 + ε), β = 0."""
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.weight.fill_(math.sqrt(1.0 + bn.eps))  # γ/√(σ² + ε) = 1
+    bn.bias.zero_()

@@ -16,7 +16,7 @@ from reparam.expansion import (
     expand,
     expand_with_report,
 )
-from reparam.expansion_blocks import FAMILIES, qarepvgg_available
+from reparam.expansion_blocks import FAMILIES
 from reparam.models import create_model
 from reparam.testing import randomize_batchnorm
 
@@ -25,16 +25,6 @@ try:  # tests/ is on sys.path under pytest's default "prepend" import mode
 except ImportError:
     from tests import expand_fixtures as fixtures
 
-QAREPVGG = pytest.param(
-    "qarepvgg",
-    marks=pytest.mark.xfail(
-        not qarepvgg_available(),
-        reason="QARepVGGBlock (reparam.blocks.qarepvgg) is not in this tree yet",
-        raises=UserInputError,
-        strict=True,
-    ),
-)
-ALL = [*FAMILIES[:-1], QAREPVGG]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -72,7 +62,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_step_zero_is_exact_and_fuses_back_to_the_original(name, family, dtype):
     build, shape = MODELS[name]
@@ -85,7 +75,9 @@ def test_step_zero_is_exact_and_fuses_back_to_the_original(name, family, dtype):
         assert report.expanded and all(isinstance(expanded.get_submodule(c), ExpandedConv)
                                        for c, _ in report.expanded)  # fmt: skip
         assert _relative(expanded.eval()(x), want) <= RTOL[dtype]
-        if dtype is torch.float64:  # fuse back: the original architecture, same outputs
+        # Fuse back: the original architecture, same outputs. Checked in float32 only: DBB's
+        # fold of ResNet-18's 512-channel 1x1→3x3 branches costs seconds in float64.
+        if dtype is torch.float32:
             fused, original = reparam.fuse(expanded), reparam.fuse(model)
             assert _structure(fused) == _structure(original)
             count = sum(p.numel() for p in fused.parameters())
@@ -93,7 +85,7 @@ def test_step_zero_is_exact_and_fuses_back_to_the_original(name, family, dtype):
             assert _relative(fused(x), want) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qarepvgg"])
 def test_training_mode_matches_too_and_a_step_trains_the_added_branches(family):
     torch.manual_seed(0)
     model = _randomised(fixtures.yolo_net(), torch.float64).train()
@@ -124,6 +116,21 @@ def test_training_mode_matches_too_and_a_step_trains_the_added_branches(family):
     assert branch_convs and any(float(c.weight.grad.abs().max()) > 0 for c in branch_convs)
 
 
+def test_qarepvgg_bare_1x1_branch_trains_from_the_first_step():
+    torch.manual_seed(0)
+    model = _randomised(fixtures.yolo_net(), torch.float64).train()
+    expanded = expand(model, "qarepvgg", exclude="detect")
+    block = expanded.c3.m[0].cv2.conv.block  # 3x3, in == out, stride 1: identity branch
+    assert block.rbr_identity is not None and not block.rbr_1x1.weight.detach().any()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    expanded.eval()
+    torch.testing.assert_close(expanded(x), model.eval()(x), rtol=1e-10, atol=1e-10)
+    expanded.train()
+    expanded(x).square().mean().backward()
+    assert float(block.rbr_1x1.weight.grad.abs().max()) > 0  # no γ = 0 in front of it
+    assert float(block.rbr_dense.conv.weight.grad.abs().max()) > 0
+
+
 def _added_bns(block: nn.Module) -> list[_BatchNorm]:
     return [m for m in block.modules() if isinstance(m, _BatchNorm) and m.affine
             and float(m.weight.detach().abs().max()) == 0]  # fmt: skip
@@ -138,7 +145,7 @@ def _added_convs(block: nn.Module) -> list[nn.Conv2d]:
 def test_what_each_family_leaves_alone_and_why():
     model = fixtures.coverage_net()
     reasons = {}
-    for family in FAMILIES[:-1]:
+    for family in FAMILIES:
         expanded, report = expand_with_report(model, family)
         reasons[family] = dict(report.left_alone)
         done = {conv for conv, _ in report.expanded}
@@ -147,7 +154,7 @@ def test_what_each_family_leaves_alone_and_why():
         }
         x = torch.randn(2, 4, 16, 16)
         torch.testing.assert_close(expanded.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
-    for family in FAMILIES[:-1]:
+    for family in FAMILIES:
         r = reasons[family]
         assert "no bias" in r["body.2"]  # a conv without BN and bias would gain a bias
         assert "even kernel" in r["body.14"] and "not square" in r["body.16"]
@@ -155,7 +162,7 @@ def test_what_each_family_leaves_alone_and_why():
         assert "body.20" not in r  # padding 0
     assert "1x1" in reasons["acnet"]["body.12"] and "body.12" not in reasons["repvgg"]
     assert "body.18" not in reasons["acnet"]  # ACBlock pads like the conv does
-    assert all("padding_mode" in reasons[f]["body.18"] for f in ("repvgg", "dbb", "mobileone"))
+    assert all("padding_mode" in reasons[f]["body.18"] for f in FAMILIES[1:])
     assert "body.8" not in reasons["dbb"]  # depthwise, in == out
     assert "body.10" not in reasons["dbb"]  # groups 8, 8 -> 16 channels
     grouped = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8))
