@@ -120,7 +120,7 @@ def worker_count(device: torch.device | str = "cpu") -> int:
     if (
         torch.device(device).type != "cpu"
         or torch.compiler.is_compiling()
-        or modes_active()
+        or _observed_per_thread()
         or not pool_available()
     ):
         return 1
@@ -129,12 +129,16 @@ def worker_count(device: torch.device | str = "cpu") -> int:
 
 
 def modes_active() -> bool:
-    """Whether anything that sees only this thread's ops is active: a torch dispatch or
-    function mode (e.g. ``FlopCounterMode``), the autograd profiler, or a ``torch.func``
-    transform (``vmap``, ``grad``)."""
+    """Whether a torch dispatch or function mode (e.g. ``FlopCounterMode``) is active in
+    this thread: such modes see only this thread's ops."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
+
+
+def _observed_per_thread() -> bool:
+    """Whether something that sees only this thread's ops is active: a mode, the autograd
+    profiler, or a ``torch.func`` transform (``vmap``, ``grad``)."""
     return (
-        torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._len_torch_function_stack() > 0
+        modes_active()
         or torch.autograd.profiler._is_profiler_enabled
         or torch._C._autograd._profiler_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None
