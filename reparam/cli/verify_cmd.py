@@ -1,6 +1,7 @@
-"""``reparam verify``: an ONNX file against the PyTorch model under onnxruntime.
+"""``reparam verify``: an ONNX file against the PyTorch model, in onnxruntime and/or OpenVINO.
 
-Parses options and prints; the work is :func:`reparam.export.verify_onnx`.
+Parses options and prints; the work is :func:`reparam.export.verify_onnx` (onnxruntime) and
+:func:`reparam.runtime.verify_runtimes.verify_runtimes` (each runtime of ``--runtime``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "InputOpt",
     "OnnxArg",
     "RtolOpt",
+    "RuntimeOpt",
     "parse_batch_sizes",
     "reference_name",
     "verify",
@@ -51,6 +53,14 @@ InputOpt = Annotated[
         "-i",
         help="Input arrays: .npy for a one-input model, or .npz with one array per graph "
         "input (by input name, or in order). Default: random normal of the graph's shape.",
+    ),
+]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help='Where the graph runs: onnxruntime, openvino (pip install "reparam[openvino]"), '
+        "or all.",
     ),
 ]
 
@@ -80,6 +90,33 @@ def _static_shapes(session: Any) -> list[tuple[int, ...]] | None:
         return None
 
 
+def _shape_session(onnx_file: Path, runtimes: list[str]) -> Any:
+    """A session to read the graph's inputs from: the first of ``runtimes`` that loads the
+    graph (each runtime's own failure is reported by the check itself)."""
+    from reparam.runtime import load
+
+    first: UserInputError | None = None
+    for name in runtimes:
+        try:
+            if name == "onnxruntime":
+                return load(onnx_file, optimization="disable")
+            from reparam.runtime.openvino import OpenVinoModel
+
+            return OpenVinoModel(onnx_file)
+        except UserInputError as error:
+            first = first or error
+    raise first if first is not None else UserInputError("--runtime names no runtime")
+
+
+def _model_path(model: str) -> Path | None:
+    """The --model value when it names a file (a fused checkpoint), for the path checks."""
+    try:
+        path = Path(model)
+        return path if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
 def verify(
     onnx_file: OnnxArg,
     model: Annotated[
@@ -103,25 +140,40 @@ def verify(
     trust_code: TrustCodeOpt = False,
     factory: FactoryOverrideOpt = None,
     seed: SeedOpt = 0,
+    runtime: RuntimeOpt = "onnxruntime",
     as_json: JsonOpt = False,
     report: ReportOpt = None,
 ) -> None:
-    """Compare ONNX_FILE with the PyTorch model under onnxruntime; exit 1 on a mismatch.
+    """Compare ONNX_FILE with the PyTorch model; exit 1 on a mismatch.
 
-    The graph runs with ORT optimisations disabled and with the defaults; a dynamic batch is
-    checked at each of --batch-sizes. Without --weights the model gets the same randomised
-    BN statistics as `reparam export` with the same --seed.
+    Under onnxruntime the graph runs with ORT optimisations disabled and with the defaults;
+    under OpenVINO (--runtime openvino or all) it is converted with the custom Corr inlined
+    and run in float32. A dynamic batch is checked at each of --batch-sizes. Each runtime's
+    errors are reported, and one that cannot run the graph does not stop the others.
+    Without --weights the model gets the same randomised BN statistics as `reparam export`
+    with the same --seed.
     """
-    from reparam._io import prepare_output
+    from reparam._io import check_distinct_paths, prepare_output
     from reparam.export import verify_onnx
-    from reparam.runtime import load, read_inputs
+    from reparam.runtime import read_inputs
+    from reparam.runtime.verify_runtimes import parse_runtimes, verify_runtimes
 
     out = Output(as_json, report)
     with user_errors():
+        runtimes = parse_runtimes(runtime)
         sizes = parse_batch_sizes(batch_sizes)
+        check_distinct_paths(
+            {"--report": report},
+            {
+                "ONNX_FILE": onnx_file,
+                "--model": _model_path(model),
+                "--weights": weights,
+                "--input": input,
+            },
+        )
         if report is not None:
             prepare_output(report, inputs=(onnx_file, input, weights))
-        session = load(onnx_file, optimization="disable")
+        session = _shape_session(onnx_file, runtimes)
         shapes = session.example_shapes() or _static_shapes(session)
         loaded = load_model(
             model,
@@ -135,6 +187,18 @@ def verify(
             model_override=factory,
         )
         arrays = read_inputs(input, session.input_names) if input is not None else None
+        if runtimes != ["onnxruntime"]:
+            with out.progress() as say:
+                results = verify_runtimes(
+                    loaded.model, onnx_file, arrays, runtimes=runtimes, rtol=rtol, atol=atol,
+                    batch_sizes=sizes, seed=seed, progress=say,
+                    reference_name=reference_name(loaded),
+                )  # fmt: skip
+            out.echo(results.summary())
+            out.result(results.to_dict())
+            if not results.ok:
+                raise UserInputError(results.failure_summary())
+            return
         with out.progress() as say:
             result = verify_onnx(
                 loaded.model, onnx_file, arrays, rtol=rtol, atol=atol, batch_sizes=sizes,

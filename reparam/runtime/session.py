@@ -19,10 +19,8 @@ onnxruntime sees it (:mod:`reparam.runtime.safety`).
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,8 @@ import numpy as np
 
 from reparam.errors import UserInputError, summarize
 from reparam.resources import max_threads, usable_cpus
+from reparam.runtime.graph_io import GraphModel, TensorSpec
 from reparam.runtime.safety import (
-    check_allocation,
     check_domains,
     check_graph,
     custom_domains,
@@ -66,19 +64,6 @@ _ELEMENT_TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output: name, shape (ints, or names for symbolic axes), dtype."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: np.dtype
-
-    def describe(self) -> str:
-        dims = ", ".join(printable(str(d)) for d in self.shape)
-        return f"{printable(self.name)} ({dims}) {np.dtype(self.dtype).name}"
-
-
 def load_onnx(path: str | os.PathLike) -> Any:
     """``onnx.load`` with one-line errors for a missing or unreadable file.
 
@@ -105,6 +90,17 @@ def load_onnx(path: str | os.PathLike) -> Any:
     return model
 
 
+def _serialized(proto: Any, path: Path) -> bytes:
+    """The model as bytes for onnxruntime; one line when protobuf cannot hold it (2 GiB)."""
+    try:
+        return proto.SerializeToString()
+    except ValueError as error:
+        raise UserInputError(
+            f"'{printable(str(path))}': the file name is not UTF-8 and the model is too large "
+            f"to pass as bytes ({summarize(error)}): rename the file"
+        ) from None
+
+
 def default_providers() -> list[str]:
     """The preferred execution providers this onnxruntime build has, best first."""
     import onnxruntime as ort
@@ -122,7 +118,7 @@ def thread_count(requested: int | None = None) -> int:
     return max(1, min(int(requested), max_threads()))
 
 
-class OnnxModel:
+class OnnxModel(GraphModel):
     """An ONNX model loaded into onnxruntime, with named inputs and outputs.
 
     Args:
@@ -194,141 +190,41 @@ class OnnxModel:
 
             options.register_custom_ops_library(custom_ops_library())
         self.providers = list(providers) if providers else default_providers()
+        # onnxruntime takes a file name as UTF-8 only: a name that is not (a POSIX name is
+        # bytes) fails in its constructor with a binding signature. The graph read above
+        # (external data included) is given as bytes instead.
+        source: str | bytes = str(self.path)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+            str(self.path).encode("utf-8")
+        except UnicodeEncodeError:
+            source = _serialized(proto, self.path)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=self.providers)
         except Exception as error:  # onnxruntime raises its own exception types
             message = printable(" ".join(str(error).split()))
             raise UserInputError(
                 f"onnxruntime cannot load '{printable(str(self.path))}': {message[:400]}"
             ) from None
-        self.inputs = [self._spec(arg) for arg in self.session.get_inputs()]
-        self.outputs = [self._spec(arg) for arg in self.session.get_outputs()]
+        # ONNX lets an input leave its shape out; onnxruntime then reports rank 0
+        undeclared = {v.name for v in proto.graph.input if not v.type.tensor_type.HasField("shape")}
+        self.inputs = [self._spec(arg, undeclared) for arg in self.session.get_inputs()]
+        self.outputs = [self._spec(arg, set()) for arg in self.session.get_outputs()]
+
+    runtime_name = "onnxruntime"
 
     @staticmethod
-    def _spec(arg: Any) -> TensorSpec:
+    def _spec(arg: Any, undeclared: set[str]) -> TensorSpec:
         shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)
-        return TensorSpec(arg.name, shape, np.dtype(_ELEMENT_TYPES.get(arg.type, np.float32)))
+        dtype = np.dtype(_ELEMENT_TYPES.get(arg.type, np.float32))
+        return TensorSpec(arg.name, shape, dtype, declared=arg.name not in undeclared)
 
-    @property
-    def input_names(self) -> list[str]:
-        return [spec.name for spec in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [spec.name for spec in self.outputs]
-
-    def example_shapes(self) -> list[tuple[int, ...]] | None:
-        """The input shapes the model was exported with, if ``reparam`` wrote them."""
-        raw = self.metadata.get("reparam.input_shapes")
-        if not raw:
-            return None
-        try:
-            shapes = [tuple(int(d) for d in shape) for shape in json.loads(raw)]
-        except (ValueError, TypeError, RecursionError):
-            return None
-        # a hand-edited file may hold anything: negative sizes are ignored here, huge ones
-        # are refused by check_allocation before random inputs are drawn
-        if len(shapes) != len(self.inputs) or any(d < 1 for s in shapes for d in s):
-            return None
-        return shapes
-
-    def concrete_shapes(self, batch: int | None = None) -> list[tuple[int, ...]]:
-        """Input shapes with every symbolic axis filled in.
-
-        The batch axis (axis 0) becomes ``batch`` when given; other symbolic axes take the
-        sizes of the export example (stored in the metadata by ``export_onnx``).
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run checked feeds (see :meth:`feeds`); outputs in graph order.
 
         Raises:
-            UserInputError: a symbolic axis has no known size.
+            UserInputError: onnxruntime fails on them (e.g. a size the graph's operators
+                cannot take), or the Corr kernel reported an error.
         """
-        examples = self.example_shapes()
-        shapes = []
-        for i, spec in enumerate(self.inputs):
-            shape = []
-            for axis, dim in enumerate(spec.shape):
-                if axis == 0 and batch is not None:
-                    shape.append(batch)
-                elif isinstance(dim, int) and dim > 0:
-                    shape.append(dim)
-                elif examples is not None and axis < len(examples[i]):
-                    shape.append(examples[i][axis])
-                elif axis == 0:
-                    shape.append(1)
-                else:
-                    raise UserInputError(
-                        f"input {spec.describe()} has a symbolic axis {axis} ({dim}) of "
-                        "unknown size: give an input file"
-                    )
-            shapes.append(tuple(shape))
-        return shapes
-
-    def random_inputs(self, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-        """Standard-normal inputs of the graph's shapes and dtypes (see :meth:`concrete_shapes`)."""
-        shapes = self.concrete_shapes(batch)
-        # standard_normal draws float64 first: count those bytes too
-        check_allocation(shapes, [np.float64] * len(shapes), "the random input")
-        rng = np.random.default_rng(seed)
-        return {
-            spec.name: rng.standard_normal(shape).astype(spec.dtype)
-            for spec, shape in zip(self.inputs, shapes, strict=True)
-        }
-
-    def feeds(self, *arrays: Any, **named: Any) -> dict[str, np.ndarray]:
-        """Map positional or named arrays (numpy or torch) to the graph inputs, checking them.
-
-        Raises:
-            UserInputError: missing/unknown inputs, or a wrong rank or size on a fixed axis.
-        """
-        if arrays and named:
-            raise UserInputError("give the inputs positionally or by name, not both")
-        if arrays:
-            if len(arrays) == 1 and isinstance(arrays[0], Mapping):
-                named = dict(arrays[0])
-            elif len(arrays) != len(self.inputs):
-                raise UserInputError(
-                    f"the model takes {len(self.inputs)} input(s) "
-                    f"({', '.join(self.input_names)}), got {len(arrays)}"
-                )
-            else:
-                named = dict(zip(self.input_names, arrays, strict=True))
-        missing = [name for name in self.input_names if name not in named]
-        unknown = [name for name in named if name not in self.input_names]
-        if missing or unknown:
-            raise UserInputError(
-                f"the model's inputs are {', '.join(self.input_names)}; "
-                + (f"missing {', '.join(missing)}" if missing else "")
-                + ("; " if missing and unknown else "")
-                + (f"unknown {', '.join(unknown)}" if unknown else "")
-            )
-        return {spec.name: self._check(spec, named[spec.name]) for spec in self.inputs}
-
-    @staticmethod
-    def _check(spec: TensorSpec, value: Any) -> np.ndarray:
-        if hasattr(value, "detach"):  # a torch tensor
-            value = value.detach().cpu().numpy()
-        array = np.asarray(value)
-        if array.ndim != len(spec.shape):
-            raise UserInputError(
-                f"input {spec.describe()} needs rank {len(spec.shape)}, got an array of shape "
-                f"{array.shape}"
-            )
-        for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
-            if isinstance(want, int) and want > 0 and want != got:
-                what = "channels" if axis == 1 else f"axis {axis}"
-                raise UserInputError(
-                    f"input {spec.describe()} needs {want} {what}, got an array of shape "
-                    f"{array.shape}"
-                )
-        return np.ascontiguousarray(array, dtype=spec.dtype)
-
-    def run(self, *arrays: Any, **named: Any) -> dict[str, np.ndarray]:
-        """Run the graph; inputs as in :meth:`feeds`; returns outputs by name, in graph order.
-
-        Raises:
-            UserInputError: bad inputs, or onnxruntime fails on them (e.g. a size the
-                graph's operators cannot take).
-        """
-        feeds = self.feeds(*arrays, **named)
         try:
             values = self.session.run(None, feeds)
         except Exception as error:  # onnxruntime's own exception types
@@ -347,7 +243,7 @@ class OnnxModel:
                     f"the Corr kernel failed on '{printable(str(self.path))}': "
                     f"{printable(errors[-1])}"
                 )
-        return dict(zip(self.output_names, values, strict=True))
+        return list(values)
 
 
 def load(

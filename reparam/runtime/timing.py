@@ -1,4 +1,4 @@
-"""Timed onnxruntime runs: :func:`run_timed` and its :class:`RunReport`."""
+"""Timed runs (onnxruntime or OpenVINO): :func:`run_timed` and its :class:`RunReport`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from reparam.runtime.session import OnnxModel
+from reparam.runtime.graph_io import GraphModel
 from reparam.runtime.text import printable
 
 __all__ = ["RunReport", "run_timed"]
@@ -102,7 +102,7 @@ class RunReport:
 
 
 def run_timed(
-    session: OnnxModel,
+    session: GraphModel,
     feeds: dict[str, np.ndarray],
     repeat: int = 10,
     source: str = "random normal",
@@ -112,7 +112,7 @@ def run_timed(
     seconds = []
     for _ in range(repeat):
         start = time.perf_counter()
-        session.session.run(None, feeds)  # inputs already checked by the warm-up
+        session.run_feeds(feeds)  # inputs already checked by the warm-up
         seconds.append(time.perf_counter() - start)
     return RunReport(
         path=session.path,

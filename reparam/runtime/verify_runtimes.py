@@ -1,0 +1,216 @@
+"""Check a graph against the PyTorch model in each runtime users ship on.
+
+:func:`verify_runtimes` runs :func:`reparam.export.verify_onnx` for onnxruntime and the same
+comparison (:func:`verify_openvino`) for OpenVINO, and keeps each runtime's outcome apart: a
+runtime that is not installed, or that cannot load or run the graph, gets its one-line
+error, and the other runtimes are still checked and reported.
+
+The comparison is verify_onnx's: inputs drawn once at the largest batch, each batch size a
+leading slice, outputs compared with :func:`reparam.compare.compare_outputs` (an output
+passes when max|graph − torch| ≤ atol or max|graph − torch| / max|torch| ≤ rtol).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from reparam.errors import ReparamError, printable
+from reparam.export.verify_report import VerifyReport
+
+__all__ = ["RUNTIMES", "RuntimeResults", "parse_runtimes", "verify_openvino", "verify_runtimes"]
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+Progress = Callable[[str], None]
+
+
+def parse_runtimes(text: str) -> list[str]:
+    """``onnxruntime``, ``openvino``, ``all`` or a comma list → runtime names in order.
+
+    Raises:
+        UserInputError: an unknown name.
+    """
+    from reparam.errors import UserInputError
+
+    names: list[str] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        chosen = list(RUNTIMES) if part == "all" else [part]
+        for name in chosen:
+            if name not in RUNTIMES:
+                raise UserInputError(
+                    f"--runtime '{printable(part)}' is not one of {', '.join(RUNTIMES)}, all"
+                )
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise UserInputError(f"--runtime must name one of {', '.join(RUNTIMES)}, all")
+    return names
+
+
+def verify_openvino(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Any = None,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    batch_sizes: Sequence[int] = (1, 2, 3),
+    seed: int = 0,
+    progress: Progress | None = None,
+    reference_name: str = "",
+) -> VerifyReport:
+    """Compare the graph at ``path`` (``.onnx`` or OpenVINO ``.xml``) run by OpenVINO with
+    ``model``; arguments and result as :func:`reparam.export.verify_onnx`.
+
+    Raises:
+        RuntimeNotInstalledError: openvino is not installed.
+        UserInputError: the graph cannot be converted or compiled; bad inputs or tolerances.
+    """
+    # verify_onnx's steps, shared so that both runtimes are judged the same way
+    from reparam.export.verify import (
+        _as_arrays,
+        _check_tolerances,
+        _compare,
+        _rebuild,
+        _reference,
+        _shapes,
+        _slice,
+        _tensors,
+        eval_mode_of,
+    )
+    from reparam.runtime.openvino import OpenVinoModel
+    from reparam.runtime.safety import check_allocation
+
+    started = time.perf_counter()
+    sizes = _check_tolerances(rtol, atol, batch_sizes)
+    say = progress or (lambda line: None)
+    say("verify: converting the graph for OpenVINO")
+    session = OpenVinoModel(path)
+    level = "openvino"
+    report = VerifyReport(
+        Path(path), rtol, atol, session.providers, session.output_names, reference=reference_name
+    )
+    dynamic_batch = bool(session.inputs) and all(
+        spec.declared and spec.shape and not isinstance(spec.shape[0], int)
+        for spec in session.inputs
+    )
+    rebuild = _rebuild(session)
+    with eval_mode_of(model):
+        given = None
+        if inputs is not None:
+            feeds = (
+                session.feeds(dict(inputs))
+                if isinstance(inputs, Mapping)
+                else session.feeds(*_as_arrays(inputs))
+            )
+            given = list(feeds.values())
+            say(f"verify: inputs {_shapes(given)}")
+            report.cases.append(_compare(session, level, given, _reference(model, given, rebuild)))
+        if dynamic_batch:
+            done = {given[0].shape[0]} if given is not None else set()
+            batches = [b for b in sizes if b not in done]
+            if batches:
+                largest = max(batches)
+                shapes = (
+                    [(largest, *a.shape[1:]) for a in given]
+                    if given is not None
+                    else session.concrete_shapes(largest)
+                )
+                check_allocation(shapes, [np.float64] * len(shapes), "the verification input")
+                rng = np.random.default_rng(seed)
+                arrays = [
+                    rng.standard_normal(shape).astype(spec.dtype)
+                    for spec, shape in zip(session.inputs, shapes, strict=True)
+                ]
+                say(f"verify: PyTorch reference at batch {largest}")
+                full = _reference(model, arrays, rebuild)
+                sliceable = all(t.dim() and t.shape[0] == largest for t in _tensors(full))
+                for batch in batches:
+                    say(f"verify: OpenVINO at batch {batch}")
+                    part = [array[:batch] for array in arrays]
+                    reference = (
+                        _slice(full, batch) if sliceable else _reference(model, part, rebuild)
+                    )
+                    case = _compare(session, level, part, reference)
+                    if sliceable and batch != largest and not case.ok(rtol, atol):
+                        case = _compare(session, level, part, _reference(model, part, rebuild))
+                    report.cases.append(case)
+        elif given is None:
+            arrays = list(session.random_inputs(seed=seed).values())
+            say(f"verify: inputs {_shapes(arrays)}")
+            report.cases.append(
+                _compare(session, level, arrays, _reference(model, arrays, rebuild))
+            )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class RuntimeResults:
+    """Each runtime's :class:`VerifyReport`, or the one line saying why it has none."""
+
+    reports: dict[str, VerifyReport] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(report.ok for report in self.reports.values())
+
+    def summary(self) -> str:
+        lines = []
+        for name, report in self.reports.items():
+            lines.append(f"[{name}] {report.summary()}")
+        for name, error in self.errors.items():
+            lines.append(f"[{name}] error: {error}")
+        return "\n".join(lines)
+
+    def failure_summary(self) -> str:
+        """One line: which runtimes failed and why."""
+        parts = [f"{name}: {error}" for name, error in self.errors.items()]
+        parts += [
+            f"{name}: {report.failure_summary()}"
+            for name, report in self.reports.items()
+            if not report.ok
+        ]
+        return "verification failed in " + "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "runtimes": {name: report.to_dict() for name, report in self.reports.items()},
+            "errors": dict(self.errors),
+        }
+
+
+def verify_runtimes(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Any = None,
+    *,
+    runtimes: Sequence[str] = ("onnxruntime",),
+    progress: Progress | None = None,
+    **options: Any,
+) -> RuntimeResults:
+    """:func:`reparam.export.verify_onnx` / :func:`verify_openvino` for each of ``runtimes``.
+
+    A runtime whose check raises a reparam error (not installed, graph not loadable, inputs
+    it refuses) gets that error's one line in ``errors``; the others still run.
+    """
+    from reparam.export.verify import verify_onnx
+
+    checks = {"onnxruntime": verify_onnx, "openvino": verify_openvino}
+    results = RuntimeResults()
+    for name in runtimes:
+        try:
+            results.reports[name] = checks[name](model, path, inputs, progress=progress, **options)
+        except ReparamError as error:
+            results.errors[name] = " ".join(str(error).split())
+    return results
