@@ -80,6 +80,14 @@ def summarize(error: BaseException, limit: int = MAX_SUMMARY) -> str:
 _ECHO_LIMIT = 160  # characters of one user-supplied value an error line shows
 
 
+def _escape(char: str) -> str:
+    """A non-printable character as Python writes it; a byte of a non-UTF-8 file name
+    (which Python decodes to a lone surrogate U+DC80..U+DCFF) as the byte, ``\\xff``."""
+    if "\udc80" <= char <= "\udcff":
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return repr(char)[1:-1]
+
+
 def printable(text: object, limit: int = _ECHO_LIMIT) -> str:
     """``text`` made safe to echo in a one-line message: escaped and cut to ``limit``.
 
@@ -93,7 +101,7 @@ def printable(text: object, limit: int = _ECHO_LIMIT) -> str:
     if length > limit:
         text = text[:limit]
     if not text.isprintable():
-        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+        text = "".join(char if char.isprintable() else _escape(char) for char in text)
     if length > limit:
         text = f"{text[:limit]}… ({length} characters)"
     return text

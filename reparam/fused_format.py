@@ -142,6 +142,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _int_text(value: int) -> str:
+    """``str(value)``, also for integers too long for Python to convert (over 4300 digits)."""
+    try:
+        return str(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except (ValueError, RecursionError):  # a 5000-digit integer, a deeply nested list
+        return "(too large to show)"
+
+
 def _check_metadata(meta: Mapping, shown: str) -> None:
     """Type-check every metadata field before any of it is used."""
 
@@ -149,7 +164,7 @@ def _check_metadata(meta: Mapping, shown: str) -> None:
         value = meta[field_name]
         return UserInputError(
             f"'{shown}' has malformed reparam metadata: '{field_name}' must be {expected}, "
-            f"not {type(value).__name__} {printable(repr(value), 60)}"
+            f"not {type(value).__name__} {printable(_safe_repr(value), 60)}"
         )
 
     version = meta.get("format_version", 0)
@@ -157,7 +172,7 @@ def _check_metadata(meta: Mapping, shown: str) -> None:
         raise bad("format_version", "an integer")
     if version > FORMAT_VERSION:
         raise UserInputError(
-            f"'{shown}' uses fused-checkpoint format {version}; this reparam "
+            f"'{shown}' uses fused-checkpoint format {printable(_int_text(version))}; this reparam "
             f"({__version__}) reads up to {FORMAT_VERSION}: upgrade reparam"
         )
     if not isinstance(meta.get("model"), str) or not meta["model"]:

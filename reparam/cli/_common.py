@@ -208,7 +208,7 @@ def parse_kwargs(pairs: Sequence[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise UserInputError(f"--kwarg '{printable(pair)[:80]}' must look like KEY=VALUE")
+            raise UserInputError(f"--kwarg '{printable(pair, 80)}' must look like KEY=VALUE")
         try:
             kwargs[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -405,14 +405,17 @@ def _python_file_hint(path: Path) -> str:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return f"'{printable(path)}' is a Python file: name a factory in it as {module}:FACTORY"
+        return (
+            f"'{printable(path)}' is a Python file: name a factory in it as "
+            f"{printable(module)}:FACTORY"
+        )
     names = [
         node.name
         for node in tree.body
         if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_")
     ]
-    found = f" (callables defined there: {', '.join(names)})" if names else ""
-    example = f"{module}:{names[0] if names else 'FACTORY'}"
+    found = f" (callables defined there: {printable(', '.join(names))})" if names else ""
+    example = printable(f"{module}:{names[0] if names else 'FACTORY'}")
     return f"'{printable(path)}' is a Python file: name a factory in it, e.g. {example}{found}"
 
 

@@ -108,7 +108,7 @@ def fuse(
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # probe does not fit
             raise UserInputError(
                 f"running {printable(loaded.spec.name)} on input shape(s) "
-                f"{loaded.input_shapes} failed: {printable(summarize(error))}"
+                f"{printable(loaded.input_shapes)} failed: {printable(summarize(error))}"
             ) from None
         out.echo(render_report(loaded.description, loaded.input_shapes, run))
         passed = run.max_rel <= rtol and math.isfinite(run.max_abs)  # NaN fails too
