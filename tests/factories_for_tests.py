@@ -12,7 +12,7 @@ from torch import nn
 
 from reparam.blocks.acb import ACBlock
 
-__all__ = ["MODULE", "small_net", "small_net_with_shapes", "untraceable_net"]
+__all__ = ["MODULE", "pasted_repvgg_net", "small_net", "small_net_with_shapes", "untraceable_net"]
 
 MODULE = __name__
 """The name under which this module was imported (what ``MODULE:callable`` must say)."""
@@ -65,3 +65,15 @@ class _Untraceable(nn.Module):
 def untraceable_net(width: int = 4) -> nn.Module:
     """:class:`_Untraceable`: what ``reparam fuse`` folds only with a probe input."""
     return _Untraceable(width)
+
+
+def pasted_repvgg_net() -> nn.Module:
+    """Two pasted copies of the published RepVGG block (adopted by fuse) and a head."""
+    try:
+        from fixtures_foreign import UserRepVGGBlock
+    except ImportError:
+        from tests.fixtures_foreign import UserRepVGGBlock
+
+    return nn.Sequential(
+        UserRepVGGBlock(3, 8), UserRepVGGBlock(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )

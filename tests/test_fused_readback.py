@@ -91,3 +91,19 @@ def test_files_without_a_recorded_probe_seed_still_load(tmp_path):
     x = torch.randn(SHAPE)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_adopted_pasted_copies_reads_back_identically(tmp_path):
+    factory = f"{factories.MODULE}:pasted_repvgg_net"
+    path = tmp_path / "f.pt"
+    result = CliRunner().invoke(app, ["fuse", factory, "-s", "2,3,16,16", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "adopted" in result.output
+    loaded = reparam.load(path, model=factory)
+    assert _batchnorms(loaded) == 0
+    torch.manual_seed(0)
+    original = randomize_batchnorm(factories.pasted_repvgg_net(), 0).eval()
+    x = torch.randn(3, 3, 24, 20, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = original(x), loaded(x)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
