@@ -123,7 +123,7 @@ def test_window_pool_block_matches_the_published_formula():
 
 
 def test_probing_stays_cheap():
-    """Twelve copies adopted with six probes each in well under a second per copy."""
+    """Twelve copies adopted with four probes each in well under a second per copy."""
     model = nn.Sequential(*(ff.UserRepVGGBlock(16, 16) for _ in range(12)))
     model = ff.randomise_batchnorms(model).eval()
     start = time.perf_counter()
