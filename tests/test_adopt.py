@@ -223,3 +223,15 @@ def test_adoption_wins_over_the_copy_own_deploy_method_in_bfloat16():
         got = fused.float()(x)
     # bfloat16 weights rounded once: within a few bfloat16 ulps of the float32 evaluation.
     assert _relative(expected, got) <= 2e-2
+
+
+def test_importing_adopt_registers_nothing():
+    """Registration is explicit (reparam.builtins, called by fuse): importing the package has
+    no side effect on the registries, so fusing cannot depend on what was imported."""
+    import subprocess
+    import sys
+
+    code = "import reparam.adopt, reparam.fusers as f; print(len(f.pre_fuse_passes()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
