@@ -107,3 +107,20 @@ def test_a_checkpoint_of_adopted_pasted_copies_reads_back_identically(tmp_path):
     with torch.no_grad():
         expected, got = original(x), loaded(x)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_export_of_the_fused_file_gives_the_outputs_of_load(tmp_path):
+    """`reparam export ./f.pt --model FACTORY`: the same architecture and outputs as load."""
+    ort = pytest.importorskip("onnxruntime")
+    path, onnx_path = tmp_path / "f.pt", tmp_path / "f.onnx"
+    runner = CliRunner()
+    result = runner.invoke(app, ["fuse", FACTORY, "-s", "1,3,16,16", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", str(path), "--model", FACTORY, "-o", str(onnx_path)])
+    assert result.exit_code == 0, result.output
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = reparam.load(path, model=FACTORY)(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert abs(got - expected).max() <= 1e-5 * abs(expected).max()
