@@ -189,3 +189,24 @@ def test_a_factory_imports_its_sibling_modules_as_python_m_would(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "f.pt").is_file()
+
+
+def test_piped_progress_prints_a_line_per_step_and_per_unit(capsys):
+    from reparam.cli._output import progress
+
+    with progress() as shown:  # stderr is not a terminal under pytest
+        shown.say("loading")
+        with shown.bar(2, "training: epoch") as advance:
+            advance("loss 0.5")
+            advance()
+        shown("exporting")
+    assert capsys.readouterr().err.splitlines() == [
+        "… loading",
+        "… training: epoch 1/2 (loss 0.5)",
+        "… training: epoch 2/2",
+        "… exporting",
+    ]
+    with progress(quiet=True) as shown, shown.bar(2, "x") as advance:
+        shown.say("nothing")
+        advance()
+    assert capsys.readouterr().err == ""
