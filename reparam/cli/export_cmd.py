@@ -1,8 +1,11 @@
-"""``reparam export``: fuse MODEL, export ONNX (or a torch.export program), verify it.
+"""``reparam export``: fuse MODEL, export ONNX (or .pt2, OpenVINO IR, ExecuTorch), verify it.
 
-Parses options and prints; the work is :func:`reparam.export.export_onnx` with
-:func:`reparam.export.verify_onnx` run on the temporary file before it replaces anything,
-so a graph that fails verification never destroys the previous good file.
+Parses options and prints; the work is :func:`reparam.export.export_onnx` with its
+``verify`` option (the new file is verified before it replaces anything). Every path the
+command writes is checked against the others and against its inputs before any work, the
+calibration data of ``--int8`` is read and checked before the export, and all outputs are
+staged as temporary files and renamed together at the end
+(:class:`reparam.export.staging.Staging`): a failure or a signal anywhere replaces nothing.
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ from reparam.cli.verify_cmd import (
     parse_batch_sizes,
     reference_name,
 )
-from reparam.errors import ExportError, UserInputError
+from reparam.errors import UserInputError, printable
 
 __all__ = ["export"]
 
-# float16 is compared with the float32 training-time model: its 11-bit mantissa gives
-# relative errors around 1e-3 on a deep net (measured 2e-4 to 2e-3 on the bundled models).
-FP16_RTOL = 1e-2
-FP16_ATOL = 1e-3
+_PACKAGE = Path(__file__).resolve().parents[1]
+# A format whose module (another part of reparam) is not in this tree is not offered.
+_OPTIONAL_FORMATS = {"openvino": "runtime/openvino.py", "executorch": "export/executorch.py"}
+_SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "openvino": ".xml", "executorch": ".pte"}
 
 
 class CorrMode(str, Enum):
@@ -61,9 +64,15 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
-class Format(str, Enum):
-    onnx = "onnx"
-    pt2 = "pt2"
+Format = Enum(  # type: ignore[misc]
+    "Format",
+    {
+        name: name
+        for name in _SUFFIXES
+        if name not in _OPTIONAL_FORMATS or (_PACKAGE / _OPTIONAL_FORMATS[name]).is_file()
+    },
+    type=str,
+)
 
 
 def export(
@@ -73,13 +82,16 @@ def export(
     kwarg: KwargOpt = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="File to write [default: MODEL.onnx or MODEL.pt2]"),
+        typer.Option("--output", "-o", help="File to write [default: MODEL.onnx, .pt2, …]"),
     ] = None,
     format: Annotated[
         Format,
         typer.Option(
             "--format",
-            help="onnx, or pt2: a torch.export program (torch.export.load), checked on reload.",
+            help="onnx; pt2: a torch.export program (torch.export.load), checked on reload"
+            + ("; openvino: IR .xml + .bin" if "openvino" in Format.__members__ else "")
+            + ("; executorch: .pte (XNNPACK)" if "executorch" in Format.__members__ else "")
+            + ".",
         ),
     ] = Format.onnx,
     input_shape: ShapeOpt = None,
@@ -91,7 +103,8 @@ def export(
         bool,
         typer.Option(
             "--dynamic-hw/--static-hw",
-            help="Symbolic height/width; refused where the graph would be wrong at other sizes.",
+            help="Symbolic height/width; the sizes the model's code allows are recorded and "
+            "checked, and a graph wrong at other sizes is refused.",
         ),
     ] = False,
     corr: Annotated[
@@ -130,6 +143,7 @@ def export(
         Path | None,
         typer.Option(
             "--calibration",
+            "-c",
             help="INT8 calibration samples (.npy, .npz or a folder) [default: random, a smoke "
             "test only]",
         ),
@@ -154,121 +168,241 @@ def export(
     size and the verification numbers. The new file is verified before it replaces anything:
     on a failure (exit 1) a previous file at the output path is left as it was.
     """
-    import torch
-
-    from reparam._io import prepare_output
-    from reparam.export import export_onnx, verify_onnx
+    from reparam.export.tolerances import VerifyOptions
 
     out = Output(as_json, report)
     with user_errors():
-        sizes = parse_batch_sizes(batch_sizes)
-        half = dtype is Dtype.float16
+        kind, half = format.value, dtype is Dtype.float16
+        _check_options(kind, half, fp32_io, int8, int8_output, calibration, exporter, corr)
+        options = VerifyOptions(rtol=rtol, atol=atol, batch_sizes=parse_batch_sizes(batch_sizes))
         model_file = Path(model) if model_arg_kind(model) == "file" else None
-        if output is not None:  # before any work: refuse an output that is an input
-            prepare_output(output, inputs=(weights, model_file, report))
-        if report is not None:
-            prepare_output(report, inputs=(weights, model_file, output))
+        reads = {"MODEL": model_file, "--weights": weights, "--calibration": calibration}
+        _check_paths(kind, output, int8_output if int8 else None, report, reads)
         loaded = load_model(
-            model,
-            seed=seed,
-            weights=weights,
-            weights_key=weights_key,
-            kwargs=kwarg,
-            input_shapes=input_shape,
-            trust_pickle=trust_pickle,
-            trust_code=trust_code,
+            model, seed=seed, weights=weights, weights_key=weights_key, kwargs=kwarg,
+            input_shapes=input_shape, trust_pickle=trust_pickle, trust_code=trust_code,
             model_override=model_override,
-        )
+        )  # fmt: skip
         for note in loaded.notes:
             out.echo(note)
-        suffix = ".pt2" if format is Format.pt2 else ".onnx"
-        target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + suffix)
-        if output is None:
-            prepare_output(target, inputs=(weights, model_file, report))
+        target = output or Path(re.sub(r"[^\w-]+", "_", loaded.spec.name) + _SUFFIXES[kind])
+        int8_target = _int8_target(target, int8_output) if int8 and kind == "onnx" else None
+        _check_paths(kind, target, int8_target, report, reads)
         inputs = loaded.probe_inputs(seed)
-        if format is Format.pt2:
-            _export_pt2(loaded, target, inputs, dynamic_batch, fuse, half, int8, out)
-            return
-        int8_target = None
-        if int8:
-            if half:
-                raise UserInputError("--int8 quantizes a float32 graph: drop --dtype float16")
-            int8_target = int8_output or target.with_name(f"{target.stem}-int8.onnx")
-            prepare_output(int8_target, inputs=(weights, model_file, report, target))
-        if half:  # float16 rounding: never stricter than what the format can meet
-            rtol, atol = max(rtol, FP16_RTOL), max(atol, FP16_ATOL)
-        verified: list[Any] = []
-
-        def check(tmp: Path) -> Any:
-            result = verify_onnx(
-                loaded.model, tmp, inputs, rtol=rtol, atol=atol, batch_sizes=sizes,
-                seed=seed, progress=say, reference_name=reference_name(loaded),
+        if int8 and calibration is not None:  # read and checked before any export work
+            _check_calibration(calibration, inputs, dynamic_batch, dynamic_hw)
+        settings = {
+            "fuse": fuse and not loaded.fused, "opset": opset, "dynamic_batch": dynamic_batch,
+            "dynamic_hw": dynamic_hw, "corr": corr.value, "exporter": exporter.value,
+            "fp32_io": fp32_io, "source": loaded.spec.name,
+        }  # fmt: skip
+        options = VerifyOptions(
+            rtol=options.rtol, atol=options.atol, batch_sizes=options.batch_sizes, seed=seed,
+            reference_name=reference_name(loaded),
+        )  # fmt: skip
+        if kind == "pt2":
+            _export_pt2(loaded, target, inputs, dynamic_batch, settings["fuse"], out)
+        elif kind == "executorch":
+            _export_executorch(loaded, target, inputs, dynamic_batch, out)
+        else:
+            _export_onnx_family(
+                kind, loaded, target, int8_target, inputs, settings, half, verify, options,
+                calibration, seed, out, int8,
             )  # fmt: skip
-            result.path = target
-            verified.append(result)
-            return result
 
+
+def _check_options(
+    kind: str, half: bool, fp32_io: bool, int8: bool, int8_output: Path | None,
+    calibration: Path | None, exporter: Exporter, corr: CorrMode,
+) -> None:  # fmt: skip
+    """Option combinations that cannot work, refused before anything is read."""
+    if kind in ("pt2", "executorch") and (half or int8 or fp32_io):
+        raise UserInputError(
+            f"--dtype float16, --fp32-io and --int8 do not apply to --format {kind}"
+        )
+    if int8 and half:
+        raise UserInputError("--int8 quantizes a float32 graph: drop --dtype float16")
+    if not int8 and (int8_output is not None or calibration is not None):
+        raise UserInputError("--int8-output and --calibration apply with --int8")
+    if int8_output is not None and int8_output.suffix.lower() != ".onnx":
+        raise UserInputError(f"--int8-output '{printable(int8_output)}' should end in .onnx")
+    if kind == "openvino" and (fp32_io or int8_output is not None):
+        raise UserInputError(
+            "--fp32-io and --int8-output do not apply to --format openvino (with --int8 the "
+            "IR holds the INT8 graph)"
+        )
+
+
+def _int8_target(target: Path, int8_output: Path | None) -> Path:
+    if int8_output is not None:
+        return int8_output
+    return target.with_name(f"{target.stem}-int8.onnx")
+
+
+def _check_paths(
+    kind: str, target: Path | None, int8_target: Path | None, report: Path | None,
+    reads: dict[str, Any],
+) -> None:  # fmt: skip
+    """Every output distinct from the others and from every input, each writable."""
+    from reparam._io import check_distinct_paths, prepare_output
+
+    if target is not None and target.suffix.lower() != _SUFFIXES[kind]:
+        raise UserInputError(
+            f"output file '{printable(target)}' should end in {_SUFFIXES[kind]} for --format {kind}"
+        )
+    writes = {"--output": target, "--int8-output": int8_target, "--report": report}
+    if kind == "openvino" and target is not None:
+        writes["the IR's .bin"] = target.with_suffix(".bin")
+    check_distinct_paths(writes, reads)
+    for path in writes.values():
+        if path is not None:
+            prepare_output(path)
+
+
+def _check_calibration(
+    calibration: Path, inputs: list[Any], dynamic_batch: bool, dynamic_hw: bool
+) -> None:
+    """Read the calibration data against the graph inputs the export will make."""
+    import numpy as np
+
+    from reparam.quantize.calibration import load_calibration
+    from reparam.runtime import TensorSpec
+
+    names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    specs = [
+        TensorSpec(
+            name,
+            tuple(
+                "batch"
+                if axis == 0 and dynamic_batch
+                else "size"
+                if axis >= 2 and dynamic_hw
+                else int(size)
+                for axis, size in enumerate(tensor.shape)
+            ),
+            np.dtype(np.float32),
+        )
+        for name, tensor in zip(names, inputs, strict=True)
+    ]
+    load_calibration(calibration, specs)
+
+
+def _export_onnx_family(
+    kind: str, loaded: Any, target: Path, int8_target: Path | None, inputs: list[Any],
+    settings: dict[str, Any], half: bool, verify: bool, options: Any,
+    calibration: Path | None, seed: int, out: Output, int8: bool = False,
+) -> None:  # fmt: skip
+    """ONNX (and its INT8 twin, or OpenVINO IR from it): all staged, renamed together."""
+    import torch
+
+    from reparam.export import export_onnx
+    from reparam.export.onnx_export import ExportVerificationError
+    from reparam.export.staging import Staging
+
+    with Staging() as staging:
+        # The ONNX file is an output itself, or (for OpenVINO) a scratch file beside it.
+        onnx_tmp = (
+            staging.scratch(target, suffix=".onnx") if kind == "openvino" else staging.stage(target)
+        )
         with out.progress() as say:
             try:
                 result = export_onnx(
-                    loaded.model,
-                    target,
-                    inputs,
-                    fuse=fuse and not loaded.fused,
-                    opset=opset,
-                    dynamic_batch=dynamic_batch,
-                    dynamic_hw=dynamic_hw,
-                    corr=corr.value,
-                    exporter=exporter.value,
-                    dtype=torch.float16 if half else None,
-                    fp32_io=fp32_io,
-                    source=loaded.spec.name,
-                    check=check if verify else None,
-                    # verify runs every batch size: only other heights/widths need this check
-                    check_dynamic_axes=dynamic_hw or not verify,
-                    progress=say,
-                )
-            except ExportError:
-                if verified:  # the graph was made but failed verification: show the numbers
-                    out.echo(verified[0].summary())
-                    out.result({"path": str(target), "written": False,
-                                "verify": verified[0].to_dict()})  # fmt: skip
+                    loaded.model, onnx_tmp, inputs, progress=say,
+                    dtype=torch.float16 if half and kind == "onnx" else None,
+                    verify=options if verify else False, **settings,
+                )  # fmt: skip
+            except ExportVerificationError as failure:  # made, but wrong: show the numbers
+                failure.report.path = target
+                out.echo(failure.report.summary())
+                out.result({"path": str(target), "written": False,
+                            "verify": failure.report.to_dict()})  # fmt: skip
                 raise
-        out.echo(f"reparam export: {loaded.description}")
-        out.echo(result.summary())
-        if verified:
-            out.echo("")
-            out.echo(verified[0].summary())
-            out.wrote(f"wrote {target}")
-        else:
-            out.wrote(f"wrote {target} (not verified)")
+        result.path = target
+        if result.check is not None:
+            result.check.path = target
         data = result.to_dict()
-        if int8_target is not None:
-            from reparam.quantize import quantize_onnx
-
-            with out.progress() as say:
-                say("export: quantizing to INT8")
-                quantized = quantize_onnx(target, int8_target, calibration=calibration, seed=seed)
-            out.echo(str(quantized))
-            out.wrote(f"wrote {int8_target}")
+        quantized, int8_tmp = None, None
+        if int8_target is not None or (kind == "openvino" and int8):
+            int8_tmp = (
+                staging.scratch(target, suffix=".onnx")
+                if int8_target is None
+                else staging.stage(int8_target)
+            )
+            quantized = _quantize(onnx_tmp, int8_tmp, calibration, seed, out)
+            quantized.model_path, quantized.output_path = target, int8_target
             data["int8"] = quantized.to_dict()
-        out.result(data)
+        if kind == "openvino":  # the IR of the INT8 graph with --int8
+            _convert_openvino(int8_tmp or onnx_tmp, target, half, staging, out)
+            data["format"] = "openvino"
+        staging.commit()
+    _show_onnx(loaded, result, quantized, target, int8_target, kind, out)
+    out.result(data)
+
+
+def _quantize(source: Path, destination: Path, calibration: Path | None, seed: int,
+              out: Output) -> Any:  # fmt: skip
+    from reparam.quantize import quantize_onnx
+
+    with out.progress() as say:
+        say("export: quantizing to INT8")
+        return quantize_onnx(source, destination, calibration=calibration, seed=seed)
+
+
+def _convert_openvino(source: Path, target: Path, half: bool, staging: Any, out: Output) -> None:
+    """OpenVINO IR of the staged graph, as staged .xml + .bin (helper: reparam.runtime)."""
+    from reparam.runtime.openvino import convert_onnx_to_openvino
+
+    xml_tmp = staging.stage(target, suffix=".xml")
+    staging.adopt(xml_tmp.with_suffix(".bin"), target.with_suffix(".bin"))
+    with out.progress() as say:
+        say("export: converting to OpenVINO IR")
+        convert_onnx_to_openvino(source, xml_tmp, compress_to_fp16=half)
+
+
+def _show_onnx(
+    loaded: Any, result: Any, quantized: Any, target: Path, int8_target: Path | None, kind: str,
+    out: Output,
+) -> None:  # fmt: skip
+    out.echo(f"reparam export: {loaded.description}")
+    out.echo(result.summary())
+    if result.check is not None:
+        out.echo("")
+        out.echo(result.check.summary())
+    if quantized is not None:
+        out.echo(str(quantized))
+    if kind == "openvino":
+        out.wrote(f"wrote {target} and {target.with_suffix('.bin')} (OpenVINO IR)")
+    else:
+        out.wrote(f"wrote {target}" + ("" if result.check is not None else " (not verified)"))
+    if int8_target is not None:
+        out.wrote(f"wrote {int8_target}")
 
 
 def _export_pt2(
-    loaded: Any, target: Path, inputs: list[Any], dynamic_batch: bool, fuse: bool, half: bool,
-    int8: bool, out: Output,
-) -> None:  # fmt: skip
+    loaded: Any, target: Path, inputs: list[Any], dynamic_batch: bool, fuse: bool, out: Output
+) -> None:
     """``--format pt2``: a torch.export program, checked by :func:`export_pt2` on reload."""
     from reparam.export.pt2 import export_pt2
 
-    if half or int8:
-        raise UserInputError("--dtype float16 and --int8 apply to --format onnx")
     with out.progress() as say:
         say("export: torch.export program")
-        export_pt2(
-            loaded.model, target, inputs, dynamic_batch=dynamic_batch,
-            fuse=fuse and not loaded.fused,
-        )  # fmt: skip
+        export_pt2(loaded.model, target, inputs, dynamic_batch=dynamic_batch, fuse=fuse)
     out.wrote(f"wrote {target}")
     out.result({"path": str(target), "format": "pt2", "dynamic_batch": dynamic_batch})
+
+
+def _export_executorch(
+    loaded: Any, target: Path, inputs: list[Any], dynamic_batch: bool, out: Output
+) -> None:
+    """``--format executorch``: a .pte lowered to XNNPACK (reparam.export.executorch)."""
+    from reparam.convert import fuse_with_report
+    from reparam.export.executorch import export_executorch
+
+    with out.progress() as say:
+        say("export: ExecuTorch program")
+        fused = loaded.model
+        if not loaded.fused:  # probing with the example, as reparam fuse does
+            fused, _ = fuse_with_report(loaded.model, example_inputs=tuple(inputs))
+        export_executorch(fused, tuple(inputs), target, dynamic_batch=dynamic_batch)
+    out.wrote(f"wrote {target}")
+    out.result({"path": str(target), "format": "executorch", "dynamic_batch": dynamic_batch})

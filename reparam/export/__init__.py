@@ -1,11 +1,13 @@
 """ONNX export and verification.
 
 - :func:`export_onnx`: fuse, export (torch.export-based exporter, legacy as a fallback),
-  check, embed metadata, check dynamic axes at other sizes and the caller's check on the
-  temporary file, then replace the target atomically.
+  check, embed metadata (with the valid range of every symbolic axis), check dynamic axes at
+  other sizes and verify the temporary file (``verify=`` :class:`VerifyOptions`), then
+  replace the target atomically.
 - :func:`verify_onnx`: the training-time model against the ONNX graph under onnxruntime.
-- :mod:`reparam.ops.corr_onnx`: the ``com.reparam::Corr`` custom operator's ONNX schema and
-  translations; :mod:`reparam.ops.corr_ort`: its onnxruntime-extensions kernel.
+- :mod:`reparam.ops.corr_onnx`: the ``com.reparam::Corr`` custom operator's ONNX schema,
+  translations, function and validation; :mod:`reparam.ops.corr_ort`: its
+  onnxruntime-extensions kernel.
 
 onnx, onnxruntime and onnxscript are imported when a function needs them, not on import.
 """
@@ -14,11 +16,13 @@ from reparam.errors import ExportError
 from reparam.export.onnx_export import (
     CORR_EXPORT_MODES,
     EXPORTERS,
+    ExportVerificationError,
     export_onnx,
     supported_opsets,
 )
 from reparam.export.report import ExportReport
 from reparam.export.signature import InputTree
+from reparam.export.tolerances import VerifyOptions
 from reparam.export.verify import verify_onnx
 from reparam.export.verify_report import VerifyCase, VerifyReport
 
@@ -27,8 +31,10 @@ __all__ = [
     "EXPORTERS",
     "ExportError",
     "ExportReport",
+    "ExportVerificationError",
     "InputTree",
     "VerifyCase",
+    "VerifyOptions",
     "VerifyReport",
     "export_onnx",
     "supported_opsets",

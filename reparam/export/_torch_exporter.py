@@ -82,22 +82,26 @@ def run_exporter(
     exporter: str,
     input_names: list[str],
     output_names: list[str],
-) -> tuple[Any, list[str]]:
+) -> tuple[Any, list[str], Any]:
     """Export ``model(*inputs)`` (a ``forward(*tensors)`` module) to an ``onnx.ModelProto``.
 
-    Returns the proto and the TracerWarnings seen.
+    Returns the proto, the TracerWarnings seen and the ``torch.export.ExportedProgram``
+    (None from the legacy exporter), whose range constraints say which sizes the graph is
+    valid for (:mod:`reparam.export.shape_ranges`).
 
     Raises:
         ExportError: the exporter fails; one line with the root cause and the model line.
     """
     from reparam.ops import corr_onnx
 
+    _import_exporter(exporter)
     corr_onnx.register_schema()
+    program = None
     try:
         with _quiet_exporter() as tracer_warnings, _corr_context(corr):
             if exporter == "dynamo":
                 table = corr_onnx.translation_table() if corr == "custom" else None
-                program = torch.onnx.export(
+                onnx_program = torch.onnx.export(
                     model,
                     inputs,
                     None,
@@ -109,7 +113,7 @@ def run_exporter(
                     dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch, dynamic_hw),
                     custom_translation_table=table,
                 )
-                proto = program.model_proto
+                proto, program = onnx_program.model_proto, onnx_program.exported_program
             else:
                 proto = _legacy_export(
                     model, inputs, opset, dynamic_batch, dynamic_hw, corr,
@@ -118,12 +122,40 @@ def run_exporter(
     except ReparamError:
         raise
     except Exception as error:
+        _reraise_interrupt(error)
         raise ExportError(_export_failure(error, exporter, dynamic_hw)) from error
     if corr == "custom":
         # Ship Corr's meaning in the file: plain onnxruntime (and any runtime that inlines
         # functions) runs the node; a runtime with a native Corr kernel may use its own.
         corr_onnx.attach_corr_function(proto)
-    return proto, tracer_warnings
+    return proto, tracer_warnings, program
+
+
+def _import_exporter(exporter: str) -> None:
+    """Import torch's exporter before the ``try`` that turns its failures into one line.
+
+    Ctrl-C during this import (seconds: onnxscript, the op registry) then reaches the caller
+    as the interruption it is; inside the ``try`` a half-done import surfaced later as
+    "the dynamo ONNX exporter failed: AttributeError".
+    """
+    if exporter != "dynamo":
+        return
+    try:
+        import onnxscript  # noqa: F401
+        from torch.onnx._internal.exporter import _core  # noqa: F401
+    except ImportError:  # reported by the export call itself, with the exporter's words
+        pass
+
+
+def _reraise_interrupt(error: BaseException) -> None:
+    """Raise the interrupt (Ctrl-C, the CLI's SIGTERM exception) an exporter error wraps."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if not isinstance(link, Exception):  # KeyboardInterrupt, SystemExit, Terminated
+            raise link
+        link = link.__cause__ or link.__context__
 
 
 def _legacy_export(

@@ -5,6 +5,13 @@ with k > 1 becomes a fixed AveragePool under the torch.export-based exporter, a 
 ``int(sqrt(L))`` a fixed Reshape — so a graph exported with a symbolic batch or height/width
 is run under onnxruntime at another batch size (and twice the example's height and width)
 and refused with :class:`~reparam.errors.ExportError` when it disagrees with the model.
+
+Where torch.export narrowed an axis's valid range (a ``forward`` that branches on the width
+is valid only on the traced side of the branch, see :mod:`reparam.export.shape_ranges`), the
+graph is also run at both ends of that range; with a dynamic height/width and no narrowed
+range, also at half the example's size, which catches a branch the legacy exporter baked in
+without a guard. These extra sizes are skipped (with a note) where the PyTorch model itself
+does not run.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from torch import Tensor, nn
 
 from reparam.compare import OutputDiff, compare_outputs
 from reparam.errors import ExportError, MissingCustomOpError, UserInputError, summarize
+from reparam.export.shape_ranges import AxisRange
 
-__all__ = ["DYNAMIC_CHECK_RTOL", "check_dynamic_axes", "other_size_inputs"]
+__all__ = ["DYNAMIC_CHECK_RTOL", "check_dynamic_axes", "other_size_inputs", "range_end_inputs"]
 
 DYNAMIC_CHECK_RTOL = 1e-3  # a baked-in size gives errors of order 1, not 1e-6
 
@@ -43,6 +51,50 @@ def other_size_inputs(
     return tuple(second)
 
 
+def _random_like(shape: list[int], like: Tensor, generator: torch.Generator) -> Tensor:
+    values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return values.to(like.device, like.dtype)
+
+
+def range_end_inputs(
+    inputs: tuple[Tensor, ...],
+    input_names: list[str],
+    ranges: list[AxisRange],
+    dynamic_hw: bool,
+) -> list[tuple[str, tuple[Tensor, ...]]]:
+    """Extra sizes to run: both ends of every narrowed range; else half the spatial size.
+
+    Returns ``(what, inputs)`` pairs; ``what`` says which size it is, for messages.
+    """
+    generator = torch.Generator().manual_seed(2)
+    index = {name: i for i, name in enumerate(input_names)}
+    extra = []
+    for axis_range in ranges:
+        position = index.get(axis_range.input)
+        if position is None or not axis_range.narrowed:
+            continue
+        for end in (axis_range.low, axis_range.high):
+            if end is None or end == inputs[position].shape[axis_range.axis]:
+                continue
+            shape = list(inputs[position].shape)
+            shape[axis_range.axis] = end
+            changed = list(inputs)
+            changed[position] = _random_like(shape, inputs[position], generator)
+            what = (
+                f"input '{axis_range.input}' axis {axis_range.axis} = {end} (an end of its "
+                f"valid range {axis_range.describe()})"
+            )
+            extra.append((what, tuple(changed)))
+    if dynamic_hw and not any(r.narrowed for r in ranges):
+        halves = []
+        for tensor in inputs:
+            shape = list(tensor.shape)
+            shape[2:] = [max(1, s // 2) for s in shape[2:]]
+            halves.append(_random_like(shape, tensor, generator))
+        extra.append(("half the example height/width", tuple(halves)))
+    return extra
+
+
 def _extensions_missing(custom: bool) -> bool:
     """True when the graph has custom operators and onnxruntime-extensions is not installed."""
     if not custom:
@@ -66,6 +118,8 @@ def check_dynamic_axes(
     *,
     custom_ops: bool = False,
     rtol: float = DYNAMIC_CHECK_RTOL,
+    input_names: list[str] | None = None,
+    ranges: list[AxisRange] | None = None,
 ) -> list[OutputDiff]:
     """Run the graph at other sizes under onnxruntime; refuse it if it disagrees with torch.
 
@@ -94,20 +148,41 @@ def check_dynamic_axes(
             f"({summarize(error)}); export with static sizes"
         ) from None
     session = OnnxModel(onnx_path, optimization="disable", providers=["CPUExecutionProvider"])
+    diffs = _compare_at(session, reference, second, what, rtol)
+    names = input_names or [spec.name for spec in session.inputs]
+    for extra_what, extra in range_end_inputs(inputs, names, ranges or [], dynamic_hw):
+        try:
+            with torch.no_grad():
+                extra_reference = model(*extra)
+        except (RuntimeError, ValueError, IndexError) as error:
+            notes.append(
+                f"dynamic axes not checked at {extra_what}: the PyTorch model itself fails "
+                f"there ({summarize(error)})"
+            )
+            continue
+        _compare_at(session, extra_reference, extra, extra_what, rtol)
+    return diffs
+
+
+def _compare_at(
+    session: object, reference: object, inputs: tuple[Tensor, ...], what: str, rtol: float
+) -> list[OutputDiff]:
+    """Run the graph on ``inputs``; refuse it where it disagrees with ``reference``."""
     try:
-        outputs = session.run(*(t.cpu().numpy() for t in second))
+        outputs = session.run(*(t.cpu().numpy() for t in inputs))  # type: ignore[attr-defined]
         diffs = compare_outputs(reference, [torch.from_numpy(v) for v in outputs.values()])
     except (UserInputError, ValueError) as error:
         raise ExportError(
-            f"the exported graph is wrong at {what}: {error}; an operator baked the "
-            "example's size into the graph (e.g. nn.AdaptiveAvgPool2d with an output size "
-            "other than 1: use reparam.ops.AdaptiveAvgPool2dExact) — export with static sizes"
+            f"the exported graph is wrong at {what}; export with static sizes: {error} (an "
+            "operator baked the example's size into the graph, e.g. nn.AdaptiveAvgPool2d with "
+            "an output size other than 1: use reparam.ops.AdaptiveAvgPool2dExact)"
         ) from None
-    for diff, name in zip(diffs, session.output_names, strict=True):
+    for diff, name in zip(diffs, session.output_names, strict=True):  # type: ignore[attr-defined]
         if not diff.within(rtol):
             raise ExportError(
-                f"the exported graph is wrong at {what}: output '{name}' max abs error "
-                f"{diff.max_abs:.3g}, max rel {diff.max_rel:.3g} (an operator baked the "
-                "example's size into the graph); export with static sizes"
+                f"the exported graph is wrong at {what}; export with static sizes "
+                f"(--static-hw): output '{name}' max abs error {diff.max_abs:.3g}, max rel "
+                f"{diff.max_rel:.3g} (the model's code depends on the input size, or an "
+                "operator baked the example's size into the graph)"
             )
     return diffs

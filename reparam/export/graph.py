@@ -43,39 +43,43 @@ def check_and_infer(proto: Any, *, infer: bool = True) -> Any:
         ) from error
 
 
-def rename_outputs(proto: Any, names: list[str]) -> None:
-    """Give the graph outputs ``names``, renaming every use of the old names in the graph."""
-    mapping = {
-        value.name: name
-        for value, name in zip(proto.graph.output, names, strict=True)
-        if value.name != name
-    }
-    if not mapping:
-        return
-    graph = proto.graph
-    used = {name for node in graph.node for name in [*node.input, *node.output]}
-    used |= {value.name for value in [*graph.input, *graph.initializer]}
-    for taken in set(mapping.values()) & (used - set(mapping)):  # an inner value has the name
-        spare = next(
-            f"{taken}_inner{i}" for i in range(len(used) + 1) if f"{taken}_inner{i}" not in used
-        )
-        mapping[taken] = spare
-        used.add(spare)
-    for node in proto.graph.node:
-        node.input[:] = [mapping.get(n, n) for n in node.input]
-        node.output[:] = [mapping.get(n, n) for n in node.output]
-    for value in [*graph.output, *graph.value_info, *graph.input, *graph.initializer]:
-        value.name = mapping.get(value.name, value.name)
+def rename_outputs(proto: Any, names: list[str]) -> Any:
+    """The model with its graph outputs named ``names``; returns a new proto.
+
+    Done in onnx_ir, where a value is one object that every use refers to, so renaming it
+    renames its uses; an inner value that already has a wanted name gets another one first.
+    """
+    import onnx_ir as ir  # heavy, optional at import time
+
+    current = [value.name for value in proto.graph.output]
+    if current == list(names):
+        return proto
+    model = ir.from_proto(proto)
+    graph = model.graph
+    values = [*graph.inputs, *graph.initializers.values()]
+    values += [value for node in graph for value in node.outputs]
+    taken = {value.name for value in values}
+    outputs = {id(value) for value in graph.outputs}
+    for value in values:
+        if value.name in names and id(value) not in outputs:
+            spare = next(
+                f"{value.name}_inner{i}" for i in range(len(taken) + 1)
+                if f"{value.name}_inner{i}" not in taken
+            )  # fmt: skip
+            taken.add(spare)
+            value.name = spare
+    for value, name in zip(graph.outputs, names, strict=True):
+        value.name = name
+    return ir.to_proto(model)
 
 
 def set_metadata(proto: Any, metadata: dict[str, str]) -> None:
-    """Set ``metadata_props`` keys, replacing earlier values of the same keys."""
-    keep = [p for p in proto.metadata_props if p.key not in metadata]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    """Set ``metadata_props`` keys (``onnx.helper.set_model_props``), keeping the others."""
+    from onnx import helper  # heavy, optional at import time
+
+    merged = {entry.key: entry.value for entry in proto.metadata_props}
+    merged.update(metadata)
+    helper.set_model_props(proto, merged)
 
 
 def value_shape(value: Any) -> tuple[int | str, ...]:

@@ -11,10 +11,15 @@
 - :mod:`~reparam.export.fp16`: the float16 cast and its overflow check;
 - :mod:`~reparam.export.report`: :class:`ExportReport`.
 
-The file is written through :func:`reparam._io.atomic_write`: the graph is saved to a
-temporary file beside the target, checked there (dynamic axes, then the caller's ``check``,
-e.g. :func:`reparam.verify_onnx`), and only then renamed over the target. Any failure or
-interrupt leaves the old file as it was and no temporary file.
+- :mod:`~reparam.export.shape_ranges`: the valid range of each symbolic axis, from
+  torch.export's range constraints, recorded in the metadata;
+- :mod:`~reparam.export.tolerances`: :class:`VerifyOptions`, checked once.
+
+The file is staged (:class:`~reparam.export.staging.Staging`): the graph is saved to a
+temporary file beside the target, checked there (dynamic axes, then ``verify``: the graph
+against the training-time model under onnxruntime, then the caller's ``check``), and only
+then renamed over the target. Any failure or interrupt leaves the old file as it was and no
+temporary file.
 """
 
 from __future__ import annotations
@@ -31,11 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reparam._io import atomic_write
-from reparam._version import __version__
 from reparam.compare import OutputDiff, flatten_outputs
 from reparam.convert import fuse_with_report
-from reparam.errors import ExportError, UserInputError, summarize
+from reparam.errors import ExportError, UserInputError, printable, summarize
 from reparam.export import dynamic_check
 from reparam.export._torch_exporter import run_exporter
 from reparam.export.fp16 import Float32Boundary, to_float16
@@ -48,9 +51,13 @@ from reparam.export.graph import (
     set_metadata,
     value_shape,
 )
+from reparam.export.metadata import dtype_name, export_metadata, one_level_structure, range_notes
 from reparam.export.report import ExportReport
+from reparam.export.shape_ranges import ranges_from_program
 from reparam.export.signature import FlatInputs, InputTree, flatten_inputs, unflatten_inputs
-from reparam.export.verify import eval_mode_of
+from reparam.export.staging import Staging
+from reparam.export.tolerances import VerifyOptions
+from reparam.export.verify import eval_mode_of, verify_onnx
 
 __all__ = [
     "CORR_EXPORT_MODES",
@@ -58,6 +65,8 @@ __all__ = [
     "EXPORTERS",
     "ExportError",
     "ExportReport",
+    "ExportVerificationError",
+    "VerifyOptions",
     "export_onnx",
     "flatten_inputs",
     "supported_opsets",
@@ -71,6 +80,14 @@ DYNAMO_MIN_OPSET = 18  # the exporter's own opset; below it needs lossy version 
 FP16_DYNAMIC_CHECK_RTOL = 1e-2  # torch and onnxruntime round float16 differently
 
 Progress = Callable[[str], None]
+
+
+class ExportVerificationError(ExportError):
+    """The new graph failed verification; nothing was replaced. ``report`` has the numbers."""
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def supported_opsets(exporter: str = "dynamo") -> range:
@@ -100,8 +117,9 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     source: str | None = None,
+    verify: bool | VerifyOptions = False,
     check: Callable[[Path], Any] | None = None,
-    check_dynamic_axes: bool = True,
+    check_dynamic_axes: bool | None = None,
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export ``model`` to an ONNX file at ``path``.
@@ -114,11 +132,13 @@ def export_onnx(
             tensor becomes one graph input, in order (``forward(self, *xs)`` included).
         example_kwargs: keyword arguments, likewise (parameters with defaults may be left
             out: their defaults are exported as constants).
-        fuse: fuse every block and Conv→BN pair first (:func:`reparam.fuse`).
+        fuse: fuse every block and Conv→BN pair first (:func:`reparam.fuse`, probing with the
+            example inputs so that a model fx cannot trace folds what ``reparam fuse`` folds).
         opset: ONNX opset version; default torch's. See :func:`supported_opsets`.
         dynamic_batch: make axis 0 of every input and output symbolic (``batch``).
         dynamic_hw: also make the spatial axes (2 and up) of every input symbolic
-            (``height``, ``width``).
+            (``height``, ``width``). The range of sizes each symbolic axis is valid for is
+            read from torch.export and recorded in the metadata (``reparam.shape_ranges``).
         corr: how ``reparam.ops.corr`` (DRConv) is exported: "standard" ONNX operators
             (any runtime, dynamic batch) or "custom", one ``com.reparam::Corr`` node per call
             (needs onnxruntime-extensions to run; see :mod:`reparam.runtime`).
@@ -130,13 +150,17 @@ def export_onnx(
         input_names, output_names: graph names; default "input"/"output", numbered when
             there are several.
         source: what the model is (e.g. a bundled name), for the metadata.
-        check: called with the temporary file once it is written and its dynamic axes are
-            checked, before it replaces ``path``; an exception (or a falsy ``ok`` attribute
-            of its result, as a failed :class:`~reparam.export.VerifyReport` has) aborts the
-            export and leaves ``path`` as it was. Its result is ``report.check``.
+        verify: verify the new file against ``model`` (the training-time form) under
+            onnxruntime before it replaces ``path`` (True: default :class:`VerifyOptions`;
+            a float16 graph's tolerances are floored). A failure raises
+            :class:`ExportVerificationError` and leaves ``path`` as it was. Its
+            :class:`~reparam.export.VerifyReport` is ``report.check``.
+        check: called with the temporary file after the checks above; an exception (or a
+            falsy ``ok`` attribute of its result) aborts the export likewise. Its result is
+            ``report.check`` when ``verify`` is off.
         check_dynamic_axes: run the graph at other sizes (see
-            :mod:`~reparam.export.dynamic_check`); a caller whose ``check`` already runs it at
-            several batch sizes may skip it for a dynamic batch alone.
+            :mod:`~reparam.export.dynamic_check`); default: with a dynamic height/width, and
+            with a dynamic batch unless ``verify`` already runs several batch sizes.
         progress: called with a short line before each slow step.
 
     Returns:
@@ -145,123 +169,68 @@ def export_onnx(
     Raises:
         UserInputError: bad option, or the model does not run on the example inputs.
         ExportError: the exporter fails, a dynamic axis would make a wrong graph, a weight
-            overflows float16, or ``check`` fails.
+            overflows float16, or the verification or ``check`` fails.
         FusionError: a block cannot be fused.
     """
     started = time.perf_counter()
     say = progress or (lambda line: None)
     tree, inputs = InputTree.from_example(example_inputs, example_kwargs)
     opset = _check_options(opset, corr, exporter, inputs, dynamic_hw, dtype, fp32_io)
-    path = Path(path)
-    if path.suffix.lower() != ".onnx":
-        raise UserInputError(f"output file '{path}' should end in .onnx")
-
-    args, kwargs = tree.rebuild(inputs)
-    out_names = list(output_names) if output_names is not None else None
-    if exporter == "legacy":  # it needs every output name up front: count them by a run
-        with eval_mode_of(model):
-            outputs = _run_model(model, args, kwargs, inputs, "the model")
-        out_names = _names(output_names, _count_outputs(outputs), "output")
-    # The torch.export-based exporter runs the model symbolically, so no eager run is spent
-    # here (a second of a ResNet-18 export): output names are set on the graph afterwards,
-    # and the model is run only to explain an exporter failure.
-    fuse_report = None
-    if fuse:
-        say("export: fusing")
-        target, fuse_report = fuse_with_report(model)
-    else:
-        target = copy.deepcopy(model).eval()
+    path = _check_path(path)
     half = dtype == torch.float16
-    if half:
-        target = to_float16(target)
-    flat: nn.Module = FlatInputs(target, tree).eval()
-    if half and fp32_io:
-        flat = Float32Boundary(flat).eval()
-    elif half:
-        inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
-    written_dtype = "float16" if half else _dtype_name(inputs)
-    in_names = _names(input_names, len(inputs), "input")
-
-    # torch.export specialises a size-1 axis to the constant 1: trace a batch of two.
-    traced = (
-        tuple(torch.cat([t, t]) if t.dim() else t for t in inputs)
-        if dynamic_batch and any(t.dim() and t.shape[0] == 1 for t in inputs)
-        else inputs
+    options = _verify_options(verify, half)
+    if check_dynamic_axes is None:
+        check_dynamic_axes = dynamic_hw or (dynamic_batch and options is None)
+    args, kwargs = tree.rebuild(inputs)
+    out_names = (
+        _legacy_output_names(model, args, kwargs, inputs, output_names)
+        if exporter == "legacy"
+        else None
     )
+    target, fuse_report = _model_to_export(model, fuse, args, kwargs, say)
+    flat, graph_inputs = _flat_module(target, tree, inputs, half, fp32_io)
+    in_names = _names(input_names, len(graph_inputs), "input")
+    traced = _traced_inputs(graph_inputs, dynamic_batch)
     say(f"export: {exporter} exporter")
-    try:
-        proto, tracer_warnings = run_exporter(
-            flat, traced, opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
-            corr=corr, exporter=exporter, input_names=in_names, output_names=out_names,
-        )  # fmt: skip
-        check_symbolic_axes(proto, dynamic_batch, dynamic_hw)
-    except ExportError:
-        if exporter == "dynamo":  # inputs the model cannot take: say so, not the exporter's trace
-            with eval_mode_of(model):
-                _run_model(model, args, kwargs, inputs, "the model")
-        raise
-    if output_names is None:
-        out_names = _names(None, len(proto.graph.output), "output")
-        rename_outputs(proto, out_names)
-    else:
-        out_names = _names(output_names, len(proto.graph.output), "output")
+    proto, tracer_warnings, program = _trace(
+        model, flat, traced, (args, kwargs, inputs), opset=opset, dynamic_batch=dynamic_batch,
+        dynamic_hw=dynamic_hw, corr=corr, exporter=exporter, input_names=in_names,
+        output_names=out_names,
+    )  # fmt: skip
+    proto, out_names = _name_outputs(proto, output_names)
     say("export: ONNX checker and shape inference")
     proto = check_and_infer(proto, infer=exporter == "legacy")
-    opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if opset is not None and opset_written != opset:
-        raise ExportError(f"asked for opset {opset}, the exporter wrote opset {opset_written}")
-
+    opset_written = _opset_written(proto, opset)
+    ranges = ranges_from_program(program, in_names) if program is not None else []
+    notes = [f"TracerWarning: {line}" for line in tracer_warnings] + range_notes(ranges)
     ops = custom_ops(proto)
-    metadata = {
-        "reparam.version": __version__,
-        "reparam.source": source or f"{type(model).__module__}.{type(model).__qualname__}",
-        "reparam.fused": str(bool(fuse)).lower(),
-        "reparam.corr": corr,
-        "reparam.custom_ops": ",".join(ops),
-        "reparam.exporter": exporter,
-        "reparam.opset": str(opset_written),
-        "reparam.dtype": written_dtype,
-        "reparam.dynamic_batch": str(dynamic_batch).lower(),
-        "reparam.dynamic_hw": str(dynamic_hw).lower(),
-        "reparam.input_shapes": json.dumps([list(t.shape) for t in inputs]),
-        "reparam.input_tree": tree.to_json() or "",
-    }
-    structure = _one_level_structure(example_inputs, example_kwargs)
+    metadata = export_metadata(
+        model, source, fuse, corr, ops, exporter, opset_written,
+        "float16" if half else dtype_name(graph_inputs), dynamic_batch, dynamic_hw,
+        graph_inputs, tree, ranges,
+    )  # fmt: skip
+    structure = one_level_structure(example_inputs, example_kwargs)
     if structure is not None:  # read by reparam versions before the input tree
         metadata["reparam.input_structure"] = json.dumps(structure)
     set_metadata(proto, metadata)
 
-    notes = [f"TracerWarning: {line}" for line in tracer_warnings]
     dynamic_diffs: list[OutputDiff] = []
     checked: list[Any] = []
-
-    def write(tmp: Path) -> None:
-        import onnx  # heavy, optional at import time
-
-        onnx.save(proto, str(tmp))
+    with Staging() as staging:
+        tmp = staging.stage(path)
+        _save(proto, tmp)
         if check_dynamic_axes and (dynamic_batch or dynamic_hw):
             say("export: checking the dynamic axes under onnxruntime")
-            rtol = FP16_DYNAMIC_CHECK_RTOL if half else dynamic_check.DYNAMIC_CHECK_RTOL
-            dynamic_diffs.extend(
-                dynamic_check.check_dynamic_axes(
-                    flat,
-                    tmp,
-                    traced,
-                    dynamic_batch,
-                    dynamic_hw,
-                    notes,
-                    custom_ops=bool(ops),
-                    rtol=rtol,
-                )
-            )
+            dynamic_diffs = dynamic_check.check_dynamic_axes(
+                flat, tmp, traced, dynamic_batch, dynamic_hw, notes, custom_ops=bool(ops),
+                rtol=FP16_DYNAMIC_CHECK_RTOL if half else dynamic_check.DYNAMIC_CHECK_RTOL,
+                input_names=in_names, ranges=ranges,
+            )  # fmt: skip
+        if options is not None:
+            checked.append(_verify(model, tmp, path, inputs, options, say))
         if check is not None:
-            result = check(tmp)
-            checked.append(result)
-            if getattr(result, "ok", True) is False:
-                summary = getattr(result, "failure_summary", lambda: "the check failed")()
-                raise ExportError(f"{summary}; '{path}' was not written")
-
-    atomic_write(path, write)
+            checked.append(_run_check(check, tmp, path))
+        staging.commit()
     if any(op.startswith("com.reparam::") for op in ops):
         notes.append(
             "the graph uses com.reparam custom operators: run it with reparam.runtime and "
@@ -285,24 +254,137 @@ def export_onnx(
         fuse_report=fuse_report,
         dynamic_check=dynamic_diffs,
         notes=notes,
-        dtype=written_dtype,
+        dtype=metadata["reparam.dtype"],
         check=checked[0] if checked else None,
     )
 
 
-def _dtype_name(inputs: tuple[Tensor, ...]) -> str:
-    floating = [t.dtype for t in inputs if t.is_floating_point()]
-    return str(floating[0]).removeprefix("torch.") if floating else "float32"
+def _check_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise UserInputError(f"output file '{printable(path)}' should end in .onnx")
+    return path
 
 
-def _one_level_structure(example_inputs: Any, example_kwargs: Any) -> list[int | None] | None:
-    """The older metadata form, when the arguments fit it (tensors and lists of tensors)."""
-    if example_kwargs:
+def _verify_options(verify: bool | VerifyOptions, half: bool) -> VerifyOptions | None:
+    if verify is False or verify is None:
         return None
+    options = VerifyOptions() if verify is True else verify
+    if not isinstance(options, VerifyOptions):
+        raise UserInputError(f"verify must be a bool or a VerifyOptions, got {verify!r}")
+    return options.for_dtype(half)
+
+
+def _legacy_output_names(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], inputs: Sequence[Tensor],
+    output_names: Sequence[str] | None,
+) -> list[str]:  # fmt: skip
+    """The legacy exporter needs every output name up front: count the outputs by a run.
+
+    The torch.export-based exporter runs the model symbolically, so no eager run is spent
+    there (a second of a ResNet-18 export): its output names are set on the graph afterwards.
+    """
+    with eval_mode_of(model):
+        outputs = _run_model(model, args, kwargs, inputs, "the model")
+    return _names(output_names, _count_outputs(outputs), "output")
+
+
+def _model_to_export(
+    model: nn.Module, fuse: bool, args: tuple[Any, ...], kwargs: Mapping[str, Any], say: Progress
+) -> tuple[nn.Module, Any]:
+    """The fused copy (probing with the example where fx cannot trace), or an eval copy."""
+    if not fuse:
+        return copy.deepcopy(model).eval(), None
+    say("export: fusing")
+    # Positional examples only: the probe calls model(*example_inputs).
+    probe = None if kwargs else tuple(args)
+    return fuse_with_report(model, example_inputs=probe)
+
+
+def _flat_module(
+    target: nn.Module, tree: InputTree, inputs: tuple[Tensor, ...], half: bool, fp32_io: bool
+) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """``forward(*tensors)`` over the model, in float16 where asked; the graph's inputs."""
+    if half:
+        target = to_float16(target)
+    flat: nn.Module = FlatInputs(target, tree).eval()
+    if half and fp32_io:
+        flat = Float32Boundary(flat).eval()
+    elif half:
+        inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+    return flat, inputs
+
+
+def _traced_inputs(inputs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor, ...]:
+    """torch.export specialises a size-1 axis to the constant 1: trace a batch of two."""
+    if dynamic_batch and any(t.dim() and t.shape[0] == 1 for t in inputs):
+        return tuple(torch.cat([t, t]) if t.dim() else t for t in inputs)
+    return inputs
+
+
+def _trace(
+    model: nn.Module, flat: nn.Module, traced: tuple[Tensor, ...], example: tuple, **options: Any
+) -> tuple[Any, list[str], Any]:
+    """:func:`run_exporter`; an exporter failure on inputs the model cannot take says so."""
     try:
-        return flatten_inputs(example_inputs)[1]
-    except (UserInputError, TypeError):
-        return None
+        proto, tracer_warnings, program = run_exporter(flat, traced, **options)
+        check_symbolic_axes(proto, options["dynamic_batch"], options["dynamic_hw"])
+    except ExportError:
+        if options["exporter"] == "dynamo":  # not the exporter's trace: the model's failure
+            args, kwargs, inputs = example
+            with eval_mode_of(model):
+                _run_model(model, args, kwargs, inputs, "the model")
+        raise
+    return proto, tracer_warnings, program
+
+
+def _name_outputs(proto: Any, output_names: Sequence[str] | None) -> tuple[Any, list[str]]:
+    if output_names is None:
+        names = _names(None, len(proto.graph.output), "output")
+        return rename_outputs(proto, names), names
+    return proto, _names(output_names, len(proto.graph.output), "output")
+
+
+def _opset_written(proto: Any, opset: int | None) -> int:
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and written != opset:
+        raise ExportError(f"asked for opset {opset}, the exporter wrote opset {written}")
+    return written
+
+
+def _save(proto: Any, tmp: Path) -> None:
+    import onnx  # heavy, optional at import time
+
+    try:
+        onnx.save(proto, str(tmp))
+    except OSError as error:  # a full disk, a quota
+        raise UserInputError(f"writing the graph failed: {printable(error)}") from None
+
+
+def _verify(
+    model: nn.Module, tmp: Path, path: Path, inputs: tuple[Tensor, ...], options: VerifyOptions,
+    say: Progress,
+) -> Any:  # fmt: skip
+    """The new file against the training-time model; a failure leaves ``path`` untouched."""
+    result = verify_onnx(
+        model, tmp, list(inputs), rtol=options.rtol, atol=options.atol,
+        batch_sizes=options.batch_sizes, seed=options.seed, progress=say,
+        reference_name=options.reference_name,
+    )  # fmt: skip
+    result.path = path
+    if not result.ok:
+        raise ExportVerificationError(
+            f"'{printable(path)}' was not written: {result.failure_summary()}", result
+        )
+    return result
+
+
+def _run_check(check: Callable[[Path], Any], tmp: Path, path: Path) -> Any:
+    result = check(tmp)
+    if getattr(result, "ok", True) is False:
+        summary = getattr(result, "failure_summary", lambda: "the check failed")()
+        raise ExportError(f"'{printable(path)}' was not written: {summary}")
+    return result
 
 
 def _check_options(

@@ -5,6 +5,9 @@ has torch alone (no reparam, no user code), which the fused checkpoint cannot of
 needs the model's factory). DRConv's per-sample correlation is traced in its standard-op form
 (:func:`reparam.ops.corr.corr_standard`: one-hot depthwise conv, then a batched matmul), so
 the program holds only aten operators, never ``reparam::corr``. The batch axis is symbolic.
+Any signature :func:`reparam.export.export_onnx` takes works here too (``forward(*xs)``,
+nested containers, keyword arguments): the dynamic batch is given per tensor through
+``torch.export.ShapesCollection``, which maps it onto the model's own signature.
 After writing, the file is loaded back and run at the example's batch and another one, and
 compared with the model; a mismatch refuses the file.
 """
@@ -13,15 +16,18 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from reparam._io import atomic_write, prepare_output
+from reparam._io import prepare_output
 from reparam.compare import compare_outputs
-from reparam.errors import ExportError, ReparamError, UserInputError
+from reparam.errors import ExportError, ReparamError, UserInputError, printable
+from reparam.export.signature import InputTree
+from reparam.export.staging import Staging
 
 __all__ = ["export_pt2"]
 
@@ -31,8 +37,9 @@ CHECK_RTOL = 1e-4
 def export_pt2(
     model: nn.Module,
     path: str | os.PathLike,
-    example_inputs: Tensor | Sequence[Tensor],
+    example_inputs: Tensor | Sequence[Any],
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     dynamic_batch: bool = True,
     fuse: bool = True,
 ) -> Path:
@@ -41,8 +48,11 @@ def export_pt2(
     Args:
         model: the model in training form (fused here) or already fused.
         path: the ``.pt2`` file; written atomically, only after the check passes.
-        example_inputs: one tensor or a sequence of tensors, one per model input.
-        dynamic_batch: make axis 0 of every input symbolic.
+        example_inputs: one tensor or a sequence of positional arguments, with the same
+            signatures :func:`reparam.export.export_onnx` takes (``forward(*xs)``, nested
+            tuples/lists/dicts of tensors, constants).
+        example_kwargs: keyword arguments, likewise.
+        dynamic_batch: make axis 0 of every input tensor symbolic (one shared size).
         fuse: fuse blocks and Conv→BN pairs first.
 
     Returns:
@@ -50,35 +60,42 @@ def export_pt2(
 
     Raises:
         UserInputError: bad path or inputs.
-        ExportError: torch.export fails, or the loaded program differs from the model.
+        ExportError: torch.export fails (one line), or the loaded program differs from the
+            model.
     """
-    from reparam.convert import fuse as fuse_model
+    from reparam.convert import fuse_with_report
     from reparam.ops.corr import corr_mode
 
     path = Path(path)
     if path.suffix.lower() != ".pt2":
-        raise UserInputError(f"output file '{path}' should end in .pt2")
-    target = prepare_output(path)
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise UserInputError("example_inputs must be a tensor or a sequence of tensors")
-    program_model = fuse_model(model) if fuse else copy.deepcopy(model).eval()
-    # torch.export specialises a size-1 axis to the constant 1: trace a batch of two.
-    traced = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in inputs)
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes: tuple | None = tuple({0: batch} for _ in traced)
+        raise UserInputError(f"output file '{printable(path)}' should end in .pt2")
+    prepare_output(path)
+    tree, inputs = InputTree.from_example(example_inputs, example_kwargs)
+    args, kwargs = tree.rebuild(inputs)
+    if fuse:  # probing with the example: a model fx cannot trace folds what `fuse` folds
+        program_model, _ = fuse_with_report(model, example_inputs=None if kwargs else args)
     else:
-        traced, dynamic_shapes = inputs, None
+        program_model = copy.deepcopy(model).eval()
+    # torch.export specialises a size-1 axis to the constant 1: trace a batch of two.
+    traced = (
+        tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in inputs)
+        if dynamic_batch
+        else inputs
+    )
+    traced_args, traced_kwargs = tree.rebuild(traced)
+    dynamic_shapes = (
+        _batch_shapes(program_model, traced, traced_args, traced_kwargs) if dynamic_batch else None
+    )
     try:
         # Standard ops for Corr: the program must not need reparam's custom op to load.
         with corr_mode("standard"), torch.no_grad():
-            program = torch.export.export(program_model, traced, dynamic_shapes=dynamic_shapes)
+            program = torch.export.export(
+                program_model, traced_args, traced_kwargs, dynamic_shapes=dynamic_shapes
+            )
     except ReparamError:
         raise
     except Exception as error:
-        first = " ".join(str(error).split())[:300]
-        raise ExportError(f"torch.export failed: {type(error).__name__}: {first}") from None
+        raise ExportError(f"torch.export failed: {_one_line(error)}") from None
     custom = sorted(
         {
             str(n.target)
@@ -89,32 +106,57 @@ def export_pt2(
     if custom:  # would need `import reparam` to load
         raise ExportError(f"the program still calls reparam operators: {', '.join(custom)}")
 
-    def write(tmp: Path) -> None:
-        # Through a file object: given a path, torch warns that the temporary name does not
-        # end in .pt2.
+    with Staging() as staging:
+        tmp = staging.stage(path)
+        # Through a file object: given a path, torch checks the name's extension.
         with open(tmp, "wb") as handle:
             torch.export.save(program, handle)
-        _check_loaded(tmp, program_model, inputs, dynamic_batch)
-
-    atomic_write(target, write)
+        _check_loaded(tmp, program_model, tree, inputs, dynamic_batch)
+        staging.commit()
     return path
 
 
+def _batch_shapes(
+    model: nn.Module, tensors: tuple[Tensor, ...], args: tuple, kwargs: dict[str, Any]
+) -> Any:
+    """Axis 0 of every tensor symbolic, in the structure of the model's own signature."""
+    batch = torch.export.Dim("batch", min=1)
+    shapes = torch.export.ShapesCollection()
+    for tensor in tensors:
+        if tensor.dim():
+            shapes[tensor] = {0: batch}
+    try:
+        return shapes.dynamic_shapes(model, args, kwargs)
+    except Exception as error:  # a signature torch cannot map the shapes onto
+        raise ExportError(
+            f"torch.export cannot take a dynamic batch for this signature: {_one_line(error)}; "
+            "export with a static batch"
+        ) from None
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: first line`` of torch's message (whose detail runs to pages), cut short."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return printable(text, 300)
+
+
 def _check_loaded(
-    file: Path, model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool
+    file: Path, model: nn.Module, tree: InputTree, inputs: tuple[Tensor, ...], dynamic_batch: bool
 ) -> None:
     """Load the written file back and compare it with the model at one or two batch sizes."""
     with open(file, "rb") as handle:
         loaded = torch.export.load(handle).module()
     batches = [inputs]
     if dynamic_batch:
-        batches.append(tuple(torch.cat([t, t, t]) for t in inputs))
-    for args in batches:
+        batches.append(tuple(torch.cat([t, t, t]) if t.dim() else t for t in inputs))
+    for flat in batches:
+        args, kwargs = tree.rebuild(flat)
         with torch.no_grad():
-            expected, got = model(*args), loaded(*args)
+            expected, got = model(*args, **kwargs), loaded(*args, **kwargs)
         for diff in compare_outputs(expected, got):
             if not diff.within(CHECK_RTOL):
                 raise ExportError(
-                    f"the saved program differs from the model at batch {args[0].shape[0]}: "
+                    f"the saved program differs from the model at batch {flat[0].shape[0]}: "
                     f"{diff.name} max rel {diff.max_rel:.3g}; nothing written"
                 )

@@ -64,9 +64,11 @@ class AxisRange:
 
 def _bound(value: Any) -> int | None:
     """A sympy bound as an int; None for an infinite one."""
+    if getattr(value, "is_finite", True) is False:  # sympy's oo / torch's int_oo
+        return None
     try:
         number = int(value)
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # sympy raises AttributeError for some infinities
         return None
     return number if abs(number) < (1 << 62) else None
 

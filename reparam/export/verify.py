@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from reparam.compare import OutputDiff, compare_outputs
+from reparam.compare import OutputDiff, check_tolerance, compare_outputs
 from reparam.errors import UserInputError, summarize
 from reparam.export.signature import InputTree, unflatten_inputs
 from reparam.export.verify_report import VerifyCase, VerifyReport
@@ -37,23 +37,27 @@ from reparam.runtime.safety import check_allocation
 
 __all__ = ["VerifyCase", "VerifyReport", "eval_mode_of", "verify_onnx"]
 
-DEFAULT_BATCH_SIZES = (1, 2, 3)
 OPTIMIZATIONS = ("disable", "all")
+DEFAULT_BATCH_SIZES = (1, 2, 3)
 
 Progress = Callable[[str], None]
 
 
-def _check_tolerances(rtol: float, atol: float, batch_sizes: Sequence[int]) -> list[int]:
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
-            raise UserInputError(f"{name} must be a finite number ≥ 0, got {value!r}")
+def check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
+    """Sorted distinct positive integers, or UserInputError."""
     sizes = list(batch_sizes)
     if not sizes or any(
-        isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1
-        for size in sizes
+        isinstance(size, bool) or not hasattr(size, "__index__") or int(size) < 1 for size in sizes
     ):
         raise UserInputError(f"batch_sizes must be positive integers, got {sizes!r}")
-    return sorted({int(size) for size in sizes})
+    return tuple(sorted({int(size) for size in sizes}))
+
+
+def _check_tolerances(rtol: float, atol: float, batch_sizes: Sequence[int]) -> list[int]:
+    """The one validation of tolerances (reparam.compare) and batch sizes, for every caller."""
+    check_tolerance(rtol, "rtol")
+    check_tolerance(atol, "atol")
+    return list(check_batch_sizes(batch_sizes))
 
 
 def verify_onnx(

@@ -10,7 +10,9 @@ accuracy check, and :func:`calibration_reader` wraps the rest as onnxruntime's
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,11 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from reparam.errors import UserInputError, summarize
+from reparam.errors import UserInputError, printable, summarize
 
 RANDOM_SAMPLES = 32
 MIN_HELD_OUT = 4  # below 2·this samples, accuracy is measured on the calibration samples
 CALIBRATION_BATCH = 16
+# |x| beyond this is no image or feature a network is calibrated on: activations would
+# overflow float32 scales (1e300 in float64 becomes inf; 1e30 breaks onnxruntime's scales).
+MAX_CALIBRATION_MAGNITUDE = 1e15
 RANDOM_WARNING = (
     "no calibration data: calibrating on random normal inputs, which is only good for smoke "
     "tests (activation ranges, hence the INT8 model's accuracy, depend on real data); pass "
@@ -46,10 +51,48 @@ class CalibrationData:
         return {name: array[index] for name, array in self.arrays.items()}
 
 
+def calibration_files(path: Path) -> list[Path]:
+    """The .npy/.npz files a calibration path names: itself, or a folder's files.
+
+    A FIFO (``-c <(make_samples)``) is read like a file: it exists, it is just not seekable.
+
+    Raises:
+        UserInputError: it does not exist, is of the wrong kind, or a folder holds none.
+    """
+    shown = printable(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserInputError(f"calibration data '{shown}' does not exist") from None
+    except OSError as error:
+        raise UserInputError(f"cannot read calibration data '{shown}': {error.strerror}") from None
+    if stat.S_ISDIR(mode):
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
+        if not files:
+            raise UserInputError(f"calibration folder '{shown}' has no .npy or .npz files")
+        return files
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise UserInputError(
+            f"calibration data '{shown}' is not a file or a folder: give an .npy or .npz file "
+            "or a folder of them"
+        )
+    if path.suffix not in (".npy", ".npz"):
+        raise UserInputError(f"calibration data '{shown}' must be an .npy or .npz file or a folder")
+    return [path]
+
+
+def _open_array_file(path: Path) -> Any:
+    """A seekable source for np.load: the path, or a FIFO's bytes read into memory."""
+    if stat.S_ISFIFO(path.stat().st_mode):
+        with open(path, "rb") as stream:
+            return io.BytesIO(stream.read())
+    return path
+
+
 def _read_array_file(path: Path, input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """One .npy (a single-input model) or .npz (arrays by input name) → arrays by name."""
     try:
-        loaded = np.load(path, allow_pickle=False)  # never unpickle: it runs code
+        loaded = np.load(_open_array_file(path), allow_pickle=False)  # never unpickle
         if isinstance(loaded, np.ndarray):
             contents = {"": loaded}
         else:
@@ -104,18 +147,7 @@ def load_calibration(
             "random normal (smoke test only)",
         )
     path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
-        if not files:
-            raise UserInputError(f"calibration folder '{path}' has no .npy or .npz files")
-    elif path.is_file():
-        if path.suffix not in (".npy", ".npz"):
-            raise UserInputError(
-                f"calibration data '{path}' must be an .npy or .npz file or a folder"
-            )
-        files = [path]
-    else:
-        raise UserInputError(f"calibration data '{path}' does not exist")
+    files = calibration_files(path)
     parts = [_read_array_file(file, names) for file in files]
     arrays = {}
     for spec in inputs:
@@ -123,6 +155,12 @@ def load_calibration(
             _check_calibration_array(part[spec.name], spec, f)
             for part, f in zip(parts, files, strict=True)
         ]
+        if len({array.shape[1:] for array in checked}) > 1:
+            found = sorted({str(array.shape[1:]) for array in checked})
+            raise UserInputError(
+                f"calibration input '{printable(spec.name)}' has samples of different shapes "
+                f"across the files of '{printable(path)}' ({', '.join(found)}): give one shape"
+            )
         arrays[spec.name] = np.concatenate(checked) if len(checked) > 1 else checked[0]
     counts = {name: len(array) for name, array in arrays.items()}
     if len(set(counts.values())) != 1:
@@ -151,6 +189,15 @@ def _check_calibration_array(array: np.ndarray, spec: Any, file: Path) -> np.nda
             )
     if not np.isfinite(array).all():
         raise UserInputError(f"calibration input '{spec.name}' in '{file}' holds NaN or inf")
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > MAX_CALIBRATION_MAGNITUDE:
+        # Beyond float32 the cast gives inf; far below it the quantizer's scales overflow
+        # (onnxruntime's "AssertionError: scale issue").
+        raise UserInputError(
+            f"calibration input '{printable(spec.name)}' in '{printable(file)}' holds values "
+            f"up to {largest:.3g} in magnitude; INT8 calibration needs the model's real "
+            f"inputs (at most {MAX_CALIBRATION_MAGNITUDE:.0e})"
+        )
     return np.ascontiguousarray(array, dtype=spec.dtype)
 
 

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from reparam._io import atomic_write, prepare_output
-from reparam.errors import ExportError, UserInputError, summarize
+from reparam._io import check_distinct_paths, prepare_output
+from reparam.errors import ExportError, UserInputError, printable, summarize
+from reparam.export.staging import Staging
 from reparam.quantize.calibration import (
     RANDOM_WARNING,
     calibration_reader,
@@ -35,6 +35,7 @@ from reparam.quantize.graph import (
     has_conv,
     name_nodes,
     one_sample_shapes,
+    refuse_unquantizable,
 )
 from reparam.quantize.measure import (
     enforce_gates,
@@ -43,6 +44,7 @@ from reparam.quantize.measure import (
     time_interleaved,
 )
 from reparam.quantize.report import QuantizeReport
+from reparam.quantize.workdir import work_directory
 
 METHODS = ("minmax", "entropy", "percentile")
 DYNAMIC_SLOWDOWN = "3.9–4.7x slower than fp32 (fused ResNet-18, onnxruntime, one thread)"
@@ -95,23 +97,31 @@ def quantize_onnx(
     started = time.perf_counter()
     model_path = Path(model_path)
     _check_options(method, min_cosine, min_agreement, batch_sizes, max_layers)
-    proto = load_onnx(model_path)  # one line for a missing, corrupt or non-ONNX file
     output_path = Path(output_path)
     if output_path.suffix.lower() != ".onnx":
-        raise UserInputError(f"output file '{output_path}' should end in .onnx")
-    target = prepare_output(output_path, inputs=[model_path])
+        raise UserInputError(f"output file '{printable(output_path)}' should end in .onnx")
+    check_distinct_paths({"output": output_path}, {"model": model_path, "calibration": calibration})
+    prepare_output(output_path, inputs=[model_path])
+    proto = load_onnx(model_path)  # one line for a missing, corrupt or non-ONNX file
+    # Graph-only refusals first: they cost a scan, not a session (a 10^5-node graph with
+    # nothing to quantize is refused in a second instead of calibrating for minutes).
     if dynamic:
         _refuse_dynamic(proto)
+    refuse_unquantizable(proto, model_path)
 
     fp32 = load_session(model_path, threads=1)
     if any(spec.dtype != np.float32 for spec in fp32.inputs):
         raise UserInputError(
-            f"'{model_path}' has inputs "
+            f"'{printable(model_path)}' has inputs "
             f"{', '.join(spec.describe() for spec in fp32.inputs)}: INT8 quantization here "
             "starts from an fp32 graph"
         )
     data = load_calibration(
-        calibration, fp32.inputs, random_shapes=one_sample_shapes(fp32), seed=seed
+        calibration,
+        fp32.inputs,
+        # random data needs every axis's size; real data brings its own (symbolic H/W)
+        random_shapes=one_sample_shapes(fp32) if calibration is None else None,
+        seed=seed,
     )
     fixed_batch = fixed_batch_size(fp32)
     calibrate_idx, held_idx, notes = split_samples(data.count, fixed_batch)
@@ -130,8 +140,7 @@ def quantize_onnx(
     )
     if calibration is None:
         report.notes.insert(0, RANDOM_WARNING)
-    with tempfile.TemporaryDirectory(prefix="reparam-quantize-") as tmp_dir:
-        work = Path(tmp_dir)
+    with work_directory() as work:
         int8_tmp = work / "int8.onnx"
         prepared = _prepare(proto, work, report)
         _quantize(
@@ -143,9 +152,11 @@ def quantize_onnx(
         measure_accuracy(fp32, int8, held, report)
         if report_layers:
             report.layers = layer_errors(prepared, int8_tmp, held, max_layers)
-        report.latency_ms = time_interleaved(fp32, int8, batch_sizes, fixed_batch, seed)
+        report.latency_ms = time_interleaved(fp32, int8, batch_sizes, fixed_batch, held)
         enforce_gates(report, min_cosine, min_agreement)
-        atomic_write(target, lambda tmp: shutil.copyfile(int8_tmp, tmp))
+        with Staging() as staging:
+            shutil.copyfile(int8_tmp, staging.stage(output_path))
+            staging.commit()
     report.output_path = output_path
     report.seconds = time.perf_counter() - started
     return report
@@ -259,9 +270,19 @@ def _quantize(
             )
     except UserInputError:
         raise
+    except OSError as error:  # the work folder's file system: full, quota, removed
+        raise UserInputError(
+            f"quantizing needs room in the temporary folder ({printable(error)}); free space "
+            "or point TMPDIR at a larger file system"
+        ) from None
     except Exception as error:  # onnxruntime's quantizer raises many types
+        if isinstance(error, AssertionError) and "scale" in str(error):
+            raise UserInputError(
+                "onnxruntime could not compute INT8 scales: the calibration data's activations "
+                "are out of range (give the model's real inputs, normalised as in training)"
+            ) from None
         raise ExportError(
-            f"onnxruntime could not quantize '{report.model_path}': {summarize(error)}"
+            f"onnxruntime could not quantize '{printable(report.model_path)}': {summarize(error)}"
         ) from None
     quantized = onnx.load(str(output))
     # The quantizer imports domains it never uses (training, preview, aten...); a loader that

@@ -76,3 +76,34 @@ def fixed_batch_size(session: Any) -> int | None:
         if isinstance(batch, int) and batch > 0:
             return batch
     return None
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger",
+                 "DynamicQuantizeLinear"}  # fmt: skip
+QUANTIZABLE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+
+
+def refuse_unquantizable(model: Any, path: Any) -> None:
+    """Refuse, from the graph alone, one that is already quantized or has nothing to quantize.
+
+    onnxruntime would otherwise fail on an already-quantized graph with a duplicate-node
+    message about a temporary file, and calibrate a large graph with nothing to quantize
+    for minutes before saying so.
+    """
+    from reparam.errors import UserInputError, printable
+
+    quantized = [n for n in model.graph.node if n.op_type in QUANTIZED_OPS
+                 or n.op_type.startswith("QLinear")]  # fmt: skip
+    if quantized:
+        raise UserInputError(
+            f"'{printable(path)}' is already quantized ({len(quantized)} "
+            f"{quantized[0].op_type} and other quantized nodes): quantize the fp32 graph "
+            "(from reparam export) instead"
+        )
+    keep = set(float_only_nodes(model))
+    if not any(n.op_type in QUANTIZABLE_OPS and n.name not in keep for n in model.graph.node):
+        raise UserInputError(
+            f"nothing to quantize in '{printable(path)}': it has no Conv, MatMul or Gemm "
+            f"outside DRConv's float-only parts ({len(model.graph.node)} nodes); INT8 would "
+            "only add quantize/dequantize pairs"
+        )

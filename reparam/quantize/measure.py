@@ -130,13 +130,24 @@ def layer_errors(
 
 
 def time_interleaved(
-    fp32: Any, int8: Any, batch_sizes: Sequence[int], fixed_batch: int | None, seed: int
+    fp32: Any,
+    int8: Any,
+    batch_sizes: Sequence[int],
+    fixed_batch: int | None,
+    samples: dict[str, np.ndarray],
 ) -> dict[int, tuple[float, float]]:
-    """Median milliseconds per run, fp32 and INT8 alternating (one thread each)."""
+    """Median milliseconds per run, fp32 and INT8 alternating (one thread each).
+
+    The inputs are calibration ``samples`` repeated to each batch size: their shapes are
+    the graph's real ones even where its height and width are symbolic.
+    """
     sizes = [fixed_batch] if fixed_batch else list(dict.fromkeys(batch_sizes))
     result = {}
     for batch in sizes:
-        feed = fp32.random_inputs(batch, seed)
+        feed = {
+            name: np.ascontiguousarray(array[np.arange(batch) % len(array)])
+            for name, array in samples.items()
+        }
         times: dict[int, list[float]] = {0: [], 1: []}
         for session in (fp32, int8):  # warm-up: first runs allocate and plan
             session.run(feed)
