@@ -156,11 +156,18 @@ def traced_pairs(finder: PairFinder) -> str:
     except Exception as error:  # any tracing failure only skips the traced pairs
         return summarize(error, 160)
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    # Parameters and buffers the forward reads directly (``self.bn.weight`` in a pad, a
+    # conv's weight in an F.conv2d): a fold would change or remove them.
+    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.op != "call_module":
+            continue
+        if source.target in read or node.target in read:
+            why = "the forward also reads its parameters or statistics directly"
+            finder.refused.setdefault(node.target, f"after {source.target}: {why}")
             continue
         if len(source.users) == 1 and calls[node.target] == 1 and calls[source.target] == 1:
             layer = finder.model.get_submodule(source.target)

@@ -40,7 +40,7 @@ from reparam.errors import FusionError, summarize
 from reparam.fold_undo import fold_pairs, replace_module
 from reparam.fuse_probe import record_inputs
 from reparam.fuse_report import FuseReport
-from reparam.fuse_walk import adopt, convertible, fuse_blocks
+from reparam.fuse_walk import adopt, checked_on_inputs, fuse_blocks
 from reparam.fusers import (
     FuseOutcome,
     Fuser,
@@ -115,7 +115,7 @@ def fuse_with_report(
     with torch.no_grad():
         recorded = None
         if inputs is not None:  # what each block received: its checks run on these
-            blocks = {id(m): m for m in target.modules() if convertible(m)}
+            blocks = {id(m): m for m in target.modules() if checked_on_inputs(m)}
             recorded = record_inputs(target, inputs, blocks) if blocks else {}
         target = fuse_blocks(target, "", report, recorded)
         fold_pairs(target, report, trace, inputs)

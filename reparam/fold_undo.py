@@ -79,13 +79,18 @@ def fold_pairs(model: nn.Module, report: FuseReport, trace: bool, inputs: tuple 
 def _checked_folds(
     model: nn.Module, pairs: list[ConvBNPair], inputs: tuple, report: FuseReport
 ) -> list[Undo] | None:
-    """Fold ``pairs`` and check the model on the example inputs scaled by
-    :data:`~reparam.fuse_probe.SCALES`; when the outputs change (or the forward fails: a
-    module may read the BatchNorm's attributes), undo all and keep, one by one, only the
-    folds that pass. None when the model's forward fails on every probe (nothing to check
-    against: only traced pairs, proven, were found)."""
+    """Fold ``pairs`` and check the model on the example inputs and their negation; when
+    the outputs change (or the forward fails: a module may read the BatchNorm's attributes),
+    undo all and keep, one by one, only the folds that pass. None when the model's forward
+    fails on every probe (nothing to check against: only traced pairs, proven, were found)."""
+    if not pairs:
+        return []
     probes, reference = [], []
-    for probe in scaled_probes([inputs]):
+    # A fold is affine-exact; what the check catches is another reader of the conv output or
+    # of the BatchNorm, which the example input shows, and its negation where pairs came
+    # from the probe (a reader behind a ReLU); traced pairs are proven, the check is a guard.
+    scales = (1.0,) if report.traced else (1.0, -1.0)
+    for probe in scaled_probes([inputs], scales=scales):
         try:
             reference.append(model(*probe))
             probes.append(probe)

@@ -49,8 +49,8 @@ def _clone(value: object) -> object:
     return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, Tensor) else v, value)
 
 
-def scaled_probes(bases: list[tuple]) -> list[tuple]:
-    """Each base input tuple times every scale in :data:`SCALES` (floating tensors only:
+def scaled_probes(bases: list[tuple], scales: tuple[float, ...] = SCALES) -> list[tuple]:
+    """Each base input tuple times every scale in ``scales`` (floating tensors only:
     indices and masks are left as they are)."""
 
     def scale_by(factor: float) -> Callable[[object], object]:
@@ -61,7 +61,7 @@ def scaled_probes(bases: list[tuple]) -> list[tuple]:
 
         return scale
 
-    return [pytree.tree_map(scale_by(s), base) for base in bases for s in SCALES]
+    return [pytree.tree_map(scale_by(s), base) for base in bases for s in scales]
 
 
 def record_inputs(

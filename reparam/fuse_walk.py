@@ -22,7 +22,7 @@ from reparam.fuse_probe import checked_conversion, inferred_input
 from reparam.fuse_report import FuseReport
 from reparam.fusers import FuseOutcome, get_fuser, pre_fuse_passes
 
-__all__ = ["THIRD_PARTY_METHODS", "adopt", "convertible", "fuse_blocks"]
+__all__ = ["THIRD_PARTY_METHODS", "adopt", "checked_on_inputs", "fuse_blocks"]
 
 THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
 
@@ -38,9 +38,19 @@ def adopt(model: nn.Module, report: FuseReport) -> None:
                 report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
 
 
-def convertible(module: nn.Module) -> bool:
-    """Whether the walk would convert ``module``: a registered fuser or a deploy method."""
-    return get_fuser(type(module)) is not None or _third_party_method(module) is not None
+def checked_on_inputs(module: nn.Module) -> bool:
+    """Whether the walk checks ``module``'s conversion on its recorded inputs: a deploy
+    method of another library, or a fuser that is not reparam's own."""
+    fuser = get_fuser(type(module))
+    if fuser is None:
+        return _third_party_method(module) is not None
+    return not _trusted(fuser)
+
+
+def _trusted(fuser: object) -> bool:
+    # reparam's own fusers are exact by construction (and tested block by block against the
+    # published code); a fuser registered by the user is checked like any foreign code.
+    return getattr(fuser, "__module__", "").startswith("reparam.")
 
 
 def fuse_blocks(
@@ -65,8 +75,8 @@ def _fuse_one(
 ) -> nn.Module:
     """One module to its deploy form, all or nothing.
 
-    A registered fuser (reparam's blocks, or the user's own) is trusted where there is no
-    example input, and checked on the module's recorded inputs where there is. A deploy
+    reparam's own fusers are trusted; a fuser the user registered is checked on the
+    module's recorded inputs where there are example inputs (trusted without them). A deploy
     method of another library's class is never trusted: it runs only under
     :func:`~reparam.fuse_probe.checked_conversion` (recorded inputs, or an input inferred
     from the module's first conv), and is undone when it changes the outputs.
@@ -85,7 +95,7 @@ def _fuse_one(
         return module
     params = list(module.parameters())
     frozen = bool(params) and not any(p.requires_grad for p in params)
-    bases = (recorded or {}).get(id(module), [])
+    bases = [] if fuser is not None and _trusted(fuser) else (recorded or {}).get(id(module), [])
     detail = ""
     already_deployed = False
 

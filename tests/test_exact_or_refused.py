@@ -377,3 +377,28 @@ def test_negative_running_var_is_reported_as_negative():
     with pytest.raises(FusionError, match=r"running_var is negative \(-0\.25 at channel 1\)"):
         fold_batchnorm(torch.ones(2, 1, 1, 1), None, torch.zeros(2),
                        torch.tensor([1.0, -0.25]), 1e-5)  # fmt: skip
+
+
+class ReadsBatchNormShift(nn.Module):
+    """Traceable; beside bn(conv(x)) the forward reads the BN's shift directly, as DBB's
+    BNAndPad pad does (an fx get_attr node)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        shift = self.bn.bias - self.bn.running_mean * self.bn.weight
+        return self.bn(self.conv(x)) + shift.view(1, -1, 1, 1)
+
+
+def test_traced_pair_whose_batchnorm_is_read_elsewhere_is_not_folded():
+    """Traceable model, no example inputs: the BN's parameters are read outside its call, so
+    it is not folded (before: folded, and the fused model raised AttributeError on its first
+    forward)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ReadsBatchNormShift()).eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert report.traced is True
+    agree(model, fused)
+    assert "reads its parameters or statistics directly" in dict(report.not_fused)["bn"]
