@@ -30,6 +30,7 @@ try:  # typer >= 0.2x carries its own copy of click; its exceptions are the ones
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import exceptions as click_errors
 from reparam._version import __version__
+from reparam.errors import printable
 
 
 @dataclass
@@ -280,7 +281,8 @@ def _usage_error(error: click_errors.ClickException, argv: list[str]) -> None:
     """Show ``error`` as one ``error:`` line, like every other failure, naming the help to
     read; with the hint that global options go before the command, and an
     ``{"error": ...}`` object on stdout when ``--json`` was given."""
-    message = " ".join(error.format_message().split())
+    # Escaped and cut: the message echoes what the user typed (an option, a value).
+    message = printable(" ".join(error.format_message().split()), 500)
     if isinstance(error, click_errors.NoSuchOption) and error.option_name in GLOBAL_OPTIONS:
         command = next((arg for arg in argv if arg in COMMANDS), "COMMAND")
         message += (
