@@ -1,29 +1,38 @@
 """Model-wide fusion: every block to its deploy form, every Conv→BatchNorm pair folded.
 
-``fuse(model)`` works in these passes over an eval-mode copy of the model:
+The promise is *exact or refused*: the fused model computes what the model computed (eval
+mode, ≤ 1e-5 relative in float32), or a FusionError says why in one line, or the module is
+left as it was and listed in the :class:`FuseReport` with why (and how to fold it).
+
+``fuse(model)`` works in these passes over an eval-mode copy of the model, after
+:func:`reparam.builtins.register_builtins` (so nothing depends on what the user imported):
 
 0. **Adoption**: users' own copies of published blocks (ACNet, RepVGG, DBB, MobileOne, ...)
    are replaced by reparam's blocks where :mod:`reparam.adopt` proves them equal.
 1. **Blocks**, top down: a module whose type has a registered fuser (looked up along the
    MRO, :mod:`reparam.fusers`) is replaced by what the fuser returns; a module of an
    unregistered type that exposes ``switch_to_deploy()``, ``reparameterize()`` or ``fuse()``
-   (the conventions of ACNet/RepVGG, timm/MobileOne and YOLO code) has that method called.
-   Children are visited after their parent, so a fuser sees its block in training form.
+   (the conventions of ACNet/RepVGG, timm/MobileOne and YOLO code) has that method called,
+   but only under a check (:mod:`reparam.fuse_probe`): on the inputs the module received
+   from ``example_inputs`` (or one inferred from its first conv), scaled from 1e-2 to 1e2
+   and negated, before and after; the module is restored when they differ.
 2. **Pairs** ``bn(layer(x))`` with ``layer`` a ConvNd (or a Linear before a BatchNorm1d),
-   found three ways: adjacent children of an
-   ``nn.Sequential``; a ``torch.fx`` trace (dynamic blocks are leaves, so they never stop it);
-   and, given ``example_inputs``, a probe forward that sees which tensor each module received
-   (works for models fx cannot trace). The BatchNorm becomes ``nn.Identity`` in the original
-   module tree, so the model keeps its class and forward.
+   folded only where proven: by a ``torch.fx`` trace (dynamic blocks are leaves, so they
+   never stop it), or, given ``example_inputs``, by a probe forward that sees the BatchNorm
+   receive the very tensor the conv returned, read by nothing else. Adjacency in an
+   ``nn.Sequential`` is no proof (a forward may call the members one by one), so a model
+   fx cannot trace has no pair folded without example inputs. With example inputs the folds
+   are checked on them and undone one by one when the outputs change. The BatchNorm becomes
+   ``nn.Identity`` in the original module tree, so the model keeps its class and forward.
 
-A pair or block whose modules carry hooks is left alone and listed in the report: folding
-would drop the hook and change what the model computes. Fusing a fused model finds nothing
-to do, so ``fuse`` is idempotent.
+A pair or block whose modules carry hooks is left alone: folding would drop the hook. Every
+BatchNorm left in the fused model is listed in the report. Fusing a fused model finds
+nothing to do, so ``fuse`` is idempotent.
 
 This module holds the entry points; the work is split by job: :mod:`reparam.fuse_walk` (the
 walk over blocks), :mod:`reparam.conv_bn_pairs` (pair finding), :mod:`reparam.fold_undo`
-(folds and their undo), :mod:`reparam.fuse_report` (the report), and
-:mod:`reparam.builtins` (the registrations every fuse starts with).
+(folds and their undo), :mod:`reparam.fuse_probe` (checks on probe inputs),
+:mod:`reparam.fuse_report` (the report) and :mod:`reparam.builtins` (the registrations).
 """
 
 from __future__ import annotations
@@ -82,8 +91,10 @@ def fuse(
         inplace: modify ``model`` itself instead of a deep copy.
         trace: also fold Conv→BN pairs found by tracing the model with ``torch.fx``.
         example_inputs: a tensor or tuple of positional inputs. When given, a probe forward
-            also finds pairs in models fx cannot trace, and the folds it finds are checked
-            on these inputs (undone if the outputs change).
+            also finds pairs in models fx cannot trace (without them, such a model has no
+            pair folded), the folds are checked on these inputs (undone if the outputs
+            change), and other libraries' deploy methods are checked on what each module
+            received.
 
     Returns:
         The fused model, in eval mode, with the dtype and device of the input.
@@ -91,8 +102,9 @@ def fuse(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         FusionError: a block cannot be fused exactly, a BatchNorm to fold has no running
-            statistics or folds to values the dtype cannot hold, the model is TorchScript,
-            or it cannot be copied (then ``inplace=True`` is the way).
+            statistics, a negative running_var, or folds to values the dtype cannot hold,
+            the model is TorchScript or on the meta device, or it cannot be copied (then
+            ``inplace=True`` is the way).
     """
     return fuse_with_report(model, inplace=inplace, trace=trace, example_inputs=example_inputs)[0]
 

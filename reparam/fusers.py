@@ -8,8 +8,9 @@ registered for a base class serves every subclass.
 Two more registries let higher layers extend model-wide fusion without this layer importing
 them: *leaf modules* (types that torch.fx tracing must not enter: dynamic blocks whose
 forward is data-dependent) and *pre-fuse passes* (functions run on the model before blocks
-are fused; :mod:`reparam.adopt` registers the one that adopts users' copies of published
-blocks). :mod:`reparam.builtins` registers reparam's own, explicitly, when a fuse starts.
+are fused, such as :func:`reparam.adopt.adopt_foreign_blocks`, which adopts users' copies
+of published blocks). :mod:`reparam.builtins` registers reparam's own, explicitly, when a
+fuse starts.
 """
 
 from __future__ import annotations

@@ -119,9 +119,10 @@ def fold_batchnorm(
         The folded ``(kernel, bias)`` in the kernel's dtype and device.
 
     Raises:
-        FusionError: the folded values are not finite (e.g. ε = 0 with v = 0) or do not fit
-            the kernel's dtype (e.g. above 65504 for float16). The arithmetic runs in at
-            least float32, so the check sees the true values before rounding.
+        FusionError: a running variance is negative (corrupt statistics) or v + ε is 0, or
+            the folded values are not finite or do not fit the kernel's dtype (e.g. above
+            65504 for float16). The arithmetic runs in at least float32, so the check sees
+            the true values before rounding.
     """
     out_dtype, device = kernel.dtype, kernel.device
     dtype = _compute_dtype(out_dtype)
