@@ -47,6 +47,9 @@ def test_a_probe_folded_checkpoint_reads_back_with_the_same_outputs(tmp_path: Pa
     result = CliRunner().invoke(app, ["fuse", FACTORY, "-s", "1,3,16,16", "-o", str(path)])
     assert result.exit_code == 0, result.output
     assert "does not trace" in result.output  # the probe, not fx, folded the pairs
+    # Issue 19 case 12: the note says so, not "only pairs inside nn.Sequential were folded".
+    assert "found by a probe forward" in result.output
+    assert "only Conv→BN pairs inside nn.Sequential" not in result.output
 
     loaded = reparam.load(path, model=FACTORY)
     assert _batchnorms(loaded) == 0

@@ -180,5 +180,10 @@ def render_report(description: str, input_shapes: list[tuple[int, ...]], run: Fu
         lines += [f"  {printable(path)}: {printable(why)}" for path, why in run.report.not_fused]
     if run.report.traced is False:
         lines += ["", f"note: model does not trace with torch.fx ({run.report.trace_error});"]
-        lines += ["      only Conv→BN pairs inside nn.Sequential were folded"]
+        if run.report.probed:  # the probe forward saw which conv feeds which BN
+            lines += ["      Conv→BN pairs were found by a probe forward on the input instead"]
+        else:
+            lines += ["      only Conv→BN pairs inside nn.Sequential were folded"]
+            if run.report.probe_error:
+                lines += [f"      (the probe forward failed: {printable(run.report.probe_error)})"]
     return "\n".join(lines)
