@@ -121,6 +121,14 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _cut_name(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes in the file-system encoding."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= limit:
+        return name
+    return os.fsdecode(encoded[:limit].decode("utf-8", "ignore").encode("utf-8"))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (symlinks followed).
 
@@ -139,8 +147,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp: Path | None = None
     try:
         try:
+            # The temporary name is the target's, cut so that it stays within the 255
+            # bytes a file name may have: a legal 249-character output must not fail after
+            # the work because ".NAME.XXXXXXXX.tmp" is longer.
             handle, tmp_name = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+                prefix=f".{_cut_name(target.name, 200)}.", suffix=".tmp", dir=target.parent
             )
         except OSError as error:  # read-only or full file system, no permission
             raise UserInputError(

@@ -210,3 +210,10 @@ def test_piped_progress_prints_a_line_per_step_and_per_unit(capsys):
         shown.say("nothing")
         advance()
     assert capsys.readouterr().err == ""
+
+
+def test_a_legal_249_character_output_name_is_written(tmp_path):
+    target = tmp_path / ("a" * 246 + ".pt")
+    result = invoke("fuse", "acnet_tiny", "-o", target)
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and not list(tmp_path.glob(".*.tmp"))
