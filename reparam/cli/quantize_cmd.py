@@ -86,13 +86,18 @@ def quantize(
     --min-cosine / --min-agreement gate fails.
     """
     # The library imports onnx and onnxruntime: imported here so that `reparam --help` does not.
-    from reparam._io import prepare_output
+    from reparam._io import check_distinct_paths, prepare_output
     from reparam.quantize import quantize_onnx
 
     out = Output(as_json, report_file)
     with user_errors():
+        # before any work: -o and --report must be two files, neither of them an input
+        check_distinct_paths(
+            {"-o": output, "--report": report_file},
+            {"MODEL": model, "--calibration": calibration},
+        )
         if report_file is not None:
-            prepare_output(report_file, inputs=[model, calibration])
+            prepare_output(report_file)
         with out.progress() as say:
             say(f"quantizing {model} (calibration, then timing and accuracy against fp32)")
             report = quantize_onnx(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from reparam.errors import ExportError, ReparamError, summarize
 
-__all__ = ["axis_name", "run_exporter"]
+__all__ = ["axis_name", "run_exporter", "trace_with_guards"]
 
 
 def axis_name(input_index: int, axis: int, rank: int) -> str:
@@ -129,6 +129,33 @@ def run_exporter(
         # functions) runs the node; a runtime with a native Corr kernel may use its own.
         corr_onnx.attach_corr_function(proto)
     return proto, tracer_warnings, program
+
+
+def trace_with_guards(
+    model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool
+) -> Any:
+    """A plain ``torch.export.export`` of the model, whose shape environment keeps its guards.
+
+    The ONNX exporter's program has been through decompositions, which drop the guards and
+    their source lines; this second trace (run only when a range was narrowed) keeps them.
+    None when it fails: the source line is a courtesy, the range itself is already known.
+    """
+    from torch.export import Dim
+
+    shapes = _dynamic_shapes(inputs, dynamic_batch, dynamic_hw)
+    if shapes is not None:  # the ONNX exporter's axis names are plain Dim.DYNAMIC here
+        shapes = tuple(
+            tuple(
+                {a: Dim.DYNAMIC if isinstance(d, str) else d for a, d in axes.items()}
+                for axes in entry
+            )
+            for entry in shapes
+        )
+    try:
+        with _quiet_exporter(), _corr_context("standard"), torch.no_grad():
+            return torch.export.export(model, inputs, dynamic_shapes=shapes)
+    except Exception:  # any failure: no source line, nothing else lost
+        return None
 
 
 def _import_exporter(exporter: str) -> None:

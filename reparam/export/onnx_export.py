@@ -40,7 +40,7 @@ from reparam.compare import OutputDiff, flatten_outputs
 from reparam.convert import fuse_with_report
 from reparam.errors import ExportError, UserInputError, printable, summarize
 from reparam.export import dynamic_check
-from reparam.export._torch_exporter import run_exporter
+from reparam.export._torch_exporter import run_exporter, trace_with_guards
 from reparam.export.fp16 import Float32Boundary, to_float16
 from reparam.export.graph import (
     check_and_infer,
@@ -53,7 +53,7 @@ from reparam.export.graph import (
 )
 from reparam.export.metadata import dtype_name, export_metadata, one_level_structure, range_notes
 from reparam.export.report import ExportReport
-from reparam.export.shape_ranges import ranges_from_program
+from reparam.export.shape_ranges import add_guard_sources, ranges_from_program
 from reparam.export.signature import FlatInputs, InputTree, flatten_inputs, unflatten_inputs
 from reparam.export.staging import Staging
 from reparam.export.tolerances import VerifyOptions
@@ -202,6 +202,10 @@ def export_onnx(
     proto = check_and_infer(proto, infer=exporter == "legacy")
     opset_written = _opset_written(proto, opset)
     ranges = ranges_from_program(program, in_names) if program is not None else []
+    if any(r.narrowed for r in ranges):  # which line of the model narrowed it
+        guarded = trace_with_guards(flat, traced, dynamic_batch, dynamic_hw)
+        if guarded is not None:
+            add_guard_sources(ranges, guarded, in_names)
     notes = [f"TracerWarning: {line}" for line in tracer_warnings] + range_notes(ranges)
     ops = custom_ops(proto)
     metadata = export_metadata(

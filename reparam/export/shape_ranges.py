@@ -20,6 +20,7 @@ bound of 2 or less is that assumption, not the model's, so it is recorded as 1.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from reparam.errors import UserInputError, printable
 __all__ = [
     "METADATA_KEY",
     "AxisRange",
+    "add_guard_sources",
     "check_shapes",
     "parse_ranges",
     "ranges_from_program",
@@ -125,8 +127,19 @@ def _attach_guards(
         for symbol in names & set(symbols):
             axis_range = symbols[symbol]
             if axis_range.narrowed:
-                where = str(getattr(guard, "sloc", "") or "").strip()
-                axis_range.guards.append(f"{expression} {where}".strip())
+                where = str(getattr(guard, "sloc", "") or "").strip().strip("()")
+                # the tracer's symbol (s87) means nothing to the user: name the axis instead
+                condition = re.sub(rf"\b{symbol}\b", f"shape[{axis_range.axis}]", str(expression))
+                axis_range.guards.append(f"{condition} at {where}" if where else condition)
+
+
+def add_guard_sources(ranges: list[AxisRange], program: Any, input_names: list[str]) -> None:
+    """Copy the guards (with source lines) of another trace's narrowed axes onto ``ranges``."""
+    traced = {(r.input, r.axis): r for r in ranges_from_program(program, input_names)}
+    for axis_range in ranges:
+        other = traced.get((axis_range.input, axis_range.axis))
+        if other is not None and not axis_range.guards:
+            axis_range.guards = list(other.guards)
 
 
 def ranges_to_json(ranges: list[AxisRange]) -> str:
