@@ -123,15 +123,22 @@ def fuse_with_report(
     target = model if inplace else _copy(model)
     target.eval()
     report = FuseReport()
-    adopt(target, report)
     with torch.no_grad():
         recorded = None
-        if inputs is not None:  # what each block received: its checks run on these
-            blocks = {id(m): m for m in target.modules() if checked_on_inputs(m)}
-            recorded = record_inputs(target, inputs, blocks) if blocks else {}
+        if inputs is not None:  # what each checked module received: its checks run on these
+            checked = {id(m): m for m in target.modules() if _checked(m)}
+            recorded = record_inputs(target, inputs, checked) if checked else {}
+        adopt(target, report, recorded)
         target = fuse_blocks(target, "", report, recorded)
         fold_pairs(target, report, trace, inputs)
     return target.eval(), report
+
+
+def _checked(module: nn.Module) -> bool:
+    """Modules whose conversion is checked on their recorded inputs: other libraries'
+    modules (adoption candidates, deploy methods) and blocks with a user-registered fuser."""
+    foreign = not type(module).__module__.startswith(("torch.", "reparam."))
+    return foreign or checked_on_inputs(module)
 
 
 def _check_model(model: object) -> None:

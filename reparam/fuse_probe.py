@@ -28,6 +28,7 @@ __all__ = [
     "PROBE_RTOL",
     "SCALES",
     "checked_conversion",
+    "compare_modules",
     "inferred_input",
     "outputs_agree",
     "record_inputs",
@@ -126,6 +127,23 @@ def outputs_agree(reference: list, candidate: list, dtype: torch.dtype) -> str |
     if worst:
         return f"relative error {worst:.2g} on probe inputs scaled 1e-2 to 1e2 (tolerance {rtol:g})"
     return None
+
+
+def compare_modules(reference: nn.Module, candidate: nn.Module, bases: list[tuple]) -> str | None:
+    """None when ``candidate`` computes what ``reference`` computes on ``bases`` scaled by
+    :data:`SCALES`; otherwise why not. A reference that fails on the probe cannot be judged
+    (None); a candidate that fails where the reference runs differs."""
+    probes = scaled_probes(bases)
+    with torch.no_grad():
+        try:
+            expected = [reference(*probe) for probe in probes]
+        except Exception:
+            return None
+        try:
+            got = [candidate(*probe) for probe in probes]
+        except Exception as error:  # the candidate must run wherever the reference runs
+            return f"it fails on a probe input: {summarize(error, 120)}"
+    return outputs_agree(expected, got, _dtype(reference))
 
 
 def checked_conversion(

@@ -18,7 +18,7 @@ from torch import nn
 
 from reparam.conv_bn_pairs import hook_kind
 from reparam.errors import FusionError
-from reparam.fuse_probe import checked_conversion, inferred_input
+from reparam.fuse_probe import checked_conversion, compare_modules, inferred_input
 from reparam.fuse_report import FuseReport
 from reparam.fusers import FuseOutcome, get_fuser, pre_fuse_passes
 
@@ -27,15 +27,46 @@ __all__ = ["THIRD_PARTY_METHODS", "adopt", "checked_on_inputs", "fuse_blocks"]
 THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
 
 
-def adopt(model: nn.Module, report: FuseReport) -> None:
+def adopt(model: nn.Module, report: FuseReport, recorded: dict[int, list[tuple]] | None) -> None:
     """Run the registered pre-fuse passes (adoption of users' copies of published blocks),
-    recording each decision."""
+    recording each decision.
+
+    Each adoption is checked again here, like every conversion: the copy and the adopted
+    block on the copy's recorded inputs (or one inferred from its first conv) scaled from
+    1e-2 to 1e2 and negated, so an activation is judged by what it computes at every
+    magnitude; a block that differs is swapped back for the copy and listed.
+    """
     for pre_fuse_pass in pre_fuse_passes():
+        before = dict(model.named_modules(remove_duplicate=False))
         for note in pre_fuse_pass(model):
             if note.adopted_as is None:
                 report.skip(note.path, f"{note.foreign_type} not adopted: {note.reason}")
-            else:
+                continue
+            why = _recheck(model, note.path, before.get(note.path), recorded)
+            if why is None:
                 report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
+            else:
+                report.skip(note.path, f"{note.foreign_type} not adopted: {why}")
+
+
+def _recheck(
+    model: nn.Module, path: str, copy: nn.Module | None, recorded: dict[int, list[tuple]] | None
+) -> str | None:
+    """None when the block now at ``path`` computes what ``copy`` computed; otherwise puts
+    ``copy`` back and says why."""
+    if copy is None or not path:
+        return None
+    block = model.get_submodule(path)
+    bases = (recorded or {}).get(id(copy)) or []
+    if not bases:
+        inferred = inferred_input(copy)
+        bases = [inferred] if inferred is not None else []
+    why = compare_modules(copy, block, bases) if bases else None
+    if why is not None:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, copy)
+        why = f"the adopted {type(block).__name__} computes something else ({why})"
+    return why
 
 
 def checked_on_inputs(module: nn.Module) -> bool:

@@ -402,3 +402,40 @@ def test_traced_pair_whose_batchnorm_is_read_elsewhere_is_not_folded():
     assert report.traced is True
     agree(model, fused)
     assert "reads its parameters or statistics directly" in dict(report.not_fused)["bn"]
+
+
+class ReLU6BehindReLU(UserRepVGGBlock):
+    """A RepVGG copy computing F.relu6 behind its nn.ReLU attribute (issue 19 case 3): the
+    same on unit-variance inputs, not above 6."""
+
+    def forward(self, x):
+        id_out = 0 if self.rbr_identity is None else self.rbr_identity(x)
+        return F.relu6(self.rbr_dense(x) + self.rbr_1x1(x) + id_out)
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["no-inputs", "example-inputs"])
+def test_case3_adoption_is_checked_across_magnitudes(with_inputs):
+    torch.manual_seed(0)
+    model = randomise_batchnorms(nn.Sequential(ReLU6BehindReLU(3, 3))).eval()
+    example = torch.randn(2, 3, 10, 10) if with_inputs else None
+    fused, report = reparam.fuse_with_report(model, example_inputs=example)
+    agree(model, fused, scale=4.0)
+    agree(model, fused, scale=100.0)
+    assert not report.adopted and [path for path, _ in report.not_fused].count("0") == 1
+
+
+def test_an_adoption_that_changes_the_function_is_undone(monkeypatch):
+    """Whatever a pre-fuse pass adopts is checked again by the fuse (scaled probes): a pass
+    that swaps a ReLU6 block for a ReLU one is undone and the copy listed, once."""
+    from reparam.adopt import AdoptionNote
+
+    def careless_pass(model):
+        model[0] = nn.Sequential(model[0].conv, nn.ReLU())  # what a lax check would accept
+        return [AdoptionNote("0", "ReLU6Deploy", "Sequential", "looked the same")]
+
+    monkeypatch.setattr("reparam.fuse_walk.pre_fuse_passes", lambda: (careless_pass,))
+    model = nn.Sequential(ReLU6Deploy()).eval()
+    fused, report = reparam.fuse_with_report(model)
+    agree(model, fused, scale=100.0)
+    assert not report.adopted and isinstance(fused[0], ReLU6Deploy)
+    assert "computes something else" in dict(report.not_fused)["0"]
