@@ -6,11 +6,13 @@ by a probe forward) and replaces the conv by an :class:`ExpandedConv` holding th
 block, the BatchNorm by ``nn.Identity``. A conv with a bias and no BatchNorm is expanded too.
 The block starts as the original function (:mod:`reparam.expansion_blocks` gives the equations):
 main branch = the original kernel and BatchNorm, added branches end in BatchNorms with
-γ = β = 0. In eval mode the expanded model equals the original up to rounding (≤ 1e-5
-relative in float32); in training mode too for convs that had a BatchNorm.
+γ = β = 0 (QARepVGG: see its builder). In eval mode the expanded model equals the original
+up to rounding (≤ 1e-5 relative in float32); in training mode too for convs that had a
+BatchNorm (QARepVGG excepted).
 
 ``reparam.fuse`` turns each :class:`ExpandedConv` back into a plain ``nn.Conv2d`` with the
-original conv's geometry (the fuser :func:`fuse_expanded_conv`), so the fused model has the original architecture with its BatchNorms folded.
+original conv's geometry (the fuser :func:`fuse_expanded_conv`), so the fused model has
+the original architecture with its BatchNorms folded.
 
 Every conv left alone is listed in the :class:`ExpandReport` with the reason.
 """
@@ -31,7 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from reparam.blocks.base import ReparamBlock
 from reparam.errors import BlockConfigError, UserInputError, printable
-from reparam.expansion_blocks import FAMILIES, Geometry, build_block
+from reparam.expansion_blocks import FAMILIES, build_block, conv_geometry
 from reparam.fusers import get_fuser, register_fuser
 from reparam.module_fusion import make_conv
 
@@ -395,7 +397,7 @@ def _expand_all(
         reason = _why_not(path, conv, bn, uses, includes, excludes, report)
         geometry = None
         if reason is None:
-            geometry, reason = _geometry(conv)
+            geometry, reason = conv_geometry(conv)
         if reason is None:
             try:
                 block = build_block(family, geometry, conv, bn, options)
@@ -455,41 +457,6 @@ def _why_not(
     if kind is not None:
         return f"its BatchNorm has a {kind}, which expanding would drop"
     return None
-
-
-def _single(value: object) -> int | None:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, tuple) and value and all(v == value[0] for v in value):
-        return value[0]
-    return None
-
-
-def _geometry(conv: nn.Conv2d) -> tuple[Geometry | None, str | None]:
-    """The conv's geometry as one int per argument, or why the blocks cannot express it."""
-    kh, kw = conv.kernel_size
-    if kh != kw:
-        return None, f"kernel {kh}x{kw} is not square"
-    if kh % 2 == 0:
-        return None, f"even kernel size {kh}: no centre tap for the added branches to align on"
-    stride, dilation = _single(conv.stride), _single(conv.dilation)
-    if stride is None:
-        return None, f"stride {conv.stride} differs between height and width"
-    if dilation is None:
-        return None, f"dilation {conv.dilation} differs between height and width"
-    padding = conv.padding
-    if padding == "valid":
-        padding = 0
-    elif padding == "same":
-        padding = dilation * (kh // 2)
-    else:
-        padding = _single(padding)
-        if padding is None:
-            return None, f"padding {conv.padding} differs between height and width"
-    return Geometry(
-        conv.in_channels, conv.out_channels, kh, stride, padding, dilation, conv.groups,
-        conv.padding_mode,
-    ), None  # fmt: skip
 
 
 def _put(model: nn.Module, path: str, module: nn.Module) -> None:

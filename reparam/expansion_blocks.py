@@ -39,7 +39,7 @@ from reparam.blocks.repvgg import RepVGGBlock
 from reparam.errors import BlockConfigError
 from reparam.fusion import identity_kernel
 
-__all__ = ["FAMILIES", "Geometry", "build_block"]
+__all__ = ["FAMILIES", "Geometry", "build_block", "conv_geometry"]
 
 FAMILIES = ("acnet", "repvgg", "dbb", "mobileone", "qarepvgg")
 
@@ -56,6 +56,41 @@ class Geometry:
     dilation: int
     groups: int
     padding_mode: str
+
+
+def _single(value: object) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, tuple) and value and all(v == value[0] for v in value):
+        return value[0]
+    return None
+
+
+def conv_geometry(conv: nn.Conv2d) -> tuple[Geometry | None, str | None]:
+    """The conv's geometry as one int per argument, or why the blocks cannot express it."""
+    kh, kw = conv.kernel_size
+    if kh != kw:
+        return None, f"kernel {kh}x{kw} is not square"
+    if kh % 2 == 0:
+        return None, f"even kernel size {kh}: no centre tap for the added branches to align on"
+    stride, dilation = _single(conv.stride), _single(conv.dilation)
+    if stride is None:
+        return None, f"stride {conv.stride} differs between height and width"
+    if dilation is None:
+        return None, f"dilation {conv.dilation} differs between height and width"
+    padding = conv.padding
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        padding = dilation * (kh // 2)
+    else:
+        padding = _single(padding)
+        if padding is None:
+            return None, f"padding {conv.padding} differs between height and width"
+    return Geometry(
+        conv.in_channels, conv.out_channels, kh, stride, padding, dilation, conv.groups,
+        conv.padding_mode,
+    ), None  # fmt: skip
 
 
 @dataclass
