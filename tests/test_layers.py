@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "reparam.safe_weights": 7,
     "reparam.fused_format": 7,
     "reparam.runtime": 8,
+    "reparam.runtime.verify_runtimes": 10,  # verify on every runtime: the CLI's, above export
     "reparam.inputs": 8,
     "reparam.export.verify": 9,
     "reparam.export.verify_report": 9,
