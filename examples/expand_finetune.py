@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import reparam
+from reparam._table import format_table
 from reparam.demo import load_digits_split
 from reparam.expansion import expand_with_report
 from reparam.runtime import load as load_onnx
@@ -129,13 +130,6 @@ def run(epochs: int, pretrain_epochs: int, seed: int, folder: Path) -> list[tupl
     return rows
 
 
-def format_rows(rows: list[tuple]) -> str:
-    widths = [max(len(str(row[i])) for row in (HEADER, *rows)) for i in range(len(HEADER))]
-    lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    head = "  ".join(name.rjust(w) for name, w in zip(HEADER, widths))
-    return "\n".join([head, "  ".join("-" * w for w in widths), *lines])
-
-
 def main(fast: bool = False, epochs: int = 6, pretrain_epochs: int = 10, seed: int = 0) -> None:
     """Run and print the table; ``fast``: one epoch of each training (for the tests)."""
     if fast:
@@ -154,7 +148,7 @@ def main(fast: bool = False, epochs: int = 6, pretrain_epochs: int = 10, seed: i
         f"digits, plain network trained {pretrain_epochs} epochs, then each row fine-tuned "
         f"{epochs} epochs; accuracy of the fused network on the test split"
     )
-    print(format_rows(rows))
+    print(format_table(list(HEADER), rows))
     print(f"({time.perf_counter() - start:.0f} s, {time.process_time() - cpu:.0f} s CPU)")
 
 

@@ -21,6 +21,7 @@ from reparam.cli._common import (
     TrustPickleOpt,
     WeightsKeyOpt,
     WeightsOpt,
+    initial_weights_note,
     load_model,
     model_arg_kind,
     user_errors,
@@ -90,10 +91,12 @@ def expand(
         if not 1 <= branches <= 64:
             raise UserInputError(f"--branches must be from 1 to 64, not {branches}")
         model_file = Path(model) if model_arg_kind(model) == "file" else None
-        reads = {"MODEL": model_file, "--weights": weights}
-        check_distinct_paths(writes={"--output": output, "--report": report}, reads=reads)
+        reads = {"--weights": weights, "MODEL": model_file}
+        # Checked before any work: outputs that collide with each other or with an input
+        # (links too), and a bad -o, fail at once.
+        check_distinct_paths(writes={"-o": output, "--report": report}, reads=reads)
         inputs = [weights, model_file]
-        for path in (output, report):  # checked before any work, so a bad path fails at once
+        for path in (output, report):
             if path is not None:
                 prepare_output(path, inputs=inputs)
         loaded = load_model(
@@ -107,12 +110,14 @@ def expand(
             model_override=model_override,
             trust_code=trust_code,
         )
-        stem = re.sub(r"[^\w-]+", "_", loaded.spec.name)
+        stem = re.sub(r"[^\w-]+", "_", loaded.spec.name)[:200]
         target = output or Path(f"{stem}-{family}.pt")
-        check_distinct_paths(writes={"--output": target, "--report": report}, reads=reads)
+        check_distinct_paths(writes={"-o": target, "--report": report}, reads=reads)
         prepare_output(target, inputs=inputs)
         for note in loaded.notes:
             out.echo(f"note: {note}")
+        if loaded.initial_weights:
+            out.echo(f"note: {initial_weights_note('expand')}")
         options = {
             "include": list(include) if include else None,
             "exclude": list(exclude) if exclude else None,
@@ -136,6 +141,11 @@ def expand(
                 **{key: value for key, value in run.items() if key != "expanded_model"},
             }
         )
+        if not math.isfinite(run["max_abs"]):
+            raise UserInputError(
+                "the outputs on the probe hold NaN or infinity (NaN or infinite weights or BN "
+                "statistics?): the expanded model cannot be checked against them; nothing written"
+            )
         if not passed:
             raise UserInputError(
                 f"expanded model differs from the original: max rel {run['max_rel']:.3g} > "
@@ -185,8 +195,8 @@ def _expand_and_check(loaded, family: str, options: dict, seed: int) -> dict:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as error:  # probe does not fit
         raise UserInputError(
-            f"running {printable(loaded.spec.name)} on input shape(s) {loaded.input_shapes} "
-            f"failed: {printable(summarize(error))}"
+            f"running {printable(loaded.spec.name)} on input shape(s) "
+            f"{printable(loaded.input_shapes)} failed: {printable(summarize(error))}"
         ) from None
     before, after = model_stats(original), model_stats(expanded)
     back, reference = model_stats(fused_back), model_stats(fused_original)
