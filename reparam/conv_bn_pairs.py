@@ -64,6 +64,12 @@ def refusal(layer: nn.Module, bn: nn.Module) -> str | None:
     torch's own forward."""
     if not isinstance(bn, _BatchNorm):
         return "not a BatchNorm"
+    if not isinstance(layer, _ConvNd) and type(layer) is not nn.Linear:
+        return (
+            f"its input comes from a {type(layer).__name__}, not a conv or Linear, so there "
+            "is nothing to fold it into; it stays a BatchNorm (a per-channel affine map in "
+            "eval mode)"
+        )
     for module in (layer, bn):
         if not _torch_forward(module):
             return f"{type(module).__name__} runs a forward of its own, not torch's"
@@ -71,14 +77,9 @@ def refusal(layer: nn.Module, bn: nn.Module) -> str | None:
         if bn.num_features != layer.out_channels:
             return "its channels are not the conv's output channels"
         return None
-    if type(layer) is nn.Linear:
-        if not isinstance(bn, nn.BatchNorm1d) or bn.num_features != layer.out_features:
-            return "not a BatchNorm1d over the Linear's output features"
-        return None
-    return (
-        "its input is not a conv's or Linear's output: it stays a BatchNorm (a per-channel "
-        "affine map in eval mode)"
-    )
+    if not isinstance(bn, nn.BatchNorm1d) or bn.num_features != layer.out_features:
+        return "not a BatchNorm1d over the Linear's output features"
+    return None
 
 
 @dataclass(frozen=True)
