@@ -24,6 +24,13 @@ from reparam.models import create_model
 
 runner = CliRunner()
 REPARAM = [sys.executable, "-c", "from reparam.cli.app import main; main()"]
+# As the console script runs: the current directory is not on sys.path (`python -c` adds it).
+REPARAM_SCRIPT = [
+    sys.executable,
+    "-c",
+    "import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+    "from reparam.cli.app import main; main()",
+]
 
 
 def invoke(*args: object):
@@ -181,7 +188,7 @@ def test_a_factory_imports_its_sibling_modules_as_python_m_would(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [*REPARAM, "fuse", "mynet_sibling:build", "-s", "1,3,8,8", "-o", "f.pt"],
+        [*REPARAM_SCRIPT, "fuse", "mynet_sibling:build", "-s", "1,3,8,8", "-o", "f.pt"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
