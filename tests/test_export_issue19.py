@@ -391,3 +391,45 @@ def test_verify_options_are_checked_and_floored_for_float16():
     floored = VerifyOptions(rtol=1e-6, atol=0).for_dtype(half=True)
     assert (floored.rtol, floored.atol) == (1e-2, 1e-3)
     assert VerifyOptions(rtol=1e-6).for_dtype(half=False).rtol == 1e-6
+
+
+# --- --format openvino / executorch (helper modules from reparam.runtime / reparam.export) --
+
+
+def test_export_openvino_writes_xml_and_bin_only(tmp_path):
+    pytest.importorskip("reparam.runtime.openvino")
+    ov = pytest.importorskip("openvino")
+    result = invoke("export", f"{MODULE}:small_net", "--format", "openvino", "-o",
+                    tmp_path / "m.xml")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]  # no temporaries
+    # the same model (the CLI randomises BN statistics by its seed) exported to ONNX
+    onnx_path = tmp_path.parent / f"{tmp_path.name}-m.onnx"
+    assert invoke("export", f"{MODULE}:small_net", "-o", onnx_path).exit_code == 0
+    from reparam.runtime import load
+
+    # f32 explicitly: OpenVINO computes in bf16 by default on CPUs that have it
+    compiled = ov.Core().compile_model(
+        str(tmp_path / "m.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    expected = next(iter(load(onnx_path).run(x).values()))
+    got = next(iter(compiled(x).values()))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_openvino_bin_collides_with_report(tmp_path):
+    pytest.importorskip("reparam.runtime.openvino")
+    result = invoke("export", f"{MODULE}:small_net", "--format", "openvino", "-o",
+                    tmp_path / "m.xml", "--report", tmp_path / "m.bin")  # fmt: skip
+    one_error(result, "same file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_executorch_writes_a_pte(tmp_path):
+    pytest.importorskip("reparam.export.executorch")
+    pytest.importorskip("executorch")
+    result = invoke("export", f"{MODULE}:small_net", "--format", "executorch", "-o",
+                    tmp_path / "m.pte")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pte"]

@@ -318,8 +318,10 @@ def _export_onnx_family(
                             "verify": failure.report.to_dict()})  # fmt: skip
                 raise
         result.path = target
-        if result.check is not None:
-            result.check.path = target
+        if result.check is not None:  # for OpenVINO: the ONNX graph it was converted from
+            result.check.path = (
+                target if kind == "onnx" else Path(f"{target.stem}.onnx (converted to IR)")
+            )
         data = result.to_dict()
         quantized, int8_tmp = None, None
         if int8_target is not None or (kind == "openvino" and int8):
@@ -403,6 +405,6 @@ def _export_executorch(
         fused = loaded.model
         if not loaded.fused:  # probing with the example, as reparam fuse does
             fused, _ = fuse_with_report(loaded.model, example_inputs=tuple(inputs))
-        export_executorch(fused, tuple(inputs), target, dynamic_batch=dynamic_batch)
+        export_executorch(fused, tuple(inputs), target, dynamic_batch=dynamic_batch, fuse=False)
     out.wrote(f"wrote {target}")
     out.result({"path": str(target), "format": "executorch", "dynamic_batch": dynamic_batch})
