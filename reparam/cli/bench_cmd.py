@@ -61,6 +61,63 @@ def _write(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _bench_formats(
+    model: str,
+    quick: bool,
+    batch: int | None,
+    repeats: int | None,
+    warmup: int | None,
+    size: int | None,
+    threads: int | None,
+    quiet: bool,
+    json_out: bool,
+    output: Path | None,
+    report_file: Path | None,
+) -> None:
+    """``--formats MODEL``: the format table (:func:`reparam.bench.formats.bench_formats`)."""
+    import json
+
+    from reparam.bench.formats import (
+        bench_formats,
+        formats_rows,
+        headers,
+        render_formats_markdown,
+    )
+    from reparam.models.registry import get_model_info
+
+    get_model_info(model)  # an unknown name: one line listing the choices, before any work
+    with _progress(quiet) as progress:
+        report = bench_formats(
+            model,
+            batch=batch or (2 if quick else 8),
+            size=size if size is not None else (32 if quick else None),
+            repeats=repeats or (3 if quick else 10),
+            warmup=warmup if warmup is not None else (1 if quick else 2),
+            threads=threads,
+            progress=progress,
+        )
+    text = json.dumps(report.to_dict(), indent=2)
+    if json_out:
+        typer.echo(text)
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"formats: {report.model}")
+        for header in headers(report):
+            table.add_column(header)
+        for cells in formats_rows(report):
+            table.add_row(*cells)
+        Console().print(table)
+        for note in report.notes:
+            typer.echo(f"note: {note}")
+    if output is not None:
+        _write(output, render_formats_markdown(report))
+        typer.echo(f"wrote {output}", err=True)
+    if report_file is not None:
+        _write(report_file, text)
+        typer.echo(f"wrote {report_file}", err=True)
+
+
 def bench(
     quick: Annotated[
         bool,
@@ -136,18 +193,35 @@ def bench(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")
     ] = False,
+    formats: Annotated[
+        str | None,
+        typer.Option(
+            "--formats",
+            metavar="MODEL",
+            help="Instead: one bundled model in every format (ONNX fp32/fp16/INT8, OpenVINO "
+            "fp32/fp16/INT8, .pt2, ExecuTorch): size, latency at batch 1 and --batch, "
+            "accuracy against the training-time model.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Time blocks and bundled models: training form vs fused vs plain conv, torch vs ORT.
 
     Shows tables of medians of interleaved runs, ratios, targets met, missed or noisy,
     parameters, multiply-adds and peak memory.
     """
+    from reparam._io import check_distinct_paths
     from reparam.bench import print_tables, render_json, render_markdown, run_suite
 
     with user_errors():
+        check_distinct_paths({"--output": output, "--report": report_file})
         for path in (output, report_file):
             if path is not None:
                 _check_output(path)
+        if formats is not None:
+            _bench_formats(formats, quick, batch, repeats, warmup, size, threads, quiet,
+                           json_out, output, report_file)  # fmt: skip
+            return
         with _progress(quiet) as progress:
             report = run_suite(
                 quick=quick,
