@@ -23,7 +23,8 @@ import copy
 import difflib
 import fnmatch
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from reparam.blocks.base import ReparamBlock
-from reparam.errors import BlockConfigError, UserInputError, printable
+from reparam.errors import BlockConfigError, UserInputError, printable, summarize
 from reparam.expansion_blocks import FAMILIES, build_block, conv_geometry
 from reparam.fusers import get_fuser, register_fuser
 from reparam.module_fusion import make_conv
@@ -217,13 +218,18 @@ def expand_with_report(
     family = check_family(family)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expand expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserInputError(
+            "TorchScript modules cannot be expanded: their compiled forward cannot run new "
+            "blocks; expand the Python nn.Module before torch.jit.script/trace"
+        )
     if isinstance(num_conv_branches, bool) or not isinstance(num_conv_branches, int):
         raise TypeError("num_conv_branches must be an int")
     if num_conv_branches < 1:
         raise UserInputError(f"num_conv_branches must be >= 1, got {num_conv_branches}")
     inputs = _as_inputs(example_inputs)
     includes, excludes = _patterns(include, "include"), _patterns(exclude, "exclude")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     report = ExpandReport(family)
     pairs, probe_only = _find_pairs(target, trace, inputs, report)
     reference = _eval_outputs(target, inputs) if probe_only else None
@@ -248,6 +254,16 @@ def expand_with_report(
             + (f" ({printable(reasons, 400)}{tail})" if reasons else " (the model has no Conv2d)")
         )
     return target, report
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # anything deepcopy raises means "this model cannot be copied"
+        raise UserInputError(
+            f"cannot copy the model to expand it ({printable(summarize(error))}); "
+            "pass inplace=True to expand the model itself"
+        ) from error
 
 
 def _as_inputs(example_inputs: object) -> tuple | None:
@@ -300,19 +316,15 @@ def _find_pairs(
     return found, probe_only
 
 
-class _eval_mode:
-    """Run a block of code with ``model`` in eval mode, restoring each module's flag."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self.flags:
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then restore each module's flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
             module.training = flag
 
 

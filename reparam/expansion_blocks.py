@@ -221,6 +221,8 @@ def build_block(
         added.bias.zero_()
     if built.finish is not None:
         built.finish()
+    if not conv.weight.requires_grad:  # a frozen conv stays frozen, added branches included
+        block.requires_grad_(False)
     return block.train(conv.training)
 
 

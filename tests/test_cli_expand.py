@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import reparam
+from reparam.checkpoint import ModelSpec
 from reparam.cli.app import app
 from reparam.errors import UnsafeInputError, UserInputError
 from reparam.expansion import ExpandedConv
@@ -143,3 +144,21 @@ def test_load_expanded_refuses_other_files(tmp_path: Path):
         load_expanded(bad)
     with pytest.raises(UserInputError, match="does not exist"):
         load_expanded(tmp_path / "missing.pt")
+
+
+def test_fused_checkpoint_in_and_fused_checkpoint_out(tmp_path: Path):
+    """A fused checkpoint expands (convs with bias, no BN); the trained expanded model,
+    fused, is saved as a fused checkpoint of the plain model that ``reparam.load`` reads."""
+    fused_in, out = tmp_path / "fused.pt", tmp_path / "expanded.pt"
+    assert invoke("-q", "fuse", FACTORY, "-o", fused_in).exit_code == 0
+    result = invoke("expand", fused_in, "--into", "repvgg", "-o", out, "--model", FACTORY)
+    assert result.exit_code == 0, result.output
+    rebuilt = load_expanded(out, model=FACTORY)
+    assert rebuilt.reparam_expand["base"] == "deploy"
+    want = _outputs(reparam.load(fused_in, model=FACTORY))
+    torch.testing.assert_close(_outputs(rebuilt), want, rtol=1e-5, atol=1e-6)
+    back = tmp_path / "back.pt"
+    reparam.save_fused(reparam.fuse(rebuilt), back, ModelSpec(FACTORY))
+    torch.testing.assert_close(
+        _outputs(reparam.load(back, model=FACTORY)), want, rtol=1e-5, atol=1e-6
+    )

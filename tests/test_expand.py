@@ -181,6 +181,14 @@ def test_input_model_untouched_and_include_exclude():
     assert isinstance(model.c3.cv1.conv, nn.Conv2d) and isinstance(model.c3.cv1.bn, nn.BatchNorm2d)
 
 
+def test_a_frozen_conv_becomes_a_frozen_block():
+    model = fixtures.yolo_net()
+    model.down.requires_grad_(False)
+    expanded = expand(model, "dbb")
+    assert not any(p.requires_grad for p in expanded.down.parameters())
+    assert all(p.requires_grad for p in expanded.c3.parameters())
+
+
 def test_already_expanded_blocks_are_left_alone():
     once = expand(fixtures.yolo_net(), "dbb")
     with pytest.raises(NothingToExpandError, match=r"nothing to expand into acnet.*already"):
@@ -197,6 +205,9 @@ def test_bad_input_is_one_clear_error():
         expand(nn.Sequential(nn.Linear(3, 4)), "dbb")
     with pytest.raises(TypeError, match=r"nn\.Module"):
         expand({"weight": torch.zeros(1)}, "dbb")
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(UserInputError, match="TorchScript modules cannot be expanded"):
+        expand(scripted, "repvgg")
     with pytest.raises(UserInputError, match="num_conv_branches"):
         expand(fixtures.yolo_net(), "mobileone", num_conv_branches=0)
 
