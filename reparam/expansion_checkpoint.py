@@ -21,8 +21,6 @@ names it (``model=``) or trusts the file (``trust_code=True``), as :func:`repara
 from __future__ import annotations
 
 import os
-import pickle
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from reparam._io import atomic_write
 from reparam._version import __version__
 from reparam.errors import UnsafeInputError, UserInputError, printable, summarize
 from reparam.expansion_blocks import FAMILIES
+from reparam.safe_weights import check_path, check_tensors, read_checkpoint
 
 __all__ = ["FORMAT", "load_expanded", "save_expanded"]
 
@@ -79,31 +78,6 @@ def save_expanded(
             raise OSError(f"torch.save failed ({summarize(error)})") from None
 
     return atomic_write(path, write)
-
-
-def _read(path: Path) -> Any:
-    shown = printable(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise UserInputError(f"checkpoint '{shown}' does not exist") from None
-    except OSError as error:
-        raise UserInputError(f"cannot read '{shown}': {printable(error.strerror)}") from None
-    if not stat.S_ISREG(mode):  # a directory, FIFO or device would fail or block
-        raise UserInputError(f"checkpoint '{shown}' is not a regular file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):
-            raise UnsafeInputError(
-                f"'{shown}' holds pickled Python objects, which can run code when loaded; "
-                "an expanded checkpoint holds only tensors and plain values"
-            ) from None
-        raise UserInputError(f"'{shown}' is not a PyTorch checkpoint") from None
-    except Exception as error:  # a corrupt file fails in many ways
-        raise UserInputError(
-            f"'{shown}' is not a PyTorch checkpoint ({printable(summarize(error))})"
-        ) from None
 
 
 def _check_metadata(meta: Mapping, shown: str) -> None:
@@ -191,11 +165,9 @@ def load_expanded(
     from reparam.convert import fuse
     from reparam.expansion import expand
 
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"load_expanded expects a path, got {type(path).__name__}")
-    path = Path(path)
+    path = check_path(path, "load_expanded")
     shown = printable(path)
-    obj = _read(path)
+    obj = read_checkpoint(path, trust_pickle=False)
     if not is_expanded_checkpoint(obj):
         raise UserInputError(f"'{shown}' is not an expanded checkpoint written by reparam expand")
     meta = obj["reparam"]
@@ -203,6 +175,7 @@ def load_expanded(
     state_dict = obj.get("state_dict")
     if not isinstance(state_dict, Mapping):
         raise UserInputError(f"'{shown}' has expand metadata but no state_dict")
+    check_tensors(state_dict, shown)
     name = _choose_model(meta["model"], model, trust_code, shown)
     built = build_model(ModelSpec(name, dict(meta["kwargs"])))
     if meta["base"] == "deploy":
