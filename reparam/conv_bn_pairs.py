@@ -202,9 +202,13 @@ class _ConsumerCounter(TorchFunctionMode):
         return result
 
 
-def probe_pairs(finder: PairFinder, inputs: tuple) -> tuple[set[str], str]:
+def probe_pairs(
+    finder: PairFinder, inputs: tuple, only: set[str] | None = None
+) -> tuple[set[str], str]:
     """Pairs seen on a forward of ``inputs``: a BatchNorm whose input *is* (same tensor
-    object) the output of a conv called once, read by no other operation.
+    object) the output of a conv called once, read by no other operation. ``only``: the
+    BatchNorm paths to consider (None: all), so a probe run for what a trace could not
+    show does not overrule what the trace refused.
 
     Returns the BatchNorm paths of the pairs added, and why the forward failed ("").
     """
@@ -249,6 +253,8 @@ def probe_pairs(finder: PairFinder, inputs: tuple) -> tuple[set[str], str]:
             handle.remove()
     added = set()
     for bn_path, received in bn_inputs.items():
+        if only is not None and bn_path not in only:
+            continue
         if calls[bn_path] != 1 or id(received[0]) not in outputs:
             continue
         conv_path, tensor = outputs[id(received[0])]

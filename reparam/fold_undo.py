@@ -64,7 +64,8 @@ def fold_pairs(model: nn.Module, report: FuseReport, trace: bool, inputs: tuple 
     # The probe forward (under a TorchFunctionMode) is for what the trace cannot show: a
     # model fx cannot trace, or the rank of a Linear's output before a BatchNorm1d.
     if inputs is not None and (not report.traced or finder.linear_candidates):
-        _, report.probe_error = probe_pairs(finder, inputs)
+        only = {bn for _, bn in finder.linear_candidates} if report.traced else None
+        _, report.probe_error = probe_pairs(finder, inputs, only)
         report.probed = not report.probe_error
     pairs = list(finder.pairs.values())
     steps = _checked_folds(model, pairs, inputs, report) if inputs is not None else None
