@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_cli_export import assert_error
 from torch import nn
 from typer.testing import CliRunner
 
@@ -31,16 +32,6 @@ MODULE = __name__  # tests/ is on sys.path: factories below are named MODULE:cal
 
 def invoke(*args: object):
     return runner.invoke(app, [str(arg) for arg in args])
-
-
-def one_error(result, *fragments: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("… ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 class WidthBranch(nn.Module):
@@ -128,7 +119,7 @@ def test_runtime_and_run_refuse_sizes_outside_the_range(branch_onnx, tmp_path):
     with pytest.raises(UserInputError, match="axis 3 has size 24"):
         session.run(np.zeros((1, 3, 24, 24), np.float32))
     np.save(tmp_path / "x.npy", np.zeros((1, 3, 24, 24), np.float32))
-    one_error(invoke("run", branch_onnx, "-i", tmp_path / "x.npy"), "axis 3", "33")
+    assert_error(invoke("run", branch_onnx, "-i", tmp_path / "x.npy"), "axis 3", "33")
 
 
 def test_check_shapes_contract():
@@ -226,7 +217,9 @@ def test_export_int8_refuses_before_any_work_and_keeps_the_old_file(
         raise AssertionError("export ran")
 
     monkeypatch.setattr(export_package, "export_onnx", no_export)
-    one_error(invoke("export", f"{MODULE}:small_net", "-o", "e.onnx", "--int8", *extra), fragment)
+    assert_error(
+        invoke("export", f"{MODULE}:small_net", "-o", "e.onnx", "--int8", *extra), fragment
+    )
     assert existing.read_bytes() == b"the user's previous file"
 
 
@@ -263,7 +256,7 @@ def test_quantize_output_and_report_collide(tmp_path):
     model = tmp_path / "a.onnx"
     export_onnx(small_net(), model, torch.randn(1, 3, 12, 12))
     result = invoke("quantize", model, "-o", tmp_path / "q.onnx", "--report", tmp_path / "q.onnx")
-    one_error(result, "same file")
+    assert_error(result, "same file")
     assert not (tmp_path / "q.onnx").exists()
 
 
@@ -422,7 +415,7 @@ def test_export_openvino_bin_collides_with_report(tmp_path):
     pytest.importorskip("reparam.runtime.openvino")
     result = invoke("export", f"{MODULE}:small_net", "--format", "openvino", "-o",
                     tmp_path / "m.xml", "--report", tmp_path / "m.bin")  # fmt: skip
-    one_error(result, "same file")
+    assert_error(result, "same file")
     assert list(tmp_path.iterdir()) == []
 
 
