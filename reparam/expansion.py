@@ -33,6 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from reparam.blocks.base import ReparamBlock
+from reparam.conv_bn_pairs import PairFinder, probe_pairs
+from reparam.convert import find_conv_bn_pairs
 from reparam.errors import BlockConfigError, UserInputError, printable, summarize
 from reparam.expansion_blocks import FAMILIES, build_block, conv_geometry
 from reparam.fusers import get_fuser, register_fuser
@@ -293,26 +295,19 @@ def _find_pairs(
 ) -> tuple[dict[str, str], set[str]]:
     """``{conv path: bn path}`` of the Conv→BN pairs fuse would fold, and the BN paths that
     only the probe forward found."""
-    from reparam.convert import find_conv_bn_pairs
-
     pairs, report.trace_error = find_conv_bn_pairs(model, trace=trace)
     report.traced = (not report.trace_error) if trace else None
     found = {pair.conv: pair.bn for pair in pairs}
     probe_only: set[str] = set()
     if inputs is not None and not report.traced:
-        try:  # the probe finder's public home after the fuse-core split
-            from reparam.conv_bn_pairs import PairFinder, probe_pairs
-        except ImportError:
-            report.probed, report.probe_error = False, "this reparam has no probe pair finder"
-        else:
-            finder = PairFinder(model)
-            with _eval_mode(model), torch.no_grad():
-                added, report.probe_error = probe_pairs(finder, inputs)
-            report.probed = not report.probe_error
-            for pair in finder.pairs.values():
-                if pair.bn in added and pair.conv not in found:
-                    found[pair.conv] = pair.bn
-                    probe_only.add(pair.bn)
+        finder = PairFinder(model)
+        with _eval_mode(model), torch.no_grad():
+            added, report.probe_error = probe_pairs(finder, inputs)
+        report.probed = not report.probe_error
+        for pair in finder.pairs.values():
+            if pair.bn in added and pair.conv not in found:
+                found[pair.conv] = pair.bn
+                probe_only.add(pair.bn)
     return found, probe_only
 
 

@@ -213,7 +213,6 @@ def test_bad_input_is_one_clear_error():
 
 
 def test_untraceable_model_is_expanded_through_the_probe():
-    pytest.importorskip("reparam.conv_bn_pairs", reason="the probe pair finder is not public yet")
     model = _randomised(fixtures.untraceable_net(), torch.float32)
     x = torch.rand(2, 3, 16, 16)
     with pytest.raises(NothingToExpandError, match=r"conv1: no BatchNorm.*pass example_inputs"):
