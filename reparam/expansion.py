@@ -180,6 +180,10 @@ def expand(
     float32, ≤ 1e-10 in float64; training mode: the same for convs that had a BatchNorm, as
     the added branches' BatchNorms start at γ = β = 0 and output 0 with any statistics). The
     added branches' γ and β get gradients from the first step, their convs once γ ≠ 0.
+    QARepVGG differs (its 1x1 and identity branches have no BatchNorm): the original
+    BatchNorm moves after the sum, the bare 1x1 starts at zero and gets gradients at once,
+    and the match holds in eval mode only. A conv with a bias and no BatchNorm gets a main
+    BatchNorm that is the identity in eval mode (it normalises batches in training mode).
     ``reparam.fuse`` of the result has the architecture (and parameter count) of
     ``reparam.fuse(model)``.
 
