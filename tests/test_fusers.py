@@ -75,3 +75,23 @@ def test_convert_and_package_reexport_the_same_registry():
     assert convert.override_fuser is fusers.override_fuser
     assert reparam.list_fusers is fusers.list_fusers and reparam.get_fuser is fusers.get_fuser
     assert reparam.FuseOutcome is fusers.FuseOutcome
+
+
+def test_builtin_registration_is_explicit_and_idempotent():
+    """reparam.builtins registers the block fuser, fx leaves and the adoption pass; calling it
+    again (as every fuse does) adds nothing and warns about nothing (issue 20 item 3)."""
+    import warnings
+
+    from reparam.adopt import adopt_foreign_blocks
+    from reparam.blocks import DRConv2d, ReparamBlock
+    from reparam.builtins import register_builtins
+
+    register_builtins()
+    before = (fusers.leaf_module_types(), fusers.pre_fuse_passes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_builtins()
+        fusers.register_pre_fuse_pass(adopt_foreign_blocks)  # as an import side effect would
+    assert (fusers.leaf_module_types(), fusers.pre_fuse_passes()) == before
+    assert fusers.pre_fuse_passes().count(adopt_foreign_blocks) == 1
+    assert DRConv2d in fusers.leaf_module_types() and fusers.get_fuser(ReparamBlock) is not None
