@@ -128,7 +128,7 @@ def fuse_with_report(
         if inputs is not None:  # what each checked module received: its checks run on these
             checked = {id(m): m for m in target.modules() if _checked(m)}
             recorded = record_inputs(target, inputs, checked) if checked else {}
-        adopt(target, report, recorded)
+        adopt(target, report, recorded, inputs)
         target = fuse_blocks(target, "", report, recorded)
         fold_pairs(target, report, trace, inputs)
     return target.eval(), report

@@ -27,7 +27,12 @@ __all__ = ["THIRD_PARTY_METHODS", "adopt", "checked_on_inputs", "fuse_blocks"]
 THIRD_PARTY_METHODS = ("switch_to_deploy", "reparameterize", "fuse")
 
 
-def adopt(model: nn.Module, report: FuseReport, recorded: dict[int, list[tuple]] | None) -> None:
+def adopt(
+    model: nn.Module,
+    report: FuseReport,
+    recorded: dict[int, list[tuple]] | None,
+    example_inputs: tuple | None = None,
+) -> None:
     """Run the registered pre-fuse passes (adoption of users' copies of published blocks),
     recording each decision.
 
@@ -38,13 +43,23 @@ def adopt(model: nn.Module, report: FuseReport, recorded: dict[int, list[tuple]]
     """
     for pre_fuse_pass in pre_fuse_passes():
         before = dict(model.named_modules(remove_duplicate=False))
-        for note in pre_fuse_pass(model):
+        # a pass of the user's may not take the example; the built-in adoption does, and
+        # probes each copy on the inputs it really receives
+        takes_example = "example_inputs" in inspect.signature(pre_fuse_pass).parameters
+        notes = (
+            pre_fuse_pass(model, example_inputs=example_inputs)
+            if takes_example
+            else pre_fuse_pass(model)
+        )
+        for note in notes:
             if note.adopted_as is None:
                 report.skip(note.path, f"{note.foreign_type} not adopted: {note.reason}")
                 continue
             why = _recheck(model, note.path, before.get(note.path), recorded)
             if why is None:
-                report.adopted.append(f"{note.path}: {note.foreign_type} -> {note.adopted_as}")
+                report.adopted.append(
+                    f"{note.path}: {note.foreign_type} -> {note.adopted_as} ({note.reason})"
+                )
             else:
                 report.skip(note.path, f"{note.foreign_type} not adopted: {why}")
 

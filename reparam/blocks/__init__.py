@@ -15,6 +15,7 @@ from reparam.blocks.hetconv import HetConv
 from reparam.blocks.involution import Involution
 from reparam.blocks.mobileone import MobileOneBlock
 from reparam.blocks.octave import OctaveConv, OctaveConvBN
+from reparam.blocks.qarepvgg import QARepVGGBlock
 from reparam.blocks.repvgg import RepVGGBlock
 from reparam.blocks.t2t import T2TModule
 
@@ -29,6 +30,7 @@ __all__ = [
     "MobileOneBlock",
     "OctaveConv",
     "OctaveConvBN",
+    "QARepVGGBlock",
     "RepVGGBlock",
     "ReparamBlock",
     "T2TModule",
