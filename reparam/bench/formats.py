@@ -193,13 +193,14 @@ def bench_formats(
     warmup: int = 2,
     threads: int | None = None,
     seed: int = 0,
-    formats: tuple[str, ...] = FORMATS,
+    formats: tuple[str, ...] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> FormatsReport:
     """Export the bundled model ``model_name`` to each format and measure it.
 
     The model gets random BN statistics (:func:`reparam.testing.randomize_batchnorm` with
-    ``seed``), as ``reparam export`` does without weights.
+    ``seed``), as ``reparam export`` does without weights. ``formats`` picks rows of
+    :data:`FORMATS` (default all).
     """
     from reparam.bench.timing import time_candidates, torch_threads
     from reparam.models.registry import create_model, get_model_info
@@ -222,7 +223,7 @@ def bench_formats(
     runners: dict[str, Runner] = {}
     with tempfile.TemporaryDirectory(prefix="reparam-formats-") as tmp, torch_threads(threads):
         folder = Path(tmp)
-        for name in formats:
+        for name in FORMATS if formats is None else formats:
             row = FormatRow(name)
             report.rows.append(row)
             say(f"formats: {name}")
