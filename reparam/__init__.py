@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from reparam import blocks
     from reparam.checkpoint import load, save_fused
     from reparam.convert import FuseReport, fuse, fuse_with_report
+    from reparam.expansion import ExpandReport, expand, expand_with_report
+    from reparam.expansion_checkpoint import load_expanded, save_expanded
     from reparam.export import ExportReport, VerifyReport, export_onnx, verify_onnx
     from reparam.fusers import (
         FuseOutcome,
@@ -45,6 +47,11 @@ _LAZY = {
     "FuseReport": "reparam.convert",
     "fuse": "reparam.convert",
     "fuse_with_report": "reparam.convert",
+    "ExpandReport": "reparam.expansion",
+    "expand": "reparam.expansion",
+    "expand_with_report": "reparam.expansion",
+    "load_expanded": "reparam.expansion_checkpoint",
+    "save_expanded": "reparam.expansion_checkpoint",
     "FuseOutcome": "reparam.fusers",
     "get_fuser": "reparam.fusers",
     "list_fusers": "reparam.fusers",
@@ -61,6 +68,7 @@ _LAZY = {
 
 __all__ = [
     "BlockConfigError",
+    "ExpandReport",
     "ExportError",
     "ExportReport",
     "FuseOutcome",
@@ -74,15 +82,19 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "blocks",
+    "expand",
+    "expand_with_report",
     "export_onnx",
     "fuse",
     "fuse_with_report",
     "get_fuser",
     "list_fusers",
     "load",
+    "load_expanded",
     "override_fuser",
     "quantize_onnx",
     "register_fuser",
+    "save_expanded",
     "save_fused",
     "unregister_fuser",
     "verify_onnx",

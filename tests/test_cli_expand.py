@@ -162,3 +162,30 @@ def test_fused_checkpoint_in_and_fused_checkpoint_out(tmp_path: Path):
     torch.testing.assert_close(
         _outputs(reparam.load(back, model=FACTORY)), want, rtol=1e-5, atol=1e-6
     )
+
+
+def test_fuse_and_export_take_an_expanded_checkpoint(tmp_path: Path):
+    """`reparam fuse train.pt` after `reparam expand … -o train.pt`: the file is rebuilt from
+    its record (bundled model, family), fused back to the plain architecture, and checked."""
+    expanded = tmp_path / "tiny-dbb.pt"
+    assert invoke("expand", "acnet_tiny", "--into", "dbb", "-o", expanded).exit_code == 0
+    fused = tmp_path / "tiny-fused.pt"
+    result = invoke("fuse", expanded, "-o", fused, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["after"]["batchnorms"] == 0
+    assert report["max_rel"] <= 1e-5
+    training = load_expanded(expanded).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = training(x)
+        actual = reparam.load(fused)(x)
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_fuse_refuses_a_file_that_is_neither_fused_nor_expanded(tmp_path: Path):
+    plain = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    result = invoke("fuse", plain)
+    assert result.exit_code == 1
+    assert "is not a fused checkpoint" in result.output

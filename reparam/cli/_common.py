@@ -277,6 +277,34 @@ class LoadedModel:
         return probe_inputs(self.input_shapes, check_seed(seed), dtype, device)
 
 
+def _load_expanded_or_none(
+    path: Path, model_override: str | None, trust_code: bool
+) -> LoadedModel | None:
+    """The training-time model of a ``reparam expand`` checkpoint, or None for other files.
+
+    ``reparam fuse train.pt`` after ``reparam expand … -o train.pt`` (and a fine-tune that
+    saved it back with :func:`reparam.expansion_checkpoint.save_expanded`) fuses it like any
+    model: the file records the model and how it was expanded, never code to run.
+    """
+    from reparam.checkpoint import ModelSpec
+    from reparam.expansion_checkpoint import is_expanded_checkpoint, load_expanded
+    from reparam.safe_weights import read_checkpoint
+
+    if not is_expanded_checkpoint(read_checkpoint(path, trust_pickle=False)):
+        return None
+    model = load_expanded(path, model=model_override, trust_code=trust_code).eval()
+    meta = model.reparam_expand
+    spec = ModelSpec(model_override or meta["model"], dict(meta["kwargs"]))
+    return LoadedModel(
+        model,
+        spec,
+        _default_shapes(spec, model),
+        f"{printable(spec.name)} expanded into {printable(meta['family'])} "
+        f"(checkpoint {printable(path)})",
+        path=path,
+    )
+
+
 def load_model(
     name: str,
     *,
@@ -317,10 +345,13 @@ def load_model(
         try:
             model = load(path, model=model_override, trust_code=trust_code)
         except NotAFusedCheckpointError:
-            raise UserInputError(
-                f"'{printable(path)}' is not a fused checkpoint; name the model and pass this "
-                "file with --weights"
-            ) from None
+            expanded = _load_expanded_or_none(path, model_override, trust_code)
+            if expanded is None:
+                raise UserInputError(
+                    f"'{printable(path)}' is not a fused checkpoint; name the model and pass "
+                    "this file with --weights"
+                ) from None
+            return expanded
         notes = [model.reparam_note] if model.reparam_note else []
         return LoadedModel(
             model,
