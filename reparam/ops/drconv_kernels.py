@@ -106,6 +106,8 @@ def assign_region(outputs: Tensor, guide: Tensor) -> Tensor:
     needs_grad = torch.is_grad_enabled() and (outputs.requires_grad or guide.requires_grad)
     if not needs_grad:
         return _hard_select(outputs, guide)
+    if torch.compiler.is_exporting():  # a deployed graph: inference only
+        return _hard_select(outputs, guide)
     if torch.compiler.is_compiling():  # the same gradients in plain autograd, traceable
         return assign_region_reference(outputs, guide)
     return _AssignRegion.apply(outputs, guide)

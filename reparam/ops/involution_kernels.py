@@ -100,16 +100,9 @@ def involution_unfold(
     return (kernels * columns).sum(dim=3).view(batch, x.shape[1], out_h, out_w)
 
 
-def _tap_view(padded: Tensor, i: int, j: int, stride: int, out_h: int, out_w: int) -> Tensor:
-    """padded[..., i + s·u, j + s·v] for u < out_h, v < out_w, as a view."""
-    return padded[
-        ..., i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride
-    ]
-
-
 def _shifted_views(padded: Tensor, kernel_size: int, stride: int, out_h: int, out_w: int):
-    """The K² views ``_tap_view(padded, i, j, ...)`` of an (n, c, Hp, Wp) tensor, in (i, j)
-    order, from one strided view."""
+    """The K² views padded[..., i + s·u, j + s·v] (u < out_h, v < out_w) of an
+    (n, c, Hp, Wp) tensor, in (i, j) order, from one strided view."""
     n, c = padded.shape[0], padded.shape[1]
     sn, sc, sh, sw = padded.stride()
     windows = padded.as_strided(
@@ -226,7 +219,15 @@ def _accumulate(
 
 
 def _traced(x, weight, kernel_size, stride, group_channels, out_h, out_w) -> Tensor:
-    """Functional form for torch.export: one multiply-add per offset on whole tensors."""
+    """Functional form for tracing: one multiply-add per offset on whole tensors.
+
+    Also the exported graph's form. Under onnxruntime (B8 C64 56² K7, one thread) it takes
+    about 3x the eager forward; the other forms measured, interleaved, were no faster:
+    channels last (the group's channels innermost) 0.98x of this, one flat slice per tap
+    on a width-padded grid 1.4x, an im2col by one-hot Conv 2.3x, per row of taps 1.2x.
+    Each tap costs a Slice copy, a Mul and an Add over the whole tensor, where the eager
+    loop makes one in-place multiply-add per tap on chunks that stay in cache.
+    """
     batch, groups = x.shape[0], x.shape[1] // group_channels
     padded = F.pad(x, _pads(x, kernel_size, stride, out_h, out_w))
     padded = padded.view(batch * groups, group_channels, padded.shape[2], padded.shape[3])
@@ -234,7 +235,12 @@ def _traced(x, weight, kernel_size, stride, group_channels, out_h, out_w) -> Ten
     out = None
     for i in range(kernel_size):
         for j in range(kernel_size):
-            term = _tap_view(padded, i, j, stride, out_h, out_w) * kernels[:, i * kernel_size + j]
+            shifted = padded[
+                ...,
+                i : i + stride * (out_h - 1) + 1 : stride,
+                j : j + stride * (out_w - 1) + 1 : stride,
+            ]
+            term = shifted * kernels[:, i * kernel_size + j]
             out = term if out is None else out + term
     return out.reshape(batch, groups * group_channels, out_h, out_w)
 

@@ -1,0 +1,101 @@
+"""DRConv's region-first inference in standard operators, for deployed graphs (ONNX, .pt2).
+
+The same result as :func:`~reparam.ops.drconv_kernels.region_first_forward`, with 1/r of the
+correlation's work, written in ops that every exporter turns into standard ONNX (Gather,
+ScatterElements, CumSum, MatMul, ...) with a dynamic batch. For sample b, pixel p and
+its region ρ(p) = argmax_ρ guide[b, ρ, p] (the first largest)::
+
+    y[b, :, p] = P_b[p] · W_{b,ρ(p)}
+
+1. Each pixel's slot in a padded, region-major layout: rank(p), the number of earlier
+   pixels of the sample in the same region (an exclusive cumulative sum of the one-hot
+   choice), and slot(p) = ρ(p)·M + rank(p), with M the largest region of the batch.
+2. The source pixel of every slot (B, r·M): the pixel scattered there, or a dummy pixel
+   whose every tap reads a zero row.
+3. The im2col rows of every slot in one row gather from the input's channels-last rows
+   (a window table gives, per pixel and tap, the row read; padding taps read the zero
+   row): (B, r, M, K²·C), taps outer, channels inner.
+4. One batched MatMul with the sample's region kernels (B, r, K²·C, O), then each pixel's
+   row gathered back from its slot.
+
+The work is B·r·M rows of K²·C × O: 1/r of the all-regions form when the regions are even
+(M ≈ H'W'/r), and at most the same when one region takes every pixel. M depends on the
+data; torch.export records it as a size computed in the graph. The window table is a
+constant of the input's height and width, so the input's spatial sizes must be concrete
+(:func:`graph_applies`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reparam.ops.corr import corr_output_size
+from reparam.ops.region_corr import first_max_index, rows_read, window_index
+
+__all__ = ["graph_applies", "region_first_graph"]
+
+
+def graph_applies(x: Tensor) -> bool:
+    """Whether :func:`region_first_graph` can take ``x``: concrete height and width (the
+    window table is built from them) and a non-empty batch when it is concrete (the largest
+    region of an empty batch is undefined)."""
+    height, width, batch = x.shape[2], x.shape[3], x.shape[0]
+    return (
+        isinstance(height, int)
+        and isinstance(width, int)
+        and (not isinstance(batch, int) or batch > 0)
+    )
+
+
+def region_first_graph(
+    x: Tensor, kernels: Tensor, guide: Tensor, geometry: tuple[int, int, int, int]
+) -> Tensor:
+    """y (B, O, H', W') of DRConv from its input, kernels and guide, in standard ops.
+
+    Args:
+        x: input (B, C, H, W), H and W concrete.
+        kernels: (B, r, K·K·C, O), sample b's region-ρ kernel ordered as the im2col rows
+            (taps outer, channels inner).
+        guide: (B, r, H', W').
+        geometry: (K, stride, padding, dilation).
+    """
+    batch, channels, height, width = x.shape
+    regions, out_channels = kernels.shape[1], kernels.shape[3]
+    out_h, out_w = (corr_output_size(n, *geometry) for n in (height, width))
+    pixels, taps = out_h * out_w, geometry[0] ** 2
+    choice = first_max_index(guide, 1).reshape(batch, pixels)  # (B, P)
+    # 1. rank within the region, slot in the padded layout.
+    onehot = F.one_hot(choice, regions)  # (B, P, r)
+    counts = onehot.sum(dim=1)  # (B, r)
+    largest = counts.max().item()  # M: a size computed in the graph
+    torch._check(largest >= 1)
+    torch._check(largest <= pixels)
+    rank = (onehot.cumsum(dim=1) - onehot).gather(2, choice.unsqueeze(2)).squeeze(2)
+    slot = choice * largest + rank  # (B, P)
+    # 2. the source pixel of every slot; pixel index P is the dummy (every tap: zero row).
+    every_pixel = torch.arange(pixels, device=x.device).expand(batch, pixels)
+    source = torch.full((batch, regions * largest), pixels, dtype=torch.long, device=x.device)
+    source = source.scatter(1, slot, every_pixel)
+    # 3. the slots' im2col rows: one gather from the channels-last rows, row 0 of each
+    # sample's block of 1 + H·W rows being zeros.
+    # Made afresh, never from the cache: under a tracer it is made of fake tensors.
+    windows = window_index(height, width, geometry, x.device, 0, out_h, cache=False)
+    windows = rows_read(windows, 1)
+    windows = torch.cat([windows, windows.new_zeros((1, taps))])  # the dummy pixel
+    block = 1 + height * width
+    rows = torch.cat([x.new_zeros((batch, 1, channels)), x.flatten(2).transpose(1, 2)], 1)
+    first_rows = (torch.arange(batch, device=x.device) * block).view(batch, 1, 1)
+    read = windows[source] + first_rows  # (B, r·M, K²)
+    gathered = rows.reshape(-1, channels).index_select(0, read.reshape(-1))
+    gathered = gathered.view(batch, regions, largest, taps * channels)
+    # 4. one batched MatMul, then each pixel's row from its slot.
+    products = torch.matmul(gathered, kernels).reshape(-1, out_channels)  # (B·r·M, O)
+    first_slots = (torch.arange(batch, device=x.device) * (regions * largest)).view(batch, 1)
+    out = products.index_select(0, (slot + first_slots).reshape(-1))
+    return (
+        out.view(batch, pixels, out_channels)
+        .transpose(1, 2)
+        .reshape(batch, out_channels, out_h, out_w)
+    )
