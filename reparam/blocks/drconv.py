@@ -20,9 +20,12 @@ The reference forward computes all r region outputs and keeps one per pixel. Whe
 autograd graph is needed (``torch.no_grad()`` / ``torch.inference_mode()``, or no input or
 parameter requiring grad), :meth:`DRConv2d.forward` takes the guide's argmax first, sorts
 every sample's pixels by region and multiplies each region's pixel columns (im2col) with
-that region's kernels only: 1/r of the correlation work, same outputs up to rounding. While
-tracing (``torch.export``, ONNX export) or under ``corr_mode("standard")`` it always uses
-the reference formulation, which exports with a dynamic batch.
+that region's kernels only: 1/r of the correlation work, same outputs up to rounding
+(:func:`~reparam.ops.drconv_kernels.region_first_forward`). Under ``corr_mode("standard")``
+(which the ONNX and ``.pt2`` exporters set) it computes the same 1/r form in standard
+operators (:func:`~reparam.ops.drconv_graph.region_first_graph`), so the deployed graph
+does 1/r of the work too, with a dynamic batch. While tracing otherwise (``torch.compile``,
+``--corr custom`` exports: one Corr node) it uses the reference formulation.
 
 Training (an autograd graph is needed) computes all r region outputs, as the guide's
 softmax gradient needs them, but the correlation's backward only for the region each pixel
