@@ -131,7 +131,7 @@ def _script() -> Any:
     return Corr
 
 
-def _without_castlike(function: Any) -> None:
+def _without_castlike(nodes: list) -> list:
     """Below opset 15: take the one-hot's type from an EyeLike of a (2, 2) tensor of x's type.
 
     EyeLike keeps its input's type whatever its values, and ``[[1, 0], [0, 1]]`` gives the
@@ -139,7 +139,6 @@ def _without_castlike(function: Any) -> None:
     """
     from onnx import helper
 
-    nodes = list(function.node)
     casts = [n for n in nodes if n.op_type == "CastLike"]
     position = nodes.index(casts[0])
     off_name, on_name = (
@@ -155,8 +154,7 @@ def _without_castlike(function: Any) -> None:
         helper.make_node("Gather", ["eye_row", "zero"], [on_name], axis=1),
     ]
     kept = [n for n in nodes if n.op_type != "CastLike"]
-    del function.node[:]
-    function.node.extend(kept[:position] + eye + kept[position:])
+    return kept[:position] + eye + kept[position:]
 
 
 def corr_function_proto(opset: int = FUNCTION_OPSET) -> Any:
@@ -171,18 +169,22 @@ def corr_function_proto(opset: int = FUNCTION_OPSET) -> Any:
     """
     from onnx import helper
 
-    function = _script().to_function_proto()
-    if opset < _CASTLIKE_OPSET:
-        _without_castlike(function)
-    del function.opset_import[:]
-    function.opset_import.append(helper.make_opsetid("", opset))
-    function.doc_string = (
-        "Per-sample cross-correlation y[b] = Conv(x[b], kernel[b]); standard-op body."
-    )
-    defaults = {a.name: a.i for a in function.attribute_proto}
+    script = _script().to_function_proto()
+    defaults = {a.name: a.i for a in script.attribute_proto}
     if defaults != ATTRIBUTE_DEFAULTS:  # the script's signature must be the schema's
         raise RuntimeError(f"Corr function defaults {defaults} differ from {ATTRIBUTE_DEFAULTS}")
-    return function
+    nodes = list(script.node)
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        list(script.input),
+        list(script.output),
+        _without_castlike(nodes) if opset < _CASTLIKE_OPSET else nodes,
+        [helper.make_opsetid("", opset)],  # the model's own version (the body is 13+)
+        attributes=[],
+        attribute_protos=list(script.attribute_proto),
+        doc_string="Per-sample cross-correlation y[b] = Conv(x[b], kernel[b]); standard-op body.",
+    )
 
 
 def attach_corr_function(model: Any) -> Any:

@@ -284,28 +284,37 @@ def _quantize(
         raise ExportError(
             f"onnxruntime could not quantize '{printable(report.model_path)}': {summarize(error)}"
         ) from None
-    quantized = onnx.load(str(output))
-    # The quantizer imports domains it never uses (training, preview, aten...); a loader that
-    # allow-lists domains would refuse the file for them.
-    used = {node.domain for node in quantized.graph.node} | {""}
-    used |= {f.domain for f in quantized.functions}
-    for node_function in quantized.functions:
-        used |= {node.domain for node in node_function.node}
-    kept = [o for o in quantized.opset_import if o.domain in used or o.domain == "ai.onnx"]
-    del quantized.opset_import[:]
-    quantized.opset_import.extend(kept)
-    onnx.save(quantized, str(output))
-    counts: dict[str, int] = {}
-    for node in quantized.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.op_type.startswith(
-            "QLinear"
-        ):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    counts = _trim_opset_imports(output)
     report.quantized_nodes = counts
     if not counts:
         raise ExportError(
             f"onnxruntime quantized nothing in '{report.model_path}' (no Conv, MatMul or Gemm)"
         )
+
+
+def _trim_opset_imports(path: Path) -> dict[str, int]:
+    """Drop the opset imports nothing uses; count the quantization nodes.
+
+    The quantizer imports domains it never uses (training, preview, aten...); a loader that
+    allow-lists domains would refuse the file for them.
+    """
+    import onnx_ir as ir  # heavy: imported on use
+
+    model = ir.load(str(path))
+    nodes = list(model.graph.all_nodes())
+    for function in model.functions.values():
+        nodes += list(function.all_nodes())
+    used = {node.domain for node in nodes} | {f.domain for f in model.functions.values()} | {""}
+    for domain in [d for d in model.opset_imports if d not in used and d != "ai.onnx"]:
+        del model.opset_imports[domain]
+    ir.save(model, str(path))
+    counts: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.op_type.startswith(
+            "QLinear"
+        ):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 @contextlib.contextmanager
