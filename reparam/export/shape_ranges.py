@@ -11,7 +11,9 @@ Outside that range the graph computes the *other* branch's function wrongly (126
 - the exporter records them in the ONNX metadata under :data:`METADATA_KEY`, a JSON object
   ``{"<input name>": {"<axis index>": [min, max]}}`` (``max`` null: no upper bound);
 - :func:`check_shapes` refuses, with one line, an input outside the recorded range; the
-  runtime, ``verify`` and ``run`` call it before running the graph.
+  runtime, ``verify`` and ``run`` call it before running the graph. It lives in the runtime
+  layer (:mod:`reparam.runtime.range_check`, which readers import without loading the
+  exporter) and is re-exported here, where the contract names it.
 
 torch assumes every symbolic size is at least 2 while tracing (0/1 specialisation); a lower
 bound of 2 or less is that assumption, not the model's, so it is recorded as 1.
@@ -21,11 +23,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reparam.errors import UserInputError, printable
+from reparam.runtime.range_check import METADATA_KEY, check_shapes, parse_ranges
 
 __all__ = [
     "METADATA_KEY",
@@ -37,7 +38,6 @@ __all__ = [
     "ranges_to_json",
 ]
 
-METADATA_KEY = "reparam.shape_ranges"
 _TRACING_ASSUMPTION = 2  # torch's symbolic sizes are traced as >= 2 whatever the model
 
 
@@ -151,53 +151,3 @@ def ranges_to_json(ranges: list[AxisRange]) -> str:
             axis_range.high,
         ]
     return json.dumps(table, sort_keys=True)
-
-
-def parse_ranges(text: str) -> dict[str, dict[int, tuple[int, int | None]]]:
-    """The metadata value back as ``{input: {axis: (low, high)}}``; malformed → UserInputError."""
-    try:
-        table = json.loads(text)
-        parsed: dict[str, dict[int, tuple[int, int | None]]] = {}
-        for name, axes in table.items():
-            parsed[str(name)] = {}
-            for axis, (low, high) in axes.items():
-                if not isinstance(low, int) or not (high is None or isinstance(high, int)):
-                    raise TypeError("bounds must be integers or null")
-                parsed[str(name)][int(axis)] = (low, high)
-        return parsed
-    except (ValueError, TypeError, AttributeError) as error:
-        raise UserInputError(
-            f"the graph's {METADATA_KEY} metadata is malformed ({printable(error)}); "
-            "re-export the model"
-        ) from None
-
-
-def check_shapes(model_metadata: Mapping[str, str], inputs: Mapping[str, tuple[int, ...]]) -> None:
-    """Refuse an input whose size on a symbolic axis is outside the graph's valid range.
-
-    Args:
-        model_metadata: the ONNX model's ``metadata_props`` as a dict (no
-            :data:`METADATA_KEY` entry: nothing to check).
-        inputs: ``{input name: shape}`` of the arrays about to be run.
-
-    Raises:
-        UserInputError: one line naming input, axis, size and the valid range.
-    """
-    text = model_metadata.get(METADATA_KEY)
-    if not text:
-        return
-    for name, axes in parse_ranges(text).items():
-        shape = inputs.get(name)
-        if shape is None:
-            continue
-        for axis, (low, high) in sorted(axes.items()):
-            if axis >= len(shape):
-                continue
-            size = int(shape[axis])
-            if size < low or (high is not None and size > high):
-                valid = f"{low} to {high}" if high is not None else f"{low} or more"
-                raise UserInputError(
-                    f"input '{printable(name)}' axis {axis} has size {size}; the graph is valid "
-                    f"for sizes {valid} only (the model's code depends on that size: re-export "
-                    "with static sizes at the size you need)"
-                )
