@@ -77,3 +77,25 @@ def test_bad_suffix_and_failed_check_write_nothing(
         et.export_executorch(model, (torch.randn(2, 3, 16, 16),), target, dynamic_batch=False)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.pte"]
+
+
+def test_drconv_model_static_batch_exact_dynamic_refused(tmp_path: Path) -> None:
+    """digits_net (ACBlock, RepVGG, DRConv, DBB, MobileOne): with a static batch the program
+    is exact; with a dynamic one ExecuTorch keeps a traced size inside DRConv's graph and
+    fails at batch 1, which the check refuses with one line, writing nothing."""
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra")
+    from reparam.models.registry import create_model
+
+    model = randomize_batchnorm(create_model("digits_net"), seed=4).eval()
+    x = torch.randn(2, 1, 8, 8)
+    path = tmp_path / "digits.pte"
+    et.export_executorch(model, (x,), path, dynamic_batch=False)
+    got = et.ExecuTorchModel(path).run(x)[0]
+    with torch.no_grad():
+        want = model(x)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    path.unlink()
+    with pytest.raises(ExportError, match="static batch") as caught:
+        et.export_executorch(model, (x,), path, dynamic_batch=True)
+    assert "\n" not in str(caught.value)
+    assert not path.exists()

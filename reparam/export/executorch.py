@@ -214,8 +214,13 @@ def _check(
             got = program.run(*case)
             diffs = compare_outputs(want, got)
         except (UserInputError, ValueError) as error:
+            hint = (
+                "; ExecuTorch kept a size of the traced batch: export with a static batch"
+                if batch != inputs[0].shape[0]
+                else ""
+            )
             raise ExportError(
-                f"the ExecuTorch program fails at batch {batch}: {summarize(error)}"
+                f"the ExecuTorch program fails at batch {batch}: {summarize(error)}{hint}"
             ) from None
         worst = max(d.max_rel for d in diffs)
         if not worst <= CHECK_RTOL:
