@@ -146,7 +146,10 @@ def test_legacy_exporter_branch_is_caught_at_half_the_size(tmp_path):
 def test_export_of_an_untraceable_model_folds_its_batchnorm(tmp_path):
     model = untraceable_net()
     report = export_onnx(model, tmp_path / "u.onnx", torch.randn(2, 3, 8, 8), verify=True)
-    assert "BatchNormalization" not in report.node_counts  # before: the BN stayed
+    # before: fused without the example, so nothing was folded (and the report said so)
+    assert report.fuse_report.probed is True
+    assert report.fuse_report.blocks["Conv+BatchNorm"] == 1
+    assert "BatchNormalization" not in report.node_counts
     assert report.check.ok
 
 
