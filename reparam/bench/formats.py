@@ -14,7 +14,9 @@ training-time model in eval mode (float32):
   (for a rank-2 output, i.e. a classifier; "—" otherwise).
 
 A format whose export, conversion or run fails gets its row with the one-line reason, and
-the table goes on. Every file is written through the library (``export_onnx``,
+the table goes on. An ExecuTorch program that fails with a dynamic batch (ExecuTorch keeps
+a traced size inside DRConv/Involution graphs) is measured as two static ones (batch 1 and
+N). Every file is written through the library (``export_onnx``,
 ``quantize_onnx``, ``convert_onnx_to_openvino``, ``export_pt2``, ``export_executorch``) into a
 temporary folder that is removed afterwards.
 """
@@ -118,7 +120,12 @@ def _onnx_runner(session: Any) -> Runner:
 
 
 def _build(
-    name: str, model: torch.nn.Module, example: torch.Tensor, folder: Path, threads: int
+    name: str,
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    folder: Path,
+    threads: int,
+    batch: int,
 ) -> tuple[Path, Runner]:
     """Write ``name``'s file(s) in ``folder`` and return the file and a runner."""
     from reparam import export_onnx
@@ -159,12 +166,28 @@ def _build(
                 return [_numpy(module(x))]
 
         return path, run_pt2
+    from reparam.errors import ExportError
     from reparam.export.executorch import ExecuTorchModel, export_executorch
 
     path = folder / "model.pte"
-    export_executorch(model, (example,), path, dynamic_batch=True)
-    program = ExecuTorchModel(path)
-    return path, lambda x: [t.numpy() for t in program.run(x)]
+    try:
+        export_executorch(model, (example,), path, dynamic_batch=True)
+        programs = {0: ExecuTorchModel(path)}
+    except ExportError:
+        # a graph ExecuTorch cannot run at other batches than the traced one: one static
+        # program per batch measured (the size column is the batch-1 program's)
+        programs = {}
+        for size in (batch, 1):
+            path = folder / f"model_b{size}.pte"
+            x = example.expand(size, *example.shape[1:]).contiguous()
+            export_executorch(model, (x,), path, dynamic_batch=False)
+            programs[size] = ExecuTorchModel(path)
+
+    def run_pte(x: torch.Tensor) -> list[np.ndarray]:
+        program = programs.get(0) or programs[x.shape[0]]
+        return [t.numpy() for t in program.run(x)]
+
+    return path, run_pte
 
 
 def _numpy(outputs: Any) -> np.ndarray:
@@ -228,7 +251,7 @@ def bench_formats(
             report.rows.append(row)
             say(f"formats: {name}")
             try:
-                path, runner = _build(name, model, example, folder, threads)
+                path, runner = _build(name, model, example, folder, threads, batch)
                 row.size_bytes = path.stat().st_size + (
                     path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
                 )
