@@ -11,6 +11,7 @@ staged as temporary files and renamed together at the end
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -173,7 +174,8 @@ def export(
     out = Output(as_json, report)
     with user_errors():
         kind, half = format.value, dtype is Dtype.float16
-        _check_options(kind, half, fp32_io, int8, int8_output, calibration, exporter, corr)
+        _check_options(kind, half, fp32_io, int8, int8_output, calibration)
+        # tolerances and batch sizes checked by the library, before any work
         options = VerifyOptions(rtol=rtol, atol=atol, batch_sizes=parse_batch_sizes(batch_sizes))
         model_file = Path(model) if model_arg_kind(model) == "file" else None
         reads = {"MODEL": model_file, "--weights": weights, "--calibration": calibration}
@@ -196,10 +198,7 @@ def export(
             "dynamic_hw": dynamic_hw, "corr": corr.value, "exporter": exporter.value,
             "fp32_io": fp32_io, "source": loaded.spec.name,
         }  # fmt: skip
-        options = VerifyOptions(
-            rtol=options.rtol, atol=options.atol, batch_sizes=options.batch_sizes, seed=seed,
-            reference_name=reference_name(loaded),
-        )  # fmt: skip
+        options = replace(options, seed=seed, reference_name=reference_name(loaded))
         if kind == "pt2":
             _export_pt2(loaded, target, inputs, dynamic_batch, settings["fuse"], out)
         elif kind == "executorch":
@@ -213,7 +212,7 @@ def export(
 
 def _check_options(
     kind: str, half: bool, fp32_io: bool, int8: bool, int8_output: Path | None,
-    calibration: Path | None, exporter: Exporter, corr: CorrMode,
+    calibration: Path | None,
 ) -> None:  # fmt: skip
     """Option combinations that cannot work, refused before anything is read."""
     if kind in ("pt2", "executorch") and (half or int8 or fp32_io):
