@@ -52,51 +52,19 @@ class TensorSpec:
         return f"{printable(self.name)} ({dims}) {np.dtype(self.dtype).name}"
 
 
-def _own_range_check(metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """The contract's check, for a tree without the exporter's module (same messages)."""
-    text = metadata.get(SHAPE_RANGES_KEY)
-    if not text:
-        return
-    try:
-        table = json.loads(text)
-        ranges = {
-            str(name): {int(axis): (int(low), None if high is None else int(high))}
-            for name, axes in table.items()
-            for axis, (low, high) in axes.items()
-        }
-    except (ValueError, TypeError, AttributeError, RecursionError) as error:
-        raise UserInputError(
-            f"the graph's {SHAPE_RANGES_KEY} metadata is malformed ({printable(error)}); "
-            "re-export the model"
-        ) from None
-    for name, axes in ranges.items():
-        shape = shapes.get(name)
-        for axis, (low, high) in axes.items():
-            if shape is None or axis >= len(shape):
-                continue
-            if shape[axis] < low or (high is not None and shape[axis] > high):
-                valid = f"{low} to {high}" if high is not None else f"{low} or more"
-                raise UserInputError(
-                    f"input '{printable(name)}' axis {axis} has size {shape[axis]}; the graph "
-                    f"is valid for sizes {valid} only"
-                )
-
-
 def check_input_ranges(metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Refuse input sizes outside the symbolic axes' recorded valid ranges.
 
-    The check is :func:`reparam.export.shape_ranges.check_shapes` (the exporter writes the
-    ranges; imported lazily so the runtime does not load the exporter).
+    The check is :func:`reparam.export.shape_ranges.check_shapes` (the exporter's module,
+    which writes the ranges; imported only for a graph that has them).
 
     Raises:
         UserInputError: one line naming input, axis, size and the valid range.
     """
     if SHAPE_RANGES_KEY not in metadata:
         return
-    try:
-        from reparam.export.shape_ranges import check_shapes
-    except ImportError:  # an older tree without the exporter's module
-        check_shapes = _own_range_check
+    from reparam.export.shape_ranges import check_shapes
+
     check_shapes(dict(metadata), dict(shapes))
 
 
