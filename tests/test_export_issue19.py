@@ -429,3 +429,24 @@ def test_export_executorch_writes_a_pte(tmp_path):
                     tmp_path / "m.pte")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert [p.name for p in tmp_path.iterdir()] == ["m.pte"]
+
+
+def test_export_int8_reads_a_fifo_calibration_once(tmp_path):
+    import threading
+
+    fifo = tmp_path / "calib.npy"
+    os.mkfifo(fifo)
+    buffer = io.BytesIO()
+    np.save(buffer, np.random.default_rng(0).random((24, 3, 12, 12), np.float32))
+
+    def feed() -> None:  # a FIFO gives its data once: checked and quantized from one read
+        with open(fifo, "wb") as stream:
+            stream.write(buffer.getvalue())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    result = invoke("export", f"{MODULE}:small_net", "-o", tmp_path / "m.onnx", "--int8",
+                    "-c", fifo)  # fmt: skip
+    writer.join(timeout=5)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m-int8.onnx").is_file()

@@ -191,8 +191,9 @@ def export(
         int8_target = _int8_target(target, int8_output) if int8 and kind == "onnx" else None
         _check_paths(kind, target, int8_target, report, reads)
         inputs = loaded.probe_inputs(seed)
-        if int8 and calibration is not None:  # read and checked before any export work
-            _check_calibration(calibration, inputs, dynamic_batch, dynamic_hw)
+        calibration_data = None
+        if int8 and calibration is not None:  # read (once: a FIFO reads once) and checked
+            calibration_data = _read_calibration(calibration, inputs, dynamic_batch, dynamic_hw)
         settings = {
             "fuse": fuse and not loaded.fused, "opset": opset, "dynamic_batch": dynamic_batch,
             "dynamic_hw": dynamic_hw, "corr": corr.value, "exporter": exporter.value,
@@ -206,7 +207,7 @@ def export(
         else:
             _export_onnx_family(
                 kind, loaded, target, int8_target, inputs, settings, half, verify, options,
-                calibration, seed, out, int8,
+                calibration_data, seed, out, int8,
             )  # fmt: skip
 
 
@@ -258,10 +259,10 @@ def _check_paths(
             prepare_output(path)
 
 
-def _check_calibration(
+def _read_calibration(
     calibration: Path, inputs: list[Any], dynamic_batch: bool, dynamic_hw: bool
-) -> None:
-    """Read the calibration data against the graph inputs the export will make."""
+) -> Any:
+    """The calibration data, read and checked against the graph inputs the export will make."""
     import numpy as np
 
     from reparam.quantize.calibration import load_calibration
@@ -283,13 +284,13 @@ def _check_calibration(
         )
         for name, tensor in zip(names, inputs, strict=True)
     ]
-    load_calibration(calibration, specs)
+    return load_calibration(calibration, specs)
 
 
 def _export_onnx_family(
     kind: str, loaded: Any, target: Path, int8_target: Path | None, inputs: list[Any],
     settings: dict[str, Any], half: bool, verify: bool, options: Any,
-    calibration: Path | None, seed: int, out: Output, int8: bool = False,
+    calibration: Any, seed: int, out: Output, int8: bool = False,
 ) -> None:  # fmt: skip
     """ONNX (and its INT8 twin, or OpenVINO IR from it): all staged, renamed together."""
     import torch
@@ -340,7 +341,7 @@ def _export_onnx_family(
     out.result(data)
 
 
-def _quantize(source: Path, destination: Path, calibration: Path | None, seed: int,
+def _quantize(source: Path, destination: Path, calibration: Any, seed: int,
               out: Output) -> Any:  # fmt: skip
     from reparam.quantize import quantize_onnx
 

@@ -117,7 +117,7 @@ def _read_array_file(path: Path, input_names: Sequence[str]) -> dict[str, np.nda
 
 
 def load_calibration(
-    source: str | os.PathLike | None,
+    source: str | os.PathLike | CalibrationData | None,
     inputs: Sequence[Any],
     *,
     random_shapes: Sequence[tuple[int, ...]] | None = None,
@@ -126,7 +126,9 @@ def load_calibration(
     """Read calibration inputs from an .npy/.npz file or a folder of them, checked.
 
     Args:
-        source: the file or folder; ``None`` draws random normal inputs (with a warning).
+        source: the file or folder; ``None`` draws random normal inputs (with a warning);
+            data already read (e.g. from a FIFO, which reads once) is checked again against
+            these inputs.
         inputs: the graph's inputs (:class:`reparam.runtime.TensorSpec`).
         random_shapes: per-input shapes of one sample (batch axis included, size 1) for
             random data.
@@ -145,6 +147,18 @@ def load_calibration(
                 for name, shape in zip(names, shapes, strict=True)
             },
             "random normal (smoke test only)",
+        )
+    if isinstance(source, CalibrationData):
+        missing = [printable(name) for name in names if name not in source.arrays]
+        if missing:
+            raise UserInputError(f"calibration data has no input {', '.join(missing)}")
+        where = Path(source.source)
+        return CalibrationData(
+            {
+                spec.name: _check_calibration_array(source.arrays[spec.name], spec, where)
+                for spec in inputs
+            },
+            source.source,
         )
     path = Path(source)
     files = calibration_files(path)

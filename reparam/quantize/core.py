@@ -25,6 +25,7 @@ from reparam.errors import ExportError, UserInputError, printable, summarize
 from reparam.export.staging import Staging
 from reparam.quantize.calibration import (
     RANDOM_WARNING,
+    CalibrationData,
     calibration_reader,
     load_calibration,
     split_samples,
@@ -54,7 +55,7 @@ def quantize_onnx(
     model_path: str | os.PathLike,
     output_path: str | os.PathLike,
     *,
-    calibration: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | CalibrationData | None = None,
     per_channel: bool = True,
     method: str = "minmax",
     report_layers: bool = False,
@@ -71,8 +72,9 @@ def quantize_onnx(
         model_path: an fp32 ONNX model (e.g. from ``reparam export``).
         output_path: the INT8 ``.onnx`` to write (atomically; untouched when a gate fails).
         calibration: an .npy (one input), .npz (one array per input name) or a folder of
-            them, samples along axis 0. A fifth (at least 4 samples) is held out to measure
-            accuracy. ``None``: random inputs, with a loud warning (smoke tests only).
+            them, samples along axis 0, or a :class:`CalibrationData` already read. A fifth
+            (at least 4 samples) is held out to measure accuracy. ``None``: random inputs,
+            with a loud warning (smoke tests only).
         per_channel: one weight scale per output channel (default) or per tensor.
         method: calibration method, "minmax", "entropy" or "percentile".
         report_layers: also compare every quantized layer's output with fp32 and list the
@@ -100,7 +102,8 @@ def quantize_onnx(
     output_path = Path(output_path)
     if output_path.suffix.lower() != ".onnx":
         raise UserInputError(f"output file '{printable(output_path)}' should end in .onnx")
-    check_distinct_paths({"output": output_path}, {"model": model_path, "calibration": calibration})
+    source = None if isinstance(calibration, CalibrationData) else calibration
+    check_distinct_paths({"output": output_path}, {"model": model_path, "calibration": source})
     prepare_output(output_path, inputs=[model_path])
     proto = load_onnx(model_path)  # one line for a missing, corrupt or non-ONNX file
     # Graph-only refusals first: they cost a scan, not a session (a 10^5-node graph with
