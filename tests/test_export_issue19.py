@@ -396,8 +396,9 @@ def test_export_openvino_writes_xml_and_bin_only(tmp_path):
     pytest.importorskip("reparam.runtime.openvino")
     ov = pytest.importorskip("openvino")
     result = invoke("export", f"{MODULE}:small_net", "--format", "openvino", "-o",
-                    tmp_path / "m.xml")  # fmt: skip
+                    tmp_path / "m.xml", "--json")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verify_openvino"]["ok"]  # the IR verified in OpenVINO
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]  # no temporaries
     # the same model (the CLI randomises BN statistics by its seed) exported to ONNX
     onnx_path = tmp_path.parent / f"{tmp_path.name}-m.onnx"

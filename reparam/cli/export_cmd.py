@@ -323,7 +323,7 @@ def _export_onnx_family(
                 target if kind == "onnx" else Path(f"{target.stem}.onnx (converted to IR)")
             )
         data = result.to_dict()
-        quantized, int8_tmp = None, None
+        quantized, int8_tmp, ir_check = None, None, None
         if int8_target is not None or (kind == "openvino" and int8):
             int8_tmp = (
                 staging.scratch(target, suffix=".onnx")
@@ -334,11 +334,36 @@ def _export_onnx_family(
             quantized.model_path, quantized.output_path = target, int8_target
             data["int8"] = quantized.to_dict()
         if kind == "openvino":  # the IR of the INT8 graph with --int8
-            _convert_openvino(int8_tmp or onnx_tmp, target, half, staging, out)
+            xml_tmp = _convert_openvino(int8_tmp or onnx_tmp, target, half, staging, out)
             data["format"] = "openvino"
+            if verify and int8_tmp is None:  # INT8 is measured by the quantizer instead
+                ir_check = _verify_openvino(loaded, xml_tmp, target, inputs, options, half, out)
+                data["verify_openvino"] = ir_check.to_dict()
         staging.commit()
-    _show_onnx(loaded, result, quantized, target, int8_target, kind, out)
+    _show_onnx(loaded, result, quantized, ir_check, target, int8_target, kind, out)
     out.result(data)
+
+
+def _verify_openvino(
+    loaded: Any, xml_tmp: Path, target: Path, inputs: list[Any], options: Any, half: bool,
+    out: Output,
+) -> Any:  # fmt: skip
+    """The staged IR run by OpenVINO against the model; a failure replaces nothing."""
+    from reparam.errors import ExportError
+    from reparam.runtime.verify_runtimes import verify_openvino
+
+    options = options.for_dtype(half)  # fp16-compressed weights: the float16 floor
+    with out.progress() as say:
+        report = verify_openvino(
+            loaded.model, xml_tmp, inputs, rtol=options.rtol, atol=options.atol,
+            batch_sizes=options.batch_sizes, seed=options.seed, progress=say,
+            reference_name=options.reference_name,
+        )  # fmt: skip
+    report.path = target
+    if not report.ok:
+        out.echo(report.summary())
+        raise ExportError(f"'{printable(target)}' was not written: {report.failure_summary()}")
+    return report
 
 
 def _quantize(source: Path, destination: Path, calibration: Any, seed: int,
@@ -350,7 +375,7 @@ def _quantize(source: Path, destination: Path, calibration: Any, seed: int,
         return quantize_onnx(source, destination, calibration=calibration, seed=seed)
 
 
-def _convert_openvino(source: Path, target: Path, half: bool, staging: Any, out: Output) -> None:
+def _convert_openvino(source: Path, target: Path, half: bool, staging: Any, out: Output) -> Path:
     """OpenVINO IR of the staged graph, as staged .xml + .bin (helper: reparam.runtime)."""
     from reparam.runtime.openvino import convert_onnx_to_openvino
 
@@ -359,17 +384,19 @@ def _convert_openvino(source: Path, target: Path, half: bool, staging: Any, out:
     with out.progress() as say:
         say("export: converting to OpenVINO IR")
         convert_onnx_to_openvino(source, xml_tmp, compress_to_fp16=half)
+    return xml_tmp
 
 
 def _show_onnx(
-    loaded: Any, result: Any, quantized: Any, target: Path, int8_target: Path | None, kind: str,
-    out: Output,
+    loaded: Any, result: Any, quantized: Any, ir_check: Any, target: Path,
+    int8_target: Path | None, kind: str, out: Output,
 ) -> None:  # fmt: skip
     out.echo(f"reparam export: {loaded.description}")
     out.echo(result.summary())
-    if result.check is not None:
-        out.echo("")
-        out.echo(result.check.summary())
+    for check in (result.check, ir_check):
+        if check is not None:
+            out.echo("")
+            out.echo(check.summary())
     if quantized is not None:
         out.echo(str(quantized))
     if kind == "openvino":
