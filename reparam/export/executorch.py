@@ -17,11 +17,13 @@ bound actually planned is read back from the program (:func:`planned_batch`) and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +57,35 @@ def require_executorch() -> Any:
     # torchao (an executorch dependency) logs a warning per prebuilt kernel library it
     # cannot load on this machine (CUDA-only ones): noise before reparam's own lines.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    # torchao registers an Enum with torch's pytree at import, which torch logs as deprecated
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
     try:
         with warnings.catch_warnings():  # its dependencies' deprecation notices at import
             warnings.simplefilter("ignore")
+            pytree_log.setLevel(logging.ERROR)
             import executorch
             from executorch import runtime  # noqa: F401  (the part reparam needs)
     except ImportError:
         raise RuntimeNotInstalledError(f"ExecuTorch is not installed: {EXTRA}") from None
+    finally:
+        pytree_log.setLevel(level)
     return executorch
+
+
+@contextlib.contextmanager
+def native_logs_silenced() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null: ExecuTorch's C++ runtime logs to stderr on its
+    own (CPU probing lines at start, a line per failed kernel) before reparam's one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _one_line(error: BaseException) -> str:
@@ -87,7 +110,7 @@ class ExecuTorchModel:
         # as long as the program (freed, the next run reads freed memory and crashes)
         self._data = data
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), native_logs_silenced():
                 warnings.simplefilter("ignore")
                 self._program = Runtime.get().load_program(data)
                 self.method = self._program.load_method("forward")
@@ -211,12 +234,13 @@ def _check(
         with torch.no_grad():
             want = model(*case)
         try:
-            got = program.run(*case)
+            with native_logs_silenced():
+                got = program.run(*case)
             diffs = compare_outputs(want, got)
         except (UserInputError, ValueError) as error:
             hint = (
                 "; ExecuTorch kept a size of the traced batch: export with a static batch"
-                if batch != inputs[0].shape[0]
+                if dynamic_batch
                 else ""
             )
             raise ExportError(
