@@ -28,9 +28,7 @@ from reparam.errors import UserInputError
 from reparam.runtime.safety import check_allocation
 from reparam.runtime.text import printable
 
-__all__ = ["SHAPE_RANGES_KEY", "GraphModel", "TensorSpec", "check_input_ranges"]
-
-SHAPE_RANGES_KEY = "reparam.shape_ranges"
+__all__ = ["GraphModel", "TensorSpec", "check_input_ranges"]
 
 
 @dataclass(frozen=True)
@@ -55,15 +53,13 @@ class TensorSpec:
 def check_input_ranges(metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Refuse input sizes outside the symbolic axes' recorded valid ranges.
 
-    The check is :func:`reparam.export.shape_ranges.check_shapes` (the exporter's module,
-    which writes the ranges; imported only for a graph that has them).
+    The check is :func:`reparam.runtime.range_check.check_shapes` (also exported as
+    ``reparam.export.shape_ranges.check_shapes``, the exporter's side that writes them).
 
     Raises:
         UserInputError: one line naming input, axis, size and the valid range.
     """
-    if SHAPE_RANGES_KEY not in metadata:
-        return
-    from reparam.export.shape_ranges import check_shapes
+    from reparam.runtime.range_check import check_shapes
 
     check_shapes(dict(metadata), dict(shapes))
 
