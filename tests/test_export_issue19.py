@@ -122,6 +122,39 @@ def test_runtime_and_run_refuse_sizes_outside_the_range(branch_onnx, tmp_path):
     assert_error(invoke("run", branch_onnx, "-i", tmp_path / "x.npy"), "axis 3", "33")
 
 
+class SquareBranch(nn.Module):
+    """A forward that branches on H == W: torch.export traces it with W tied to H."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) if x.shape[2] == x.shape[3] else self.b(x)
+
+
+def test_axes_torch_ties_are_recorded_and_checked(tmp_path):
+    from reparam.runtime import load
+
+    path = tmp_path / "square.onnx"
+    report = export_onnx(SquareBranch().eval(), path, torch.randn(1, 3, 32, 32), dynamic_hw=True)
+    assert any("axis 3 must equal input 'input' axis 2" in note for note in report.notes)
+    session = load(path)
+    session.run(np.zeros((2, 3, 20, 20), np.float32))  # square: the traced branch
+    # before: a 32x20 input ran the square branch's graph, 3.9 off, without a word
+    with pytest.raises(UserInputError, match=r"axis 3 has size 20.*equal to input 'input' axis 2"):
+        session.run(np.zeros((1, 3, 32, 20), np.float32))
+
+
+def test_a_guard_comparing_two_axes_is_refused(tmp_path):
+    # traced non-square, the graph holds the H != W branch: a range cannot say so
+    with pytest.raises(ExportError, match=r"compares input sizes.*axis 2.*axis 3.*static-hw"):
+        export_onnx(SquareBranch().eval(), tmp_path / "s.onnx", torch.randn(1, 3, 32, 20),
+                    dynamic_hw=True)  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
 def test_check_shapes_contract():
     metadata = {METADATA_KEY: json.dumps({"input": {"3": [33, None], "2": [4, 8]}})}
     check_shapes(metadata, {"input": (1, 3, 8, 33)})

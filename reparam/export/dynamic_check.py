@@ -31,21 +31,29 @@ DYNAMIC_CHECK_RTOL = 1e-3  # a baked-in size gives errors of order 1, not 1e-6
 
 
 def other_size_inputs(
-    inputs: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool
+    inputs: tuple[Tensor, ...],
+    dynamic_batch: bool,
+    dynamic_hw: bool,
+    bounds: dict[tuple[int, int], tuple[int, int | None]] | None = None,
 ) -> tuple[Tensor, ...]:
     """Inputs at another batch size and, with ``dynamic_hw``, twice the spatial size.
 
     ``inputs`` are those the graph was traced with; the other batch is one smaller (one
     larger from a batch of one), the cheapest size that still differs from the traced one.
+    ``bounds`` (``{(input index, axis): (low, high)}``) keeps each size inside the axis's
+    valid range: outside it the graph is refused at run time, not wrong.
     """
     generator = torch.Generator().manual_seed(1)
     second = []
-    for tensor in inputs:
+    for index, tensor in enumerate(inputs):
         shape = list(tensor.shape)
         if dynamic_batch and shape:
             shape[0] = shape[0] - 1 if shape[0] > 1 else 2
         if dynamic_hw:
             shape[2:] = [2 * s for s in shape[2:]]
+        for axis, size in enumerate(shape):
+            low, high = (bounds or {}).get((index, axis), (1, None))
+            shape[axis] = max(low, size if high is None else min(size, high))
         values = torch.randn(shape, generator=generator, dtype=torch.float64)
         second.append(values.to(tensor.device, tensor.dtype))
     return tuple(second)
@@ -137,7 +145,10 @@ def check_dynamic_axes(
     if _extensions_missing(custom_ops):
         notes.append("dynamic axes not checked: onnxruntime-extensions is not installed")
         return []
-    second = other_size_inputs(inputs, dynamic_batch, dynamic_hw)
+    names = input_names or [f"input_{i}" for i in range(len(inputs))]
+    index = {name: i for i, name in enumerate(names)}
+    bounds = {(index[r.input], r.axis): (r.low, r.high) for r in ranges or [] if r.input in index}
+    second = other_size_inputs(inputs, dynamic_batch, dynamic_hw, bounds)
     what = "twice the example height/width" if dynamic_hw else "another batch size"
     try:
         with torch.no_grad():
@@ -149,7 +160,6 @@ def check_dynamic_axes(
         ) from None
     session = OnnxModel(onnx_path, optimization="disable", providers=["CPUExecutionProvider"])
     diffs = _compare_at(session, reference, second, what, rtol)
-    names = input_names or [spec.name for spec in session.inputs]
     for extra_what, extra in range_end_inputs(inputs, names, ranges or [], dynamic_hw):
         try:
             with torch.no_grad():

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from reparam._version import __version__
 from reparam.errors import UserInputError
-from reparam.export.shape_ranges import METADATA_KEY, AxisRange, ranges_to_json
+from reparam.export.shape_ranges import (
+    EQUALITIES_KEY,
+    METADATA_KEY,
+    AxisRange,
+    equalities_to_json,
+    ranges_to_json,
+)
 from reparam.export.signature import InputTree, flatten_inputs
 
 __all__ = ["dtype_name", "export_metadata", "one_level_structure", "range_notes"]
@@ -25,14 +31,21 @@ def range_notes(ranges: list[AxisRange]) -> list[str]:
     """One note per axis the model's code restricts: the range, the guard, what to do."""
     notes = []
     for axis_range in ranges:
+        where = f"input '{axis_range.input}' axis {axis_range.axis}"
+        if axis_range.equals is not None:
+            other, other_axis = axis_range.equals
+            notes.append(
+                f"{where} must equal input '{other}' axis {other_axis}: the model's code ties "
+                "the two sizes; the graph refuses other inputs at run time (export with "
+                "--static-hw for one fixed size)"
+            )
         if not axis_range.narrowed:
             continue
         guard = f" (torch.export guard {axis_range.guards[0]})" if axis_range.guards else ""
         notes.append(
-            f"input '{axis_range.input}' axis {axis_range.axis} is valid for sizes "
-            f"{axis_range.describe()} only: the model's code depends on it{guard}; the range "
-            "is recorded in the graph and other sizes are refused at run time (export with "
-            "--static-hw for one fixed size)"
+            f"{where} is valid for sizes {axis_range.describe()} only: the model's code "
+            f"depends on it{guard}; the range is recorded in the graph and other sizes are "
+            "refused at run time (export with --static-hw for one fixed size)"
         )
     return notes
 
@@ -58,6 +71,9 @@ def export_metadata(
     }
     if ranges:
         metadata[METADATA_KEY] = ranges_to_json(ranges)
+        equalities = equalities_to_json(ranges)
+        if equalities is not None:
+            metadata[EQUALITIES_KEY] = equalities
     return metadata
 
 

@@ -53,7 +53,11 @@ from reparam.export.graph import (
 )
 from reparam.export.metadata import dtype_name, export_metadata, one_level_structure, range_notes
 from reparam.export.report import ExportReport
-from reparam.export.shape_ranges import add_guard_sources, ranges_from_program
+from reparam.export.shape_ranges import (
+    add_guard_sources,
+    ranges_from_program,
+    relational_guards,
+)
 from reparam.export.signature import FlatInputs, InputTree, flatten_inputs, unflatten_inputs
 from reparam.export.staging import Staging
 from reparam.export.tolerances import VerifyOptions
@@ -202,10 +206,8 @@ def export_onnx(
     proto = check_and_infer(proto, infer=exporter == "legacy")
     opset_written = _opset_written(proto, opset)
     ranges = ranges_from_program(program, in_names) if program is not None else []
-    if any(r.narrowed for r in ranges):  # which line of the model narrowed it
-        guarded = trace_with_guards(flat, traced, dynamic_batch, dynamic_hw)
-        if guarded is not None:
-            add_guard_sources(ranges, guarded, in_names)
+    if program is not None and (dynamic_hw or any(r.narrowed for r in ranges)):
+        _check_guards(flat, traced, dynamic_batch, dynamic_hw, ranges, in_names)
     notes = [f"TracerWarning: {line}" for line in tracer_warnings] + range_notes(ranges)
     ops = custom_ops(proto)
     metadata = export_metadata(
@@ -340,6 +342,28 @@ def _trace(
                 _run_model(model, args, kwargs, inputs, "the model")
         raise
     return proto, tracer_warnings, program
+
+
+def _check_guards(
+    flat: nn.Module, traced: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool,
+    ranges: list[Any], in_names: list[str],
+) -> None:  # fmt: skip
+    """Read torch.export's guards (a second, plain trace: the ONNX program lost them).
+
+    A guard comparing two input axes (``H != W``) cannot be recorded as a range: refused.
+    Narrowed ranges get the source line of the guard that narrowed them.
+    """
+    guarded = trace_with_guards(flat, traced, dynamic_batch, dynamic_hw)
+    if guarded is None:
+        return
+    relations = relational_guards(guarded, in_names)
+    if relations:
+        raise ExportError(
+            f"the model's code compares input sizes ({relations[0]}): the graph would be "
+            "wrong where that comparison turns out the other way; export with static sizes "
+            "(--static-hw)"
+        )
+    add_guard_sources(ranges, guarded, in_names)
 
 
 def _name_outputs(proto: Any, output_names: Sequence[str] | None) -> tuple[Any, list[str]]:

@@ -9,7 +9,9 @@ Outside that range the graph computes the *other* branch's function wrongly (126
 - :func:`ranges_from_program` reads each user input axis's range (and the source line of the
   guards that narrowed it) from an ``ExportedProgram``;
 - the exporter records them in the ONNX metadata under :data:`METADATA_KEY`, a JSON object
-  ``{"<input name>": {"<axis index>": [min, max]}}`` (``max`` null: no upper bound);
+  ``{"<input name>": {"<axis index>": [min, max]}}`` (``max`` null: no upper bound), and
+  the axes torch.export made one size (a ``forward`` that branches on ``H == W`` is traced
+  with W = H) under :data:`EQUALITIES_KEY`, ``{"<input>": {"<axis>": ["<input>", axis]}}``;
 - :func:`check_shapes` refuses, with one line, an input outside the recorded range; the
   runtime, ``verify`` and ``run`` call it before running the graph. It lives in the runtime
   layer (:mod:`reparam.runtime.range_check`, which readers import without loading the
@@ -24,18 +26,27 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from reparam.runtime.range_check import METADATA_KEY, check_shapes, parse_ranges
+from reparam.runtime.range_check import (
+    EQUALITIES_KEY,
+    METADATA_KEY,
+    check_shapes,
+    parse_ranges,
+)
 
 __all__ = [
+    "EQUALITIES_KEY",
     "METADATA_KEY",
     "AxisRange",
     "add_guard_sources",
     "check_shapes",
+    "equalities_to_json",
     "parse_ranges",
     "ranges_from_program",
     "ranges_to_json",
+    "relational_guards",
 ]
 
 _TRACING_ASSUMPTION = 2  # torch's symbolic sizes are traced as >= 2 whatever the model
@@ -54,6 +65,8 @@ class AxisRange:
     low: int = 1
     high: int | None = None
     guards: list[str] = field(default_factory=list)
+    equals: tuple[str, int] | None = None
+    """``(input, axis)`` of an earlier axis torch.export made the same size (H == W)."""
 
     @property
     def narrowed(self) -> bool:
@@ -90,6 +103,7 @@ def ranges_from_program(program: Any, input_names: list[str]) -> list[AxisRange]
     constraints = {str(symbol): value for symbol, value in program.range_constraints.items()}
     shape_env = None
     found: list[AxisRange] = []
+    first: dict[str, tuple[str, int]] = {}  # symbol → the first axis that has it
     for name, placeholder in zip(input_names, user_inputs, strict=False):
         node = placeholders.get(placeholder)
         value = node.meta.get("val") if node is not None else None
@@ -104,6 +118,10 @@ def ranges_from_program(program: Any, input_names: list[str]) -> list[AxisRange]
             low = _bound(bounds.lower)
             low = 1 if low is None or low <= _TRACING_ASSUMPTION else low
             found.append(AxisRange(name, axis, low, _bound(bounds.upper)))
+            if symbol in first:  # one size for two axes: the model's code ties them
+                found[-1].equals = first[symbol]
+            else:
+                first[symbol] = (name, axis)
     _attach_guards(found, shape_env, input_names, program)
     return found
 
@@ -127,10 +145,12 @@ def _attach_guards(
         for symbol in names & set(symbols):
             axis_range = symbols[symbol]
             if axis_range.narrowed:
-                where = str(getattr(guard, "sloc", "") or "").strip().strip("()")
+                where = _user_location(guard)
+                if where is None:  # torch's own guard, not the model's branch
+                    continue
                 # the tracer's symbol (s87) means nothing to the user: name the axis instead
                 condition = re.sub(rf"\b{symbol}\b", f"shape[{axis_range.axis}]", str(expression))
-                axis_range.guards.append(f"{condition} at {where}" if where else condition)
+                axis_range.guards.append(f"{condition} at {where}")
 
 
 def add_guard_sources(ranges: list[AxisRange], program: Any, input_names: list[str]) -> None:
@@ -140,6 +160,63 @@ def add_guard_sources(ranges: list[AxisRange], program: Any, input_names: list[s
         other = traced.get((axis_range.input, axis_range.axis))
         if other is not None and not axis_range.guards:
             axis_range.guards = list(other.guards)
+
+
+def _axis_symbols(program: Any, input_names: list[str]) -> dict[str, str]:
+    """``{tracer symbol: "input 'x' axis 2"}`` for every plain-symbol input axis."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    names: dict[str, str] = {}
+    for name, placeholder in zip(input_names, program.graph_signature.user_inputs, strict=False):
+        value = placeholders[placeholder].meta.get("val")
+        for axis, size in enumerate(getattr(value, "shape", ())):
+            names.setdefault(str(size), f"input '{name}' axis {axis}")
+    return names
+
+
+def relational_guards(program: Any, input_names: list[str]) -> list[str]:
+    """Guards that compare two input axes (``H != W``, ``H > W``), with their source line.
+
+    A range cannot express them and the graph is wrong where the comparison flips, so the
+    exporter refuses such a dynamic axis. (Two axes torch made *equal* are one symbol, not
+    a guard: :attr:`AxisRange.equals` records those.)
+    """
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    value = placeholders[-1].meta.get("val") if placeholders else None
+    shape_env = getattr(getattr(value, "fake_mode", None), "shape_env", None)
+    axes = _axis_symbols(program, input_names)
+    found = []
+    for guard in getattr(shape_env, "guards", []):
+        expression = getattr(guard, "expr", None)
+        symbols = sorted({str(s) for s in getattr(expression, "free_symbols", ())} & set(axes))
+        where = _user_location(guard)
+        # torch's own guards (memory-format checks and the like) are not the model's code
+        if len(symbols) < 2 or where is None:
+            continue
+        condition = str(expression)
+        for symbol in symbols:
+            condition = re.sub(rf"\b{symbol}\b", f"({axes[symbol]})", condition)
+        found.append(f"{condition} at {where}")
+    return found
+
+
+def _user_location(guard: Any) -> str | None:
+    """``file:line in fn`` of the model code that made the guard; None inside torch."""
+    import torch
+
+    frame = getattr(getattr(guard, "sloc", None), "framework_loc", None)
+    filename = str(getattr(frame, "filename", "") or "")
+    if not filename or Path(filename).resolve().is_relative_to(Path(torch.__file__).parent):
+        return None
+    return f"{filename}:{getattr(frame, 'lineno', '?')} in {getattr(frame, 'name', '?')}"
+
+
+def equalities_to_json(ranges: list[AxisRange]) -> str | None:
+    """The :data:`EQUALITIES_KEY` value: ``{"<input>": {"<axis>": ["<input>", axis]}}``."""
+    table: dict[str, dict[str, list[Any]]] = {}
+    for axis_range in ranges:
+        if axis_range.equals is not None:
+            table.setdefault(axis_range.input, {})[str(axis_range.axis)] = list(axis_range.equals)
+    return json.dumps(table, sort_keys=True) if table else None
 
 
 def ranges_to_json(ranges: list[AxisRange]) -> str:
