@@ -1,10 +1,12 @@
 """Randomised: small models with shape-dependent control flow, exported with dynamic H/W.
 
 Each model is drawn from Conv/BN/ReLU/ReLU6/SiLU stages, a residual, and a branch on the
-input's height or width at a random threshold; it is fused and exported with a dynamic
-batch, height and width, then run at three random sizes, some on the other side of the
-branch (or on H == W, which torch.export traces with W tied to H). Every run is exact against the training-time model (1e-5 relative, float32) or
-refused with one line naming the axis and its valid range (issue 19, case 1).
+input's height or width at a random threshold or on H == W; it is fused and exported with a
+dynamic batch, height and width, then run at three random sizes, some on the other side of
+the branch. Every run is exact against the training-time model (1e-5 relative, float32) or
+refused with one line naming the axis and its valid range or the axis it must equal; an
+export the model cannot honour (a guard comparing two axes) is refused with one line
+(issue 19, case 1).
 """
 
 from __future__ import annotations
