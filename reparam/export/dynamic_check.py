@@ -23,9 +23,15 @@ from torch import Tensor, nn
 
 from reparam.compare import OutputDiff, compare_outputs
 from reparam.errors import ExportError, MissingCustomOpError, UserInputError, summarize
-from reparam.export.shape_ranges import AxisRange
+from reparam.export.shape_ranges import AxisRange, GuardFlip
 
-__all__ = ["DYNAMIC_CHECK_RTOL", "check_dynamic_axes", "other_size_inputs", "range_end_inputs"]
+__all__ = [
+    "DYNAMIC_CHECK_RTOL",
+    "check_dynamic_axes",
+    "guard_flip_inputs",
+    "other_size_inputs",
+    "range_end_inputs",
+]
 
 DYNAMIC_CHECK_RTOL = 1e-3  # a baked-in size gives errors of order 1, not 1e-6
 
@@ -103,6 +109,26 @@ def range_end_inputs(
     return extra
 
 
+def guard_flip_inputs(
+    inputs: tuple[Tensor, ...], input_names: list[str], flips: list[GuardFlip]
+) -> list[tuple[str, tuple[Tensor, ...]]]:
+    """Inputs on the other side of each of the model's guards (see ``guard_flips``)."""
+    generator = torch.Generator().manual_seed(3)
+    index = {name: i for i, name in enumerate(input_names)}
+    extra = []
+    for flip in flips:
+        position = index.get(flip.input)
+        if position is None:
+            continue
+        shape = list(inputs[position].shape)
+        shape[flip.axis] = flip.size
+        changed = list(inputs)
+        changed[position] = _random_like(shape, inputs[position], generator)
+        what = f"input '{flip.input}' axis {flip.axis} = {flip.size}, where {flip.guard} is false"
+        extra.append((what, tuple(changed)))
+    return extra
+
+
 def _extensions_missing(custom: bool) -> bool:
     """True when the graph has custom operators and onnxruntime-extensions is not installed."""
     if not custom:
@@ -128,6 +154,7 @@ def check_dynamic_axes(
     rtol: float = DYNAMIC_CHECK_RTOL,
     input_names: list[str] | None = None,
     ranges: list[AxisRange] | None = None,
+    flips: list[GuardFlip] | None = None,
 ) -> list[OutputDiff]:
     """Run the graph at other sizes under onnxruntime; refuse it if it disagrees with torch.
 
@@ -160,17 +187,24 @@ def check_dynamic_axes(
         ) from None
     session = OnnxModel(onnx_path, optimization="disable", providers=["CPUExecutionProvider"])
     diffs = _compare_at(session, reference, second, what, rtol)
-    for extra_what, extra in range_end_inputs(inputs, names, ranges or [], dynamic_hw):
+    extras = range_end_inputs(inputs, names, ranges or [], dynamic_hw)
+    extras += guard_flip_inputs(inputs, names, flips or [])
+    skipped: list[tuple[str, BaseException]] = []
+    for extra_what, extra in extras:
         try:
             with torch.no_grad():
                 extra_reference = model(*extra)
         except (RuntimeError, ValueError, IndexError) as error:
-            notes.append(
-                f"dynamic axes not checked at {extra_what}: the PyTorch model itself fails "
-                f"there ({summarize(error)})"
-            )
+            skipped.append((extra_what, error))  # sizes the model itself does not take
             continue
         _compare_at(session, extra_reference, extra, extra_what, rtol)
+    if skipped:  # one note: the first such size, and how many there were
+        what, error = skipped[0]
+        more = f" and {len(skipped) - 1} other size(s)" if len(skipped) > 1 else ""
+        notes.append(
+            f"dynamic axes not checked at {what}{more}: the PyTorch model itself fails there "
+            f"({summarize(error, 160)})"
+        )
     return diffs
 
 

@@ -55,6 +55,7 @@ from reparam.export.metadata import dtype_name, export_metadata, one_level_struc
 from reparam.export.report import ExportReport
 from reparam.export.shape_ranges import (
     add_guard_sources,
+    guard_flips,
     ranges_from_program,
     relational_guards,
 )
@@ -207,7 +208,9 @@ def export_onnx(
     opset_written = _opset_written(proto, opset)
     ranges = ranges_from_program(program, in_names) if program is not None else []
     if program is not None and (dynamic_hw or any(r.narrowed for r in ranges)):
-        _check_guards(flat, traced, dynamic_batch, dynamic_hw, ranges, in_names)
+        flips = _check_guards(flat, traced, dynamic_batch, dynamic_hw, ranges, in_names)
+    else:
+        flips = []
     notes = [f"TracerWarning: {line}" for line in tracer_warnings] + range_notes(ranges)
     ops = custom_ops(proto)
     metadata = export_metadata(
@@ -230,7 +233,7 @@ def export_onnx(
             dynamic_diffs = dynamic_check.check_dynamic_axes(
                 flat, tmp, traced, dynamic_batch, dynamic_hw, notes, custom_ops=bool(ops),
                 rtol=FP16_DYNAMIC_CHECK_RTOL if half else dynamic_check.DYNAMIC_CHECK_RTOL,
-                input_names=in_names, ranges=ranges,
+                input_names=in_names, ranges=ranges, flips=flips,
             )  # fmt: skip
         if options is not None:
             checked.append(_verify(model, tmp, path, inputs, options, say))
@@ -347,15 +350,16 @@ def _trace(
 def _check_guards(
     flat: nn.Module, traced: tuple[Tensor, ...], dynamic_batch: bool, dynamic_hw: bool,
     ranges: list[Any], in_names: list[str],
-) -> None:  # fmt: skip
+) -> list[Any]:  # fmt: skip
     """Read torch.export's guards (a second, plain trace: the ONNX program lost them).
 
     A guard comparing two input axes (``H != W``) cannot be recorded as a range: refused.
-    Narrowed ranges get the source line of the guard that narrowed them.
+    Narrowed ranges get the source line of the guard that narrowed them. Returns, for the
+    dynamic check, a size on the other side of each guard on one axis (``W % 2 == 0``).
     """
     guarded = trace_with_guards(flat, traced, dynamic_batch, dynamic_hw)
     if guarded is None:
-        return
+        return []
     relations = relational_guards(guarded, in_names)
     if relations:
         raise ExportError(
@@ -364,6 +368,7 @@ def _check_guards(
             "(--static-hw)"
         )
     add_guard_sources(ranges, guarded, in_names)
+    return guard_flips(guarded, in_names, ranges)
 
 
 def _name_outputs(proto: Any, output_names: Sequence[str] | None) -> tuple[Any, list[str]]:

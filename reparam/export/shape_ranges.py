@@ -40,9 +40,11 @@ __all__ = [
     "EQUALITIES_KEY",
     "METADATA_KEY",
     "AxisRange",
+    "GuardFlip",
     "add_guard_sources",
     "check_shapes",
     "equalities_to_json",
+    "guard_flips",
     "parse_ranges",
     "ranges_from_program",
     "ranges_to_json",
@@ -208,6 +210,69 @@ def _user_location(guard: Any) -> str | None:
     if not filename or Path(filename).resolve().is_relative_to(Path(torch.__file__).parent):
         return None
     return f"{filename}:{getattr(frame, 'lineno', '?')} in {getattr(frame, 'name', '?')}"
+
+
+@dataclass
+class GuardFlip:
+    """A size of one input axis, inside its range, where one of the model's guards is false.
+
+    The graph holds the guard's true side only: running it there shows whether it is wrong.
+    """
+
+    input: str
+    axis: int
+    size: int
+    guard: str
+
+
+def guard_flips(program: Any, input_names: list[str], ranges: list[AxisRange]) -> list[GuardFlip]:
+    """For each guard of the model's code on one axis (``W % 2 == 0``), a size that flips it.
+
+    Sizes near the example's (±1, ±2, ±3, half, twice plus one) inside the axis's recorded
+    range are tried; the first where the guard is false is returned. Guards that only bound
+    the range never flip inside it.
+    """
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    value = placeholders[-1].meta.get("val") if placeholders else None
+    shape_env = getattr(getattr(value, "fake_mode", None), "shape_env", None)
+    if shape_env is None:
+        return []
+    where_of = {}  # symbol → (input, axis)
+    by_place = {n.name: n for n in placeholders}
+    for name, placeholder in zip(input_names, program.graph_signature.user_inputs, strict=False):
+        tensor = by_place[placeholder].meta.get("val")
+        for axis, size in enumerate(getattr(tensor, "shape", ())):
+            where_of.setdefault(str(size), (name, axis))
+    bounds = {(r.input, r.axis): (r.low, r.high) for r in ranges}
+    # the example's size of each symbol (newer torch: backed_var_to_val; var_to_val warns)
+    hints = getattr(shape_env, "backed_var_to_val", None)
+    if hints is None:
+        hints = getattr(shape_env, "var_to_val", {})
+    examples = {str(k): int(v) for k, v in hints.items()}
+    flips = []
+    for guard in getattr(shape_env, "guards", []):
+        expression = getattr(guard, "expr", None)
+        symbols = [s for s in getattr(expression, "free_symbols", ()) if str(s) in where_of]
+        location = _user_location(guard)
+        if len(symbols) != 1 or location is None or str(symbols[0]) not in examples:
+            continue
+        (symbol,) = symbols
+        name, axis = where_of[str(symbol)]
+        low, high = bounds.get((name, axis), (1, None))
+        example = examples[str(symbol)]
+        candidates = [example + d for d in (1, -1, 2, -2, 3, -3)] + [example // 2, 2 * example + 1]
+        for size in candidates:
+            if size < low or (high is not None and size > high):
+                continue
+            try:
+                holds = bool(expression.xreplace({symbol: size}))
+            except (TypeError, ValueError):  # not decidable by substitution: skip the guard
+                break
+            if not holds:
+                text = re.sub(rf"\b{symbol}\b", f"shape[{axis}]", str(expression))
+                flips.append(GuardFlip(name, axis, size, f"{text} at {location}"))
+                break
+    return flips
 
 
 def equalities_to_json(ranges: list[AxisRange]) -> str | None:
