@@ -2,7 +2,8 @@
 
 Involution (B8 C64 56² K7) and DRConv (B8 C64→64 32² K3, r = 8) are exported with
 :func:`reparam.export_onnx` (dynamic batch; DRConv with both Corr modes) and run with
-reparam's own onnxruntime session (:func:`reparam.runtime.session.load`). Per thread
+reparam's own sessions: onnxruntime (:func:`reparam.runtime.session.load`) and, when it is
+installed, OpenVINO (:func:`reparam.runtime.openvino.load_openvino`, float32). Per thread
 condition (1 thread, all threads) the graph's run and the eager forward (``torch.no_grad``,
 eval, torch set to the same thread count) alternate ``--repeats`` times after a warm-up;
 the table gives medians and the ratio graph / eager (target ≤ 1.25×), and the largest
@@ -31,6 +32,19 @@ import reparam
 from reparam.blocks.drconv import DRConv2d
 from reparam.blocks.involution import Involution
 from reparam.runtime.session import load
+
+
+def runtimes() -> list[tuple[str, Callable]]:
+    """(name, loader(path, threads=)) of the runtimes installed here."""
+    found: list[tuple[str, Callable]] = [("onnxruntime", load)]
+    try:
+        import openvino  # noqa: F401
+
+        from reparam.runtime.openvino import load_openvino
+    except ImportError:
+        return found
+    return [*found, ("OpenVINO", load_openvino)]
+
 
 TARGET = 1.25
 
@@ -87,8 +101,8 @@ def bench(quick: bool, repeats: int) -> list[str]:
     lines = [
         f"torch {torch.__version__}, medians of {repeats} interleaved runs, target ≤ {TARGET}×",
         "",
-        f"| case | {header} | max rel. diff | met |",
-        "|---|" + "---|" * len(conditions) + "---|---|",
+        f"| case | runtime | {header} | max rel. diff | met |",
+        "|---|---|" + "---|" * len(conditions) + "---|---|",
     ]
     with tempfile.TemporaryDirectory() as folder:
         for index, (label, module, x, options) in enumerate(cases(quick)):
@@ -100,35 +114,42 @@ def bench(quick: bool, repeats: int) -> list[str]:
                 continue
             with torch.no_grad():
                 eager_out = module(x)
-            cells, met, worst = [], True, 0.0
-            for count in conditions:
-                try:
-                    session = load(path, threads=count)
-                except Exception as error:
-                    cells.append(f"cannot run: {str(error).splitlines()[0][:100]}")
-                    met = False
-                    continue
-                feed = {session.inputs[0].name: x.numpy()}
-                got = session.run_feeds(feed)[0]
-                scale = float(np.abs(eager_out.numpy()).max()) or 1.0
-                worst = max(worst, float(np.abs(got - eager_out.numpy()).max()) / scale)
-
-                def eager(module=module, x=x):
-                    with torch.no_grad():
-                        module(x)
-
-                with _threads(count):
-                    graph_s, eager_s = interleaved_medians(
-                        [lambda s=session, f=feed: s.run_feeds(f), eager], repeats
-                    )
-                ratio = graph_s / eager_s
-                met = met and ratio <= TARGET
-                cells.append(f"{graph_s * 1e3:.1f} / {eager_s * 1e3:.1f} ({ratio:.2f}×)")
-            met = met and worst <= 1e-5
-            lines.append(
-                f"| {label} | {' | '.join(cells)} | {worst:.1e} | {'yes' if met else '**no**'} |"
-            )
+            for runtime, loader in runtimes():
+                lines.append(
+                    _row(label, runtime, loader, path, module, x, eager_out, conditions, repeats)
+                )
     return lines
+
+
+def _row(label, runtime, loader, path, module, x, eager_out, conditions, repeats) -> str:
+    """One table row: the graph in ``runtime`` against eager, per thread count."""
+    cells, met, worst = [], True, 0.0
+    for count in conditions:
+        try:
+            session = loader(path, threads=count)
+        except Exception as error:
+            cells.append(f"cannot run: {str(error).splitlines()[0][:100]}")
+            met = False
+            continue
+        feed = {session.inputs[0].name: x.numpy()}
+        got = session.run_feeds(feed)[0]
+        scale = float(np.abs(eager_out.numpy()).max()) or 1.0
+        worst = max(worst, float(np.abs(got - eager_out.numpy()).max()) / scale)
+
+        def eager(module=module, x=x):
+            with torch.no_grad():
+                module(x)
+
+        with _threads(count):
+            graph_s, eager_s = interleaved_medians(
+                [lambda s=session, f=feed: s.run_feeds(f), eager], repeats
+            )
+        ratio = graph_s / eager_s
+        met = met and ratio <= TARGET
+        cells.append(f"{graph_s * 1e3:.1f} / {eager_s * 1e3:.1f} ({ratio:.2f}×)")
+    met = met and worst <= 1e-5
+    verdict = "yes" if met else "**no**"
+    return f"| {label} | {runtime} | {' | '.join(cells)} | {worst:.1e} | {verdict} |"
 
 
 def main() -> None:

@@ -282,9 +282,17 @@ class DRConv2d(nn.Module):
         # [features, 1] (B, r, K², r + 1) times the generator matrix (r, r + 1, C·O): the
         # kernels come out in the layout the MatMul reads, no transposing copy (a 6-D
         # Transpose took a third of the graph's time under onnxruntime).
-        features = self._features_from_pooled(self.conv_kernel[0](x))
-        kernels = torch.matmul(features, self._generator_matrix())  # (B, r, K², C·O)
-        kernels = kernels.reshape(batch, self.region_num, k * k * self.in_channels, -1)
+        # Out of place (cat, no writes into empty buffers): plain ops for every exporter.
+        regions, channels, out_channels = self.region_num, self.in_channels, self.out_channels
+        reduced = self.conv_kernel[2](self.conv_kernel[1](self.conv_kernel[0](x)))
+        reduced = reduced.view(batch, regions, regions, k * k).transpose(2, 3)
+        features = torch.cat([reduced, reduced.new_ones((batch, regions, k * k, 1))], 3)
+        generator = self.conv_kernel[3]
+        weight = generator.weight.view(regions, out_channels, channels, regions)
+        bias = generator.bias.view(regions, 1, out_channels, channels)
+        matrix = torch.cat([weight.permute(0, 3, 2, 1), bias.permute(0, 1, 3, 2)], 1)
+        kernels = torch.matmul(features, matrix.reshape(regions, regions + 1, -1))
+        kernels = kernels.reshape(batch, regions, k * k * channels, -1)  # (B, r, K²·C, O)
         geometry = (k, self.stride, self.padding, self.dilation)
         return region_first_graph(x, kernels, self.conv_guide(x), geometry)
 

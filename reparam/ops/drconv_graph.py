@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reparam.ops.corr import corr_output_size
-from reparam.ops.region_corr import first_max_index, rows_read, window_index
+from reparam.ops.region_corr import first_max_index
 
 __all__ = ["graph_applies", "region_first_graph"]
 
@@ -47,6 +47,26 @@ def graph_applies(x: Tensor) -> bool:
         and isinstance(width, int)
         and (not isinstance(batch, int) or batch > 0)
     )
+
+
+def _window_rows(height: int, width: int, geometry, device) -> Tensor:
+    """(H'·W' + 1, K²) int64: for output pixel p and tap t = i·K + j, 1 + y·W + x with
+    y = s·u + d·i − pad, x = s·v + d·j − pad, or 0 (the zero row) where (y, x) lies in the
+    padding; the last row, the dummy pixel, all 0.
+
+    Made afresh on every call: under a tracer its tensors are fake, and must never be
+    cached (as :func:`~reparam.ops.region_corr.window_index` caches its tables). Small
+    values only, so a runtime computing indices in int32 reads the same rows.
+    """
+    k, stride, pad, dilation = geometry
+    out_h, out_w = (corr_output_size(n, *geometry) for n in (height, width))
+    taps = torch.arange(k, device=device) * dilation
+    ys = (torch.arange(out_h, device=device) * stride - pad).unsqueeze(1) + taps
+    xs = (torch.arange(out_w, device=device) * stride - pad).unsqueeze(1) + taps
+    ys, xs = ys.view(out_h, 1, k, 1), xs.view(1, out_w, 1, k)
+    inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+    rows = torch.where(inside, ys * width + xs + 1, 0).view(out_h * out_w, k * k)
+    return torch.cat([rows, rows.new_zeros((1, k * k))])
 
 
 def region_first_graph(
@@ -80,10 +100,7 @@ def region_first_graph(
     source = source.scatter(1, slot, every_pixel)
     # 3. the slots' im2col rows: one gather from the channels-last rows, row 0 of each
     # sample's block of 1 + H·W rows being zeros.
-    # Made afresh, never from the cache: under a tracer it is made of fake tensors.
-    windows = window_index(height, width, geometry, x.device, 0, out_h, cache=False)
-    windows = rows_read(windows, 1)
-    windows = torch.cat([windows, windows.new_zeros((1, taps))])  # the dummy pixel
+    windows = _window_rows(height, width, geometry, x.device)
     block = 1 + height * width
     rows = torch.cat([x.new_zeros((batch, 1, channels)), x.flatten(2).transpose(1, 2)], 1)
     first_rows = (torch.arange(batch, device=x.device) * block).view(batch, 1, 1)

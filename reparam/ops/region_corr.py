@@ -86,16 +86,13 @@ def straight_through_guide_grad(mixed: Tensor, guide: Tensor, dim: int) -> Tenso
 _PADDING_TAP = -(1 << 62)
 
 
-def window_index(
-    height: int, width: int, geometry, device, top: int, bottom: int, *, cache: bool = True
-) -> Tensor:
+def window_index(height: int, width: int, geometry, device, top: int, bottom: int) -> Tensor:
     """((bottom − top)·W', K·K) int64: for output pixel p = u·W' + v of output rows top ..
     bottom − 1 and tap t = i·K + j, the input pixel the tap reads, y·W + x with
     y = s·u + d·i − pad, x = s·v + d·j − pad, or _PADDING_TAP where (y, x) lies in the zero
-    padding. Read only: tables up to _WINDOW_CACHE_BYTES are cached per geometry, unless
-    ``cache`` is False (while tracing: a table made from fake tensors must never be kept)."""
+    padding. Read only: tables up to _WINDOW_CACHE_BYTES are cached per geometry."""
     out_w = corr_output_size(width, *geometry)
-    if cache and (bottom - top) * out_w * geometry[0] ** 2 * 8 <= _WINDOW_CACHE_BYTES:
+    if (bottom - top) * out_w * geometry[0] ** 2 * 8 <= _WINDOW_CACHE_BYTES:
         return _cached_window_index(height, width, geometry, device, top, bottom)
     return _make_window_index(height, width, geometry, device, top, bottom)
 
