@@ -75,13 +75,19 @@ def _per_thread_setters() -> tuple[Callable[[], None], ...] | None:
     ``/proc/self/maps``); MKL's per-thread call is exported by ``libtorch_cpu`` in its
     by-reference (Fortran) form, whose convention is fixed by that name.
     """
-    if torch.get_num_threads() < 1 or not os.path.exists("/proc/self/maps"):
+    if not os.path.exists("/proc/self/maps"):  # Linux only: elsewhere chunks run inline
         return None
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split()[-1] for line in maps if line.count(" ") >= 5}
         names = ("libgomp", "libiomp5", "libomp")
-        runtime = next((p for p in sorted(paths) if os.path.basename(p).startswith(names)), None)
+        torch_dir = os.path.dirname(torch.__file__)
+        # torch's own copy first: another package may have loaded its own runtime too.
+        candidates = sorted(
+            (p for p in paths if os.path.basename(p).startswith(names)),
+            key=lambda p: (not p.startswith(torch_dir), p),
+        )
+        runtime = candidates[0] if candidates else None
         if runtime is None:
             return None
         omp_set = ctypes.CDLL(runtime).omp_set_num_threads
