@@ -1,4 +1,4 @@
-"""Dynamic Region-Aware Convolution, DRConv (Chen et al., CVPR 2021), as in the seed.
+"""Dynamic Region-Aware Convolution, DRConv (Chen et al., CVPR 2021), as in the blog post.
 
 For input x (B, C, H, W) and r regions:
 
@@ -9,9 +9,9 @@ For input x (B, C, H, W) and r regions:
 3. per-sample correlation of x with its r·O kernels (:func:`reparam.ops.corr`), then at
    every output pixel the output of the region whose guide map is largest.
 
-Region assignment (the seed's ``asign_index``) is an argmax, so it has no gradient; the seed
-trains with a straight-through estimator: forward the hard choice, backward as if the output
-were the softmax mixture Σ_ρ softmax(guide)_ρ · out_ρ for the guide, and through the hard
+Region assignment (the blog post's ``asign_index``) is an argmax, so it has no gradient; the
+blog post trains with a straight-through estimator: forward the hard choice, backward as if
+the output were the softmax mixture Σ_ρ softmax(guide)_ρ · out_ρ for the guide, and through the hard
 mask for the kernels. :func:`assign_region` implements that; :func:`assign_region_reference`
 is the same in plain autograd, ``hard + soft − soft.detach()`` with soft computed from
 detached outputs.
@@ -35,7 +35,7 @@ im2col rows' gradient, folded back onto the input
 (:class:`~reparam.ops.region_corr.RegionCorr`): 1/r of the backward work of the grouped
 convolution. The kernels are generated directly in the layout those matmuls read
 (:meth:`DRConv2d._tap_major_kernels`), so no copy reorders them. The gradients are those of
-the seed's formulation, :meth:`DRConv2d.forward_reference`.
+the blog post's formulation, :meth:`DRConv2d.forward_reference`.
 
 Threads: inference shares ranges of samples, samples and bands of output rows, training shares
 samples, between ``torch.get_num_threads()`` threads that each run their ops with one
@@ -44,7 +44,7 @@ never wait at a thread barrier, which stalls when another process holds a core. 
 training batch smaller than the thread count runs its samples in turn with all intra-op
 threads instead.)
 
-State-dict keys follow the seed: ``conv_kernel.{1,3}.*`` (index 0 is the pool, 2 the
+State-dict keys follow the blog post: ``conv_kernel.{1,3}.*`` (index 0 is the pool, 2 the
 sigmoid) and ``conv_guide.*``. Index 0 is :class:`~reparam.ops.AdaptiveAvgPool2dExact`, which
 exports exactly at every input size, instead of ``nn.AdaptiveAvgPool2d``.
 """
@@ -88,13 +88,13 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class DRConv2d(nn.Module):
-    """Dynamic region-aware convolution with the seed's layout and straight-through training.
+    """Dynamic region-aware convolution with the blog post's layout and straight-through training.
 
     Args:
         in_channels, out_channels: channel counts (>= 1).
         kernel_size: odd K.
         region_num: r >= 1 regions (r kernels per sample).
-        stride, padding, dilation: of the correlation and of the guide conv (the seed's
+        stride, padding, dilation: of the correlation and of the guide conv (the blog post's
             ``**kwargs``).
 
     Attributes:
@@ -150,11 +150,11 @@ class DRConv2d(nn.Module):
         )
 
     def _generated(self, x: Tensor) -> Tensor:
-        """``conv_kernel(x)`` as a (r, O, C, B, K, K) view, region-major as in the seed.
+        """``conv_kernel(x)`` as a (r, O, C, B, K, K) view, region-major as in the blog post.
 
         The last, grouped 1x1 conv of ``conv_kernel`` (r² → r·C·O on KxK pixels) runs as one
         batched matmul over the r groups, several times faster on CPU than the grouped
-        convolution; :meth:`_kernels` gets the seed's layout from it with one copy.
+        convolution; :meth:`_kernels` gets the blog post's layout from it with one copy.
         """
         regions, k = self.region_num, self.kernel_size
         batch = x.shape[0]
@@ -168,7 +168,8 @@ class DRConv2d(nn.Module):
         return kernel.reshape(regions, self.out_channels, self.in_channels, batch, k, k)
 
     def _kernels(self, x: Tensor) -> Tensor:
-        """Per-sample kernels (B, r·O, C, K, K): ``conv_kernel(x)`` reshaped, as in the seed."""
+        """Per-sample kernels (B, r·O, C, K, K): ``conv_kernel(x)`` reshaped as the blog post
+        does."""
         kernel = self._generated(x).permute(3, 0, 1, 2, 4, 5)
         k = self.kernel_size
         kernels = self.region_num * self.out_channels
@@ -180,7 +181,7 @@ class DRConv2d(nn.Module):
         (c, o), the bias folded in as the last row."""
         regions, channels, out_channels = self.region_num, self.in_channels, self.out_channels
         generator = self.conv_kernel[3]
-        # Output channel ρ·O·C + o·C + c of the grouped conv (the seed's kernel layout).
+        # Output channel ρ·O·C + o·C + c of the grouped conv (the blog post's kernel layout).
         weight = generator.weight.reshape(regions, out_channels, channels, regions)
         bias = generator.bias.reshape(regions, out_channels, channels)
         # Two transposing copies into one buffer: 3x faster than cat + permute + reshape.
@@ -243,7 +244,7 @@ class DRConv2d(nn.Module):
         )  # fmt: skip
 
     def forward_reference(self, x: Tensor) -> Tensor:
-        """The seed's formulation: all r region outputs, then one kept per pixel."""
+        """The blog post's formulation: all r region outputs, then one kept per pixel."""
         self._check_input(x)
         outputs = corr(x, self._kernels(x), 1, self.stride, self.padding, self.dilation)
         batch, _, height, width = outputs.shape
@@ -331,7 +332,7 @@ class DRConv2d(nn.Module):
 
     def _pooling_matrices(self, height: int, width: int, like: Tensor):
         """(P_h, P_w), the (K, H) and (K, W) averaging matrices of ``conv_kernel[0]``, when
-        it is the adaptive average pool to K x K that the block builds (or the seed's) and
+        it is the adaptive average pool to K x K that the block builds (or the blog post's) and
         no hook watches it; else None, and the fast path calls the module."""
         pool, k = self.conv_kernel[0], self.kernel_size
         stock = isinstance(pool, AdaptiveAvgPool2dExact | nn.AdaptiveAvgPool2d)

@@ -11,7 +11,7 @@ This is DRConv's core (its kernels are generated from the input). Three implemen
   formula. Eagerly it runs one grouped convolution with ``groups = B·g`` over the batch
   folded into channels, and its backward is that convolution's backward.
 - :func:`corr_standard` — the same computation in standard operators only, for ONNX export
-  with a dynamic batch (REFERENCE.md §4): im2col as a fixed one-hot depthwise convolution
+  with a dynamic batch: im2col as a fixed one-hot depthwise convolution
   (C·kh·kw output channels, ``groups=C``), then a batched matmul with the per-sample kernels.
   A grouped conv with ``groups = batch`` cannot be exported with a dynamic batch.
 - :func:`corr_reference` — a plain loop of ``F.conv2d`` over the batch, for tests.

@@ -6,7 +6,7 @@ guide chose, ρ(p) = argmax_ρ guide[b, ρ, p]:
 
     y[b, :, p] = P_b[p] · W_{b,ρ(p)}      (P_b: the sample's im2col rows)
 
-:func:`assign_region` keeps one of r region outputs per pixel with the seed's
+:func:`assign_region` keeps one of r region outputs per pixel with the blog post's
 straight-through gradient; :func:`region_first_forward` computes y without the other r − 1
 outputs (no autograd): the guide's argmax first, every sample's pixels sorted by region,
 each region's im2col rows multiplied with that region's kernel only, 1/r of the work.

@@ -9,7 +9,7 @@ with start_i = floor(i·L/n) and end_i = ceil((i+1)·L/n). The matrices are buil
 from the tensor's size with ``arange`` and integer arithmetic, so a ``torch.export``-based
 ONNX export with dynamic H/W computes them from the actual input: the exporter otherwise
 turns ``AdaptiveAvgPool2d((k, k))`` into an ``AveragePool`` sized for the example input,
-silently wrong at every other size (REFERENCE.md §3).
+silently wrong at every other size.
 """
 
 from __future__ import annotations
