@@ -237,3 +237,26 @@ def test_report_is_a_dataclass_with_speedup():
     report = QuantizeReport("a.onnx", None, "minmax", True, "x", 1, 1, 10, 5)
     report.latency_ms[1] = (4.0, 1.0)
     assert report.speedup(1) == 4.0 and report.to_dict()["output_path"] is None
+
+
+def test_quantize_writes_nothing_into_the_current_directory(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference saves a debug copy of a graph it cannot finish
+    (DRConv's region-first graph) into the current directory; quantize must not run it."""
+    from reparam.blocks.drconv import DRConv2d
+    from reparam.export import export_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), DRConv2d(8, 8, 3, region_num=8, padding=1)
+    ).eval()
+    files = tmp_path / "files"
+    files.mkdir()
+    path = files / "dr.onnx"
+    export_onnx(model, path, torch.randn(2, 1, 8, 8))
+    np.save(files / "c.npy", np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    quantize_onnx(path, files / "dr8.onnx", calibration=files / "c.npy", **FAST)
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in files.iterdir()) == ["c.npy", "dr.onnx", "dr8.onnx"]

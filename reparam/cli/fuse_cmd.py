@@ -178,8 +178,17 @@ def render_report(description: str, input_shapes: list[tuple[int, ...]], run: Fu
     if run.report.not_fused:
         lines += ["", "not fused:"]
         lines += [f"  {printable(path)}: {printable(why)}" for path, why in run.report.not_fused]
-    if run.report.trace_note:
-        lines += ["", f"note: {printable(run.report.trace_note)}"]
-        if run.report.probe_error:
-            lines += [f"      (the probe forward failed: {printable(run.report.probe_error)})"]
+    if run.report.traced is False:
+        lines += [
+            "",
+            f"note: model does not trace with torch.fx ({printable(run.report.trace_error)});",
+        ]
+        if run.report.probed:  # the probe forward saw which conv feeds which BN
+            lines += ["      Conv→BN pairs were found by a probe forward on the input instead"]
+        else:  # Sequential adjacency alone proves nothing: the forward may not run it whole
+            lines += [
+                "      no Conv→BN pair is proven without a trace: give -s so a probe finds them"
+            ]
+            if run.report.probe_error:
+                lines += [f"      (the probe forward failed: {printable(run.report.probe_error)})"]
     return "\n".join(lines)

@@ -219,7 +219,11 @@ def _prepare(proto: Any, work: Path, report: QuantizeReport) -> Path:
             quant_pre_process,
         )
 
-        quant_pre_process(str(named), str(prepared), skip_symbolic_shape=bool(corr_nodes(model)))
+        # ONNX's own shape inference only: onnxruntime's symbolic shape inference, when it
+        # cannot finish (DRConv's region-first graph, Corr), saves a debug copy of the model
+        # into the *current directory* (sym_shape_infer_temp.onnx and a UUID-named .data
+        # file) before it gives up; a conv network's shapes need nothing more than ONNX's.
+        quant_pre_process(str(named), str(prepared), skip_symbolic_shape=True)
     except Exception as error:  # the pre-processing is an optimisation, not a requirement
         report.notes.append(
             f"onnxruntime's pre-processing failed, quantized as exported ({summarize(error)})"
