@@ -119,7 +119,7 @@ def fuse_with_report(
     """:func:`fuse`, also returning a :class:`FuseReport` of what was converted."""
     register_builtins()
     _check_model(model)
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     target = model if inplace else _copy(model)
     target.eval()
     report = FuseReport()
@@ -164,7 +164,8 @@ def _check_model(model: object) -> None:
     raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__name__}{hint}")
 
 
-def _as_inputs(example_inputs: object) -> tuple | None:
+def as_inputs(example_inputs: object) -> tuple | None:
+    """``example_inputs`` as a tuple of positional inputs (None stays None)."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):

@@ -33,8 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from reparam.blocks.base import ReparamBlock
-from reparam.conv_bn_pairs import PairFinder, probe_pairs
-from reparam.convert import find_conv_bn_pairs
+from reparam.conv_bn_pairs import PairFinder, hook_kind, probe_pairs
+from reparam.convert import as_inputs, find_conv_bn_pairs
 from reparam.errors import BlockConfigError, UserInputError, printable, summarize
 from reparam.expansion_blocks import FAMILIES, build_block, conv_geometry
 from reparam.fusers import get_fuser, register_fuser
@@ -233,7 +233,7 @@ def expand_with_report(
         raise TypeError("num_conv_branches must be an int")
     if num_conv_branches < 1:
         raise UserInputError(f"num_conv_branches must be >= 1, got {num_conv_branches}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     includes, excludes = _patterns(include, "include"), _patterns(exclude, "exclude")
     target = model if inplace else _copy(model)
     report = ExpandReport(family)
@@ -270,19 +270,6 @@ def _copy(model: nn.Module) -> nn.Module:
             f"cannot copy the model to expand it ({printable(summarize(error))}); "
             "pass inplace=True to expand the model itself"
         ) from error
-
-
-def _as_inputs(example_inputs: object) -> tuple | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list | tuple):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor or a tuple of positional inputs, got "
-        f"{type(example_inputs).__name__}"
-    )
 
 
 def _patterns(value: str | Iterable[str] | None, name: str) -> list[str] | None:
@@ -364,20 +351,6 @@ def _deploy_method(module: nn.Module) -> bool:
     return any(callable(getattr(type(module), name, None)) for name in THIRD_PARTY_METHODS)
 
 
-def _hooked(module: nn.Module) -> str | None:
-    from torch.nn.utils import parametrize
-
-    for kind, hooks in (
-        ("forward pre-hook", module._forward_pre_hooks),
-        ("forward hook", module._forward_hooks),
-        ("backward hook", module._backward_hooks),
-        ("backward pre-hook", module._backward_pre_hooks),
-    ):
-        if hooks:
-            return kind
-    return "parametrization" if parametrize.is_parametrized(module) else None
-
-
 def _expand_all(
     model: nn.Module,
     family: str,
@@ -447,7 +420,7 @@ def _why_not(
         return "weights are not real floating-point values"
     if uses[id(conv)] > 1:
         return "the same conv is reachable under two names (shared weights)"
-    kind = _hooked(conv)
+    kind = hook_kind(conv)
     if kind is not None:
         return f"it has a {kind}, which the block would not run"
     if bn is None:
@@ -464,7 +437,7 @@ def _why_not(
         return None
     if not isinstance(bn, _BatchNorm) or bn.running_mean is None or bn.running_var is None:
         return "its BatchNorm has no running statistics (track_running_stats=False)"
-    kind = _hooked(bn)
+    kind = hook_kind(bn)
     if kind is not None:
         return f"its BatchNorm has a {kind}, which expanding would drop"
     return None
