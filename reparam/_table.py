@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["build_table", "format_table", "print_table", "terminal_width"]
+__all__ = ["build_table", "fits", "format_table", "print_table", "terminal_width"]
 
 # A plain header rule of ASCII dashes, a space between columns, no frame: readable in a log.
 _PLAIN = Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
@@ -74,6 +74,12 @@ def _width(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> int:
     return sum(widths) + 2 * (len(widths) - 1)
 
 
+def fits(console: Console, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> bool:
+    """Whether the table is no wider than ``console`` (else :func:`print_table` prints one
+    key/value table per row)."""
+    return _width(headers, rows) <= console.width
+
+
 def _key_value_tables(
     headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None, cell: Cell | None
 ) -> list[Table]:
@@ -110,7 +116,7 @@ def print_table(
 ) -> None:
     """Print the table on ``console`` where it fits its width, else one key/value table
     per row (what a narrow terminal can show)."""
-    if _width(headers, rows) <= console.width:
+    if fits(console, headers, rows):
         console.print(build_table(headers, rows, title=title, cell=cell, box=box))
         return
     for table in _key_value_tables(headers, rows, title, cell):

@@ -157,3 +157,9 @@ def test_run_a_file_whose_name_is_not_utf8(tiny: Path, tmp_path: Path) -> None:
     result = invoke("run", odd, "--repeat", "1")
     assert result.exit_code == 0, result.output
     assert "constructor" not in result.output
+
+
+def test_verify_without_weights_says_the_model_has_its_initial_weights(tiny: Path) -> None:
+    result = invoke("verify", tiny, "--model", "acnet_tiny")
+    assert result.exit_code == 0, result.output
+    assert "no --weights: verify used the model's initial weights" in result.output

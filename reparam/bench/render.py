@@ -12,9 +12,8 @@ from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
-from rich.table import Table
 
+from reparam._table import fits, print_table
 from reparam.bench.suite import BenchReport
 from reparam.bench.targets import (
     BLOCK_TARGET,
@@ -249,28 +248,6 @@ _MODEL_TERMINAL = {
 }
 
 
-def _rich_table(title: str, rows: Sequence[Sequence[str]], columns: dict[int, str]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for index, header in columns.items():
-        table.add_column(header, justify="left" if index == 0 else "right")
-    for row in rows:
-        table.add_row(*(_style(row[index]) for index in columns))
-    return table
-
-
-def _panels(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[Table]:
-    """One key/value table per row, every field: what a narrow terminal can show."""
-    panels = []
-    for row in rows:
-        panel = Table(title=f"{title}: {row[0]}", title_justify="left", show_header=False)
-        panel.add_column(style="bold")
-        panel.add_column()
-        for header, cell in zip(headers[1:], row[1:], strict=True):
-            panel.add_row(escape(header), _style(cell))
-        panels.append(panel)
-    return panels
-
-
 def _style(cell: str) -> str:
     """Colour a verdict; escape anything else that rich would read as markup."""
     for word, colour in (("missed", "red"), ("noisy", "yellow"), ("met", "green")):
@@ -286,14 +263,13 @@ def _print_section(
     rows: Sequence[Sequence[str]],
     columns: dict[int, str],
 ) -> None:
-    """A table where it fits the console unwrapped, else one key/value panel per row."""
-    table = _rich_table(title, rows, columns)
-    unbounded = console.options.update_width(1_000_000)  # the width it wants, not the clamp
-    if Measurement.get(console, unbounded, table).maximum <= console.width:
-        console.print(table)
+    """Through the one table renderer: the terminal's columns of a section as a table where
+    they fit the console, else one key/value table per row with every field (full names)."""
+    shown = [[row[index] for index in columns] for row in rows]
+    if fits(console, list(columns.values()), shown):
+        print_table(console, list(columns.values()), shown, title=title, cell=_style)
     else:
-        for panel in _panels(title, headers, rows):
-            console.print(panel)
+        print_table(console, headers, rows, title=title, cell=_style)
 
 
 def print_tables(report: BenchReport, console: Console) -> None:

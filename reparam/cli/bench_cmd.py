@@ -7,8 +7,6 @@ per stage when piped, so a log shows where the time went.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +15,7 @@ from rich.console import Console
 
 from reparam._io import atomic_write
 from reparam.cli._common import user_errors
+from reparam.cli._output import progress as progress_display
 from reparam.errors import UserInputError
 
 
@@ -35,26 +34,6 @@ def _check_output(path: Path) -> None:
         raise UserInputError(f"output directory '{path.parent}' does not exist")
     if path.is_dir():
         raise UserInputError(f"output path '{path}' is a directory")
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
-    """A progress callback: a rich status line on a terminal, plain stderr lines otherwise."""
-    if quiet:
-        yield lambda _line: None
-        return
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield lambda line: typer.echo(f"… {line}", err=True)
-        return
-    with console.status("checking the settings") as status:
-
-        def update(line: str) -> None:
-            # Each finished stage stays on screen above the status line.
-            console.print(f"… {line}", style="dim", highlight=False, markup=False)
-            status.update(line)
-
-        yield update
 
 
 def _write(path: Path, text: str) -> None:
@@ -86,7 +65,7 @@ def _bench_formats(
     from reparam.models.registry import get_model_info
 
     get_model_info(model)  # an unknown name: one line listing the choices, before any work
-    with _progress(quiet) as progress:
+    with progress_display(quiet) as progress:
         report = bench_formats(
             model,
             batch=batch or (2 if quick else 8),
@@ -100,14 +79,11 @@ def _bench_formats(
     if json_out:
         typer.echo(text)
     else:
-        from rich.table import Table
+        from reparam._table import print_table
 
-        table = Table(title=f"formats: {report.model}")
-        for header in headers(report):
-            table.add_column(header)
-        for cells in formats_rows(report):
-            table.add_row(*cells)
-        Console().print(table)
+        print_table(
+            Console(), headers(report), formats_rows(report), title=f"formats: {report.model}"
+        )
         for note in report.notes:
             typer.echo(f"note: {note}")
     if output is not None:
@@ -222,7 +198,7 @@ def bench(
             _bench_formats(formats, quick, batch, repeats, warmup, size, threads, quiet,
                            json_out, output, report_file)  # fmt: skip
             return
-        with _progress(quiet) as progress:
+        with progress_display(quiet) as progress:
             report = run_suite(
                 quick=quick,
                 models=_names(models),

@@ -20,6 +20,7 @@ from reparam.cli._common import (
     TrustPickleOpt,
     WeightsKeyOpt,
     WeightsOpt,
+    initial_weights_note,
     load_model,
     user_errors,
 )
@@ -186,6 +187,8 @@ def verify(
             trust_code=trust_code,
             model_override=factory,
         )
+        if loaded.initial_weights:  # a mismatch then says nothing about the trained model
+            out.echo(f"note: {initial_weights_note('verify')}")
         arrays = read_inputs(input, session.input_names) if input is not None else None
         if runtimes != ["onnxruntime"]:
             with out.progress() as say:
