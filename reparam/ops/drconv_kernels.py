@@ -272,7 +272,7 @@ def region_first_forward(x: Tensor, parts: RegionFirstParts) -> Tensor:
         windows = window_index(height, width, geometry, x.device, top, bottom)
         sources = rows_read(windows.index_select(0, order), 1 + b * pixels_in)
         torch.index_select(rows, 0, sources.view(-1), out=by_region.view(-1, channels))
-        product = segment_mm(by_region, kernels, counts)
+        product = segment_mm(by_region, kernels, counts, onednn=True)
         result = scratch("drconv.result", tuple(product.shape), x).index_copy_(0, order, product)
         out[b, :, first:last].copy_(result.t())
 

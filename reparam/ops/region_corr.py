@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from reparam.ops.corr import corr_output_size
-from reparam.ops.segment_mm import segment_mm, segment_tmm
+from reparam.ops.segment_mm import dense_mm, segment_mm, segment_tmm
 from reparam.ops.threads import parallel_for, worker_count
 from reparam.ops.workspace import scratch
 
@@ -184,7 +184,7 @@ class RegionCorr(torch.autograd.Function):
             # is 10-13% faster than r matmuls O wide (1024 x 576 rows, O = 64, r = 8).
             side_by_side = _buffer("region_corr.kernels", (taps_channels, regions, out_channels), x)
             side_by_side.copy_(kernels[:, b].transpose(0, 1))
-            torch.mm(columns, side_by_side.view(taps_channels, -1), out=outputs[b])
+            dense_mm(columns, side_by_side.view(taps_channels, -1), out=outputs[b])
             picked = torch.index_select(outputs[b].view(-1, out_channels), 0, chosen[b])
             y[b].copy_(picked.t().view(out_channels, out_h, out_w))
 
@@ -227,7 +227,7 @@ class RegionCorr(torch.autograd.Function):
                 torch.index_select(channels_last, 0, sorted_sources.view(-1), out=flat)
                 segment_tmm(by_region, g_sorted, counts, out=grad_kernels[:, b])
             if need_x:  # ∂P_{S_ρ} = G_{S_ρ} · W_ρᵀ, each row added back where it was read
-                grad_rows = segment_mm(g_sorted, kernels[:, b].transpose(1, 2), counts)
+                grad_rows = segment_mm(g_sorted, kernels[:, b].transpose(1, 2), counts, onednn=True)
                 rows.zero_()  # row 0 collects the padding taps' gradients, dropped
                 rows.index_add_(0, sorted_sources.view(-1), grad_rows.view(-1, channels))
                 grad_x[b].copy_(rows[1:].t().view(channels, height, width))
