@@ -316,7 +316,11 @@ def _export_onnx_family(
                 out.echo(failure.report.summary())
                 out.result({"path": str(target), "written": False,
                             "verify": failure.report.to_dict()})  # fmt: skip
-                raise
+                # export_onnx only knows the staged name (.rp-…): name the user's file.
+                summary = failure.report.failure_summary()
+                raise ExportVerificationError(
+                    f"'{printable(target)}' was not written: {summary}", failure.report
+                ) from None
         result.path = target
         if result.check is not None:  # for OpenVINO: the ONNX graph it was converted from
             result.check.path = (
