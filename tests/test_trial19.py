@@ -3,6 +3,8 @@ defect found that way, pinned (a failing test first, then the fix)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -30,3 +32,45 @@ def test_failed_export_names_the_users_file_not_the_staged_one(tmp_path: Path) -
     assert f"'{out}' was not written" in line, line
     assert ".rp-" not in line, line
     assert not out.exists()
+
+
+DATA_DEPENDENT = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if float(y.mean()) > -1e9:  # data-dependent: torch.export cannot keep it
+            y = y * 2
+        return y
+
+
+def build():
+    return Net().eval()
+"""
+
+
+def test_export_refusal_of_data_dependent_forward_is_one_line(tmp_path: Path) -> None:
+    # torch.fx's symbolic-shapes logger printed its own "W… Unable to find user code" line
+    # (through torch's handler, on the real stderr) before reparam's one error line.
+    (tmp_path / "ddnet.py").write_text(DATA_DEPENDENT)
+    code = "import sys\nfrom reparam.cli import main\nsys.argv = ['reparam', *sys.argv[1:]]\nmain()"
+    args = ["export", "ddnet:build", "-s", "1,3,8,8", "-o", "dd.onnx"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("… ")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "ddnet.py" in lines[0] and "line 13" in lines[0], lines[0]
+    assert not (tmp_path / "dd.onnx").exists()

@@ -42,7 +42,10 @@ def axis_name(input_index: int, axis: int, rank: int) -> str:
 def _quiet_exporter() -> Iterator[list[str]]:
     """Silence the exporters' chatter; collect the TracerWarnings worth reporting."""
     caught: list[str] = []
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    # symbolic_shapes: its "Unable to find user code" warning on a data-dependent branch
+    # went through torch's own handler, a second line beside the one error line.
+    names = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
