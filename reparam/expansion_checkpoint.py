@@ -164,6 +164,7 @@ def load_expanded(
     from reparam.checkpoint import ModelSpec, apply_state_dict, build_model
     from reparam.convert import fuse
     from reparam.expansion import expand
+    from reparam.fused_format import probe_inputs
 
     path = check_path(path, "load_expanded")
     shown = printable(path)
@@ -182,9 +183,13 @@ def load_expanded(
         built = fuse(built, inplace=True)
     built.to(getattr(torch, meta["dtype"]))
     options = meta["options"]
+    # The recorded probe shapes: a model fx cannot trace had its pairs found on a probe.
+    shapes = meta.get("input_shapes") or []
+    example = tuple(probe_inputs(shapes, 0, getattr(torch, meta["dtype"]))) if shapes else None
     expanded = expand(
         built,
         meta["family"],
+        example_inputs=example,
         include=options.get("include"),
         exclude=options.get("exclude"),
         num_conv_branches=options.get("num_conv_branches", 2),

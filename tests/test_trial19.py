@@ -3,6 +3,7 @@ defect found that way, pinned (a failing test first, then the fix)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,70 @@ def test_export_refusal_of_data_dependent_forward_is_one_line(tmp_path: Path) ->
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "ddnet.py" in lines[0] and "line 13" in lines[0], lines[0]
     assert not (tmp_path / "dd.onnx").exists()
+
+
+UNTRACEABLE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.c1(x)))
+        if y.shape[-1] > 0:  # fx cannot trace a branch on a size; torch.export can
+            y = self.bn2(self.c2(y))
+        return y
+
+
+def build():
+    torch.manual_seed(0)
+    net = Net()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.8, 1.2)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+"""
+
+
+def test_expand_of_untraceable_factory_fuses_back(tmp_path: Path, monkeypatch) -> None:
+    # `reparam expand` of a model fx cannot trace found its pairs on the -s probe, but the
+    # file rebuilt without one: `reparam fuse ./ex.pt --model …` failed with "11 missing
+    # keys", and expand's own report said "same architecture NO" (898 vs 862 parameters)
+    # because it fused the original without the probe.
+    import torch
+
+    from reparam.convert import fuse
+    from reparam.expansion_checkpoint import load_expanded
+
+    (tmp_path / "untrnet.py").write_text(UNTRACEABLE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import untrnet
+
+    torch.save(untrnet.build().state_dict(), tmp_path / "w.pt")
+    ex = tmp_path / "ex.pt"
+    result = invoke(
+        "expand", "untrnet:build", "-w", "w.pt", "--into", "repvgg", "-s", "1,3,16,16",
+        "-o", ex, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    params = json.loads(result.stdout)["parameters"]
+    assert params["fused_back"] == params["original_fused"] == 662, params
+    expanded = load_expanded(ex, model="untrnet:build").eval()
+    fused = tmp_path / "f.pt"
+    result = invoke("fuse", ex, "--model", "untrnet:build", "-o", fused)
+    assert result.exit_code == 0, result.output
+    x = 4 * torch.randn(2, 3, 20, 12)
+    with torch.no_grad():
+        want = untrnet.build()(x)
+        got = fuse(expanded, example_inputs=x)(x)
+    assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5

@@ -278,7 +278,7 @@ class LoadedModel:
 
 
 def _load_expanded_or_none(
-    path: Path, model_override: str | None, trust_code: bool
+    path: Path, model_override: str | None, trust_code: bool, shapes: list[tuple[int, ...]]
 ) -> LoadedModel | None:
     """The training-time model of a ``reparam expand`` checkpoint, or None for other files.
 
@@ -295,10 +295,11 @@ def _load_expanded_or_none(
     model = load_expanded(path, model=model_override, trust_code=trust_code).eval()
     meta = model.reparam_expand
     spec = ModelSpec(model_override or meta["model"], dict(meta["kwargs"]))
+    recorded = [tuple(shape) for shape in meta.get("input_shapes") or []]
     return LoadedModel(
         model,
         spec,
-        _default_shapes(spec, model),
+        shapes or recorded or _default_shapes(spec, model),  # -s, else the ones expand probed
         f"{printable(spec.name)} expanded into {printable(meta['family'])} "
         f"(checkpoint {printable(path)})",
         path=path,
@@ -345,7 +346,7 @@ def load_model(
         try:
             model = load(path, model=model_override, trust_code=trust_code)
         except NotAFusedCheckpointError:
-            expanded = _load_expanded_or_none(path, model_override, trust_code)
+            expanded = _load_expanded_or_none(path, model_override, trust_code, shapes)
             if expanded is None:
                 raise UserInputError(
                     f"'{printable(path)}' is not a fused checkpoint; name the model and pass "

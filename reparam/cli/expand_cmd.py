@@ -189,8 +189,9 @@ def _expand_and_check(loaded, family: str, options: dict, seed: int) -> dict:
         with torch.no_grad():
             want = original(*probe)
             diffs = compare_outputs(want, expanded.eval()(*probe))
-            fused_back = fuse(expanded, trace=options["trace"])
-            fused_original = fuse(original, trace=options["trace"])
+            # The probe too: a model fx cannot trace has its pairs found on it (as expand did).
+            fused_back = fuse(expanded, trace=options["trace"], example_inputs=tuple(probe))
+            fused_original = fuse(original, trace=options["trace"], example_inputs=tuple(probe))
     except ReparamError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as error:  # probe does not fit
