@@ -166,8 +166,10 @@ class RegionCorr(torch.autograd.Function):
         out_h, out_w = guide.shape[2], guide.shape[3]
         pixels = out_h * out_w
         geometry = (kernel_size, stride, padding, dilation)
-        # Per sample, pixel p's r region outputs side by side: (H'W', r·O).
-        outputs = x.new_empty((batch, pixels, regions * out_channels))
+        # Per sample, pixel p's r region outputs side by side: (H'W', r·O), each the
+        # product oneDNN (or mm) returned, kept as it is: copying them into one batch
+        # tensor cost 3-4% of a training step.
+        outputs: list[Tensor] = [x] * batch
         y = x.new_empty((batch, out_channels, out_h, out_w))
         choice = first_max_index(guide, 1).view(batch, pixels)  # each pixel's region
         # Row p·r + ρ(p) of a sample's outputs viewed (H'W'·r, O) is pixel p's chosen one.
@@ -184,18 +186,19 @@ class RegionCorr(torch.autograd.Function):
             # is 10-13% faster than r matmuls O wide (1024 x 576 rows, O = 64, r = 8).
             side_by_side = _buffer("region_corr.kernels", (taps_channels, regions, out_channels), x)
             side_by_side.copy_(kernels[:, b].transpose(0, 1))
-            dense_mm(columns, side_by_side.view(taps_channels, -1), out=outputs[b])
+            outputs[b] = dense_mm(columns, side_by_side.view(taps_channels, -1))
             picked = torch.index_select(outputs[b].view(-1, out_channels), 0, chosen[b])
             y[b].copy_(picked.t().view(out_channels, out_h, out_w))
 
         _for_each_sample(forward_sample, batch, x.device)
-        ctx.save_for_backward(x, kernels, guide, outputs, choice, sources)
+        # Saved like the inputs (freed after the backward, checked for in-place writes).
+        ctx.save_for_backward(x, kernels, guide, choice, sources, *outputs)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, kernels, guide, outputs, choice, sources = ctx.saved_tensors
+        x, kernels, guide, choice, sources, *outputs = ctx.saved_tensors
         need_x, need_kernels, need_guide = ctx.needs_input_grad[:3]
         regions, batch, taps_channels, out_channels = kernels.shape
         _, channels, height, width = x.shape
