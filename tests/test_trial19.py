@@ -142,3 +142,16 @@ def test_expand_of_untraceable_factory_fuses_back(tmp_path: Path, monkeypatch) -
         want = untrnet.build()(x)
         got = fuse(expanded, example_inputs=x)(x)
     assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_openvino_ir_under_onnxruntime_says_which_runtime(tmp_path: Path) -> None:
+    # `reparam run x.xml` / `reparam verify x.xml -m M` (default runtime onnxruntime) said
+    # "not a readable ONNX model: DecodeError: … Wire format was corrupt".
+    xml = tmp_path / "net.xml"
+    xml.write_text('<?xml version="1.0"?>\n<net name="n" version="11"></net>\n')
+    for args in (("run", xml), ("verify", xml, "-m", "acnet_tiny")):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        (line,) = error_lines(result)
+        assert "OpenVINO" in line and "--runtime openvino" in line, line
+        assert "DecodeError" not in line, line

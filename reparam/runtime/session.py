@@ -77,6 +77,11 @@ def load_onnx(path: str | os.PathLike) -> Any:
         raise UserInputError(f"ONNX file '{printable(str(path))}' is a directory")
     if not path.is_file():
         raise UserInputError(f"ONNX file '{printable(str(path))}' does not exist")
+    if path.suffix.lower() == ".xml":  # protobuf would call the XML text "corrupt"
+        raise UserInputError(
+            f"'{printable(str(path))}' is an OpenVINO IR, not an ONNX model: run it with "
+            "--runtime openvino (API: reparam.runtime.openvino.load_openvino)"
+        )
     try:
         model = onnx.load(str(path))
     except Exception as error:  # protobuf DecodeError, external data errors, ...
