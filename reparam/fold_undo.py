@@ -176,6 +176,12 @@ def _why_left(path: str, report: FuseReport, finder: PairFinder, probed: bool) -
             f"after {linear}: a Linear→BatchNorm1d pair folds only for a 2-D output, a rank "
             "the fx graph does not hold; pass example_inputs to fold it"
         )
+    if linear is not None and report.traced:  # traced adjacent: the probe saw the rank
+        return (
+            f"after {linear}: its output on example_inputs is not 2-D, so BatchNorm1d "
+            "normalises axis 1 while the Linear maps the last axis, and the two do not fold "
+            "into one; it stays a BatchNorm (a per-channel affine map in eval mode)"
+        )
     if not report.traced and not report.probed:
         why = "trace=False" if report.traced is None else "torch.fx cannot trace the model"
         if report.probed is False:

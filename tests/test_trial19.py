@@ -155,3 +155,30 @@ def test_openvino_ir_under_onnxruntime_says_which_runtime(tmp_path: Path) -> Non
         (line,) = error_lines(result)
         assert "OpenVINO" in line and "--runtime openvino" in line, line
         assert "DecodeError" not in line, line
+
+
+def test_linear_batchnorm1d_on_3d_output_says_why_it_is_left() -> None:
+    # Linear over the last axis of (N, C, L) then BatchNorm1d(C): rightly not folded, but
+    # with example_inputs the report said its input "is not the output of a conv or Linear
+    # that nothing else reads" although it is fc's output, read by nothing else.
+    import torch
+    from torch import nn
+
+    from reparam.convert import fuse_with_report
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.bn1 = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn1(self.fc(x))
+
+    net = Net().eval()
+    net.bn1.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 6)
+    fused, report = fuse_with_report(net, example_inputs=x)
+    assert torch.allclose(fused(x), net(x), atol=1e-6)
+    ((path, reason),) = report.not_fused
+    assert path == "bn1" and "after fc" in reason and "not 2-D" in reason, reason
