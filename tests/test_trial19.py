@@ -182,3 +182,33 @@ def test_linear_batchnorm1d_on_3d_output_says_why_it_is_left() -> None:
     assert torch.allclose(fused(x), net(x), atol=1e-6)
     ((path, reason),) = report.not_fused
     assert path == "bn1" and "after fc" in reason and "not 2-D" in reason, reason
+
+
+def test_report_never_calls_a_checked_switch_to_deploy_unverified() -> None:
+    # The report said "its own switch_to_deploy() is used as it is, unchecked" beside
+    # "converted by switch_to_deploy(), checked equal on probe inputs": every such call is
+    # checked (and undone on a mismatch), so the first line misled.
+    import torch
+    from torch import nn
+
+    from reparam.convert import fuse_with_report
+
+    class Own(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) * 2
+
+        def switch_to_deploy(self) -> None:
+            self.conv.weight.data.mul_(2)
+            self.conv.bias.data.mul_(2)
+            self.forward = self.conv.forward
+
+    _, report = fuse_with_report(
+        nn.Sequential(Own()).eval(), example_inputs=torch.randn(1, 3, 8, 8)
+    )
+    text = str(report)
+    assert "converted by switch_to_deploy(), checked" in text, text
+    assert "unchecked" not in text, text

@@ -48,7 +48,8 @@ def suspicion(module: nn.Module) -> str | None:
     if methods:
         return (
             f"defines {', '.join(methods)} but follows no published layout reparam knows; its "
-            f"own {methods[0]}() is used as it is, unchecked"
+            f"own {methods[0]}() is tried, checked on probe inputs and undone if it changes "
+            "the outputs"
         )
     branches = _summed_conv_branches(module)
     if branches >= 2:
