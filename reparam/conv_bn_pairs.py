@@ -103,6 +103,9 @@ class PairFinder:
         self.pairs: dict[str, ConvBNPair] = {}
         self.refused: dict[str, str] = {}
         self.linear_candidates: list[tuple[str, str]] = []
+        # BatchNorm path -> calls in the probe forward (None: no probe ran), so a BatchNorm
+        # the forward skips, or calls twice, is reported as such.
+        self.bn_calls: dict[str, int] | None = None
         self.uses = Counter(id(m) for m in model.modules(remove_duplicate=False))
 
     def add(self, conv_path: str, bn_path: str) -> bool:
@@ -251,6 +254,11 @@ def probe_pairs(
     finally:
         for handle in handles:
             handle.remove()
+    finder.bn_calls = {
+        path: calls[path]
+        for path, module in model.named_modules()
+        if isinstance(module, _BatchNorm)
+    }
     added = set()
     for bn_path, received in bn_inputs.items():
         if only is not None and bn_path not in only:

@@ -194,6 +194,17 @@ def _why_left(path: str, report: FuseReport, finder: PairFinder, probed: bool) -
             "it (an nn.Sequential's members may be called one by one); pass example_inputs "
             "to fold it"
         )
+    calls = (finder.bn_calls or {}).get(path)
+    if report.probed and calls == 0:
+        return (
+            "the forward does not run it on example_inputs, so there is nothing to fold it "
+            "into; it stays a BatchNorm"
+        )
+    if report.probed and calls is not None and calls > 1:
+        return (
+            f"the forward runs it {calls} times on example_inputs (shared), so no one conv "
+            "can absorb it; it stays a BatchNorm (a per-channel affine map in eval mode)"
+        )
     return (
         "its input is not the output of a conv or Linear that nothing else reads, so there "
         "is nothing to fold it into; it stays a BatchNorm (a per-channel affine map in eval "

@@ -212,3 +212,34 @@ def test_report_never_calls_a_checked_switch_to_deploy_unverified() -> None:
     text = str(report)
     assert "converted by switch_to_deploy(), checked" in text, text
     assert "unchecked" not in text, text
+
+
+def test_batchnorm_the_forward_skips_or_shares_is_reported_as_such() -> None:
+    # A Sequential(Conv, BN) whose forward runs only the conv (and a BN called twice):
+    # rightly left, but the report said the BN's input "is not the output of a conv or
+    # Linear that nothing else reads", although the BN never ran (or ran twice).
+    import torch
+    from torch import nn
+
+    from reparam.convert import fuse_with_report
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.shared = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.seq[0](x)
+            if float(y.detach().sum()) > -1e30:  # fx cannot trace it: pairs from the probe
+                y = self.shared(self.shared(self.conv(y)))
+            return y
+
+    net = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused, report = fuse_with_report(net, example_inputs=x)
+    assert torch.allclose(fused(x), net(x), atol=1e-6)
+    reasons = dict(report.not_fused)
+    assert "does not run it" in reasons["seq.1"], reasons
+    assert "runs it 2 times" in reasons["shared"], reasons
