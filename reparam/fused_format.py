@@ -301,6 +301,17 @@ def _fuse_like_the_file(
     )
 
 
+def _refuse_nan(state_dict: Mapping, shown: str) -> None:
+    """``reparam fuse`` never writes NaN weights (its check refuses them), so a fused file
+    holding one was damaged or edited; loading it would only give NaN outputs later."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and bool(torch.isnan(value).any()):
+            raise UserInputError(
+                f"'{shown}': {printable(key)} holds NaN; reparam fuse never writes that, so "
+                "the file is damaged: fuse the model again"
+            )
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -336,6 +347,7 @@ def load(
     if not isinstance(state_dict, Mapping):
         raise UserInputError(f"'{shown}' has reparam metadata but no state_dict")
     check_tensors(state_dict, shown)
+    _refuse_nan(state_dict, shown)
     recorded = meta["model"]
     name = _choose_factory(recorded, model, trust_code, shown)
     note = None

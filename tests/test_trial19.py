@@ -243,3 +243,27 @@ def test_batchnorm_the_forward_skips_or_shares_is_reported_as_such() -> None:
     reasons = dict(report.not_fused)
     assert "does not run it" in reasons["seq.1"], reasons
     assert "runs it 2 times" in reasons["shared"], reasons
+
+
+def test_fused_file_with_nan_weights_is_refused_on_load(tmp_path: Path) -> None:
+    # fuse refuses NaN weights, but a fused file edited to hold NaN loaded silently
+    # (outputs all NaN), and `reparam export` of it blamed the ONNX graph ("differs").
+    import torch
+
+    from reparam.errors import UserInputError
+    from reparam.fused_format import load
+
+    path = tmp_path / "f.pt"
+    assert invoke("fuse", "acnet_tiny", "-o", path).exit_code == 0
+    obj = torch.load(path, weights_only=True)
+    key = next(iter(obj["state_dict"]))
+    obj["state_dict"][key] = torch.full_like(obj["state_dict"][key], float("nan"))
+    torch.save(obj, path)
+    try:
+        load(path)
+    except UserInputError as error:
+        assert "holds NaN" in str(error) and key in str(error), error
+    else:
+        raise AssertionError("a fused file holding NaN loaded")
+    result = invoke("export", path, "-o", tmp_path / "e.onnx")
+    assert result.exit_code == 1 and "holds NaN" in error_lines(result)[0], result.output
