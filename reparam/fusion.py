@@ -126,6 +126,15 @@ def fold_batchnorm(
     """
     out_dtype, device = kernel.dtype, kernel.device
     dtype = _compute_dtype(out_dtype)
+    named = {"the conv's weight": kernel, "the conv's bias": bias, "running_mean": running_mean,
+             "running_var": running_var, "the BatchNorm's weight": gamma,
+             "the BatchNorm's bias": beta}  # fmt: skip
+    for what, value in named.items():  # blame the input, not the fold (NaN in, NaN out)
+        if value is not None and value.numel() and not bool(torch.isfinite(value).all()):
+            raise FusionError(
+                f"{what} holds inf or NaN already (the weights given, not the fold): "
+                "load finite weights"
+            )
     mean = running_mean.to(device, dtype)
     variance = running_var.to(device, dtype)
     _check_variance(variance, eps)

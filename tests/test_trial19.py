@@ -267,3 +267,21 @@ def test_fused_file_with_nan_weights_is_refused_on_load(tmp_path: Path) -> None:
         raise AssertionError("a fused file holding NaN loaded")
     result = invoke("export", path, "-o", tmp_path / "e.onnx")
     assert result.exit_code == 1 and "holds NaN" in error_lines(result)[0], result.output
+
+
+def test_nan_weights_given_to_fuse_are_named_as_the_cause(tmp_path: Path) -> None:
+    # `reparam fuse M -w nan.pt` said "the folded kernel is not finite", blaming the fold
+    # for NaN that was in the checkpoint.
+    import torch
+
+    from reparam.models import create_model
+
+    state = create_model("acnet_tiny").state_dict()
+    key = next(k for k in state if k.endswith("running_mean"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    result = invoke("fuse", "acnet_tiny", "-w", tmp_path / "nan.pt", "-o", tmp_path / "f.pt")
+    assert result.exit_code == 1, result.output
+    (line,) = error_lines(result)
+    assert "running_mean holds inf or NaN already" in line, line
+    assert not (tmp_path / "f.pt").exists()
