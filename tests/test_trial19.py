@@ -285,3 +285,38 @@ def test_nan_weights_given_to_fuse_are_named_as_the_cause(tmp_path: Path) -> Non
     (line,) = error_lines(result)
     assert "running_mean holds inf or NaN already" in line, line
     assert not (tmp_path / "f.pt").exists()
+
+
+REUSE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        c = self.seq[0](x)
+        y = self.seq[1](c)
+        if float(y.detach().sum()) > -1e30:  # fx cannot trace it
+            y = y + c  # the raw conv output is reused: not a pair
+        return y
+
+
+def build():
+    return Net().eval()
+"""
+
+
+def test_fuse_cli_prints_its_whole_reason(tmp_path: Path, monkeypatch) -> None:
+    # The CLI cut reparam's own "not fused" reason at 160 characters ("it stays a
+    # BatchNorm (a per-chan… (188 characters)"), as if it were a hostile user value.
+    (tmp_path / "reusenet.py").write_text(REUSE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = invoke("fuse", "reusenet:build", "-s", "1,3,8,8", "-o", tmp_path / "f.pt")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("  seq.1:"))
+    assert "characters)" not in line and line.endswith("in eval mode)"), line

@@ -144,6 +144,11 @@ def fuse(
         out.wrote(f"wrote {printable(target)}")
 
 
+# reparam's own reasons (with a module path or class name inside) run to ~400 characters:
+# escaped and bounded, but not cut at printable's 160 meant for a bare user value.
+_REASON = 1000
+
+
 def render_report(description: str, input_shapes: list[tuple[int, ...]], run: FuseRun) -> str:
     """The text ``reparam fuse`` prints: what was fused, sizes before → after, the check."""
     from reparam._table import format_table  # rich: imported when a report is printed
@@ -171,13 +176,19 @@ def render_report(description: str, input_shapes: list[tuple[int, ...]], run: Fu
         format_table([f"probe input {shapes}", "value"], check),
     ]
     if run.report.details:
-        lines += ["", "notes:", *(f"  {detail}" for detail in run.report.details)]
+        lines += [
+            "",
+            "notes:",
+            *(f"  {printable(detail, _REASON)}" for detail in run.report.details),
+        ]
     if run.report.adopted:
         lines += ["", "adopted (your copies of published blocks, checked equal on a probe):"]
-        lines += [f"  {printable(entry)}" for entry in run.report.adopted]
+        lines += [f"  {printable(entry, _REASON)}" for entry in run.report.adopted]
     if run.report.not_fused:
         lines += ["", "not fused:"]
-        lines += [f"  {printable(path)}: {printable(why)}" for path, why in run.report.not_fused]
+        lines += [
+            f"  {printable(path)}: {printable(why, _REASON)}" for path, why in run.report.not_fused
+        ]
     if run.report.traced is False:
         lines += [
             "",
