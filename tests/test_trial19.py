@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from reparam.cli.app import app
@@ -320,3 +321,51 @@ def test_fuse_cli_prints_its_whole_reason(tmp_path: Path, monkeypatch) -> None:
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if x.startswith("  seq.1:"))
     assert "characters)" not in line and line.endswith("in eval mode)"), line
+
+
+def test_adoption_refusal_names_the_tensor_whose_shape_differs() -> None:
+    # A RepVGG copy with an SE of another width than reparam builds: the reason read
+    # "does not load into RepVGGBlock: RuntimeError: Error(s) in loading state_dict for
+    # RepVGGBlock:" and stopped there, naming nothing.
+    import torch
+    from torch import nn
+
+    from reparam.adopt.check import adopt_one
+    from reparam.adopt.layouts import LAYOUTS
+    from reparam.errors import FusionError
+
+    class SE(nn.Module):
+        def __init__(self, channels: int, inner: int) -> None:
+            super().__init__()
+            self.down = nn.Conv2d(channels, inner, 1)
+            self.up = nn.Conv2d(inner, channels, 1)
+
+        def forward(self, x):
+            s = torch.relu(self.down(nn.functional.avg_pool2d(x, x.size(3))))
+            return x * torch.sigmoid(self.up(s))
+
+    def conv_bn(k: int) -> nn.Sequential:
+        seq = nn.Sequential()
+        seq.add_module("conv", nn.Conv2d(8, 8, k, padding=k // 2, bias=False))
+        seq.add_module("bn", nn.BatchNorm2d(8))
+        return seq
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.nonlinearity = nn.ReLU()
+            self.se = SE(8, 2)
+            self.rbr_identity = nn.BatchNorm2d(8)
+            self.rbr_dense = conv_bn(3)
+            self.rbr_1x1 = conv_bn(1)
+
+        def forward(self, x):
+            y = self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x)
+            return self.nonlinearity(self.se(y))
+
+    layout = next(lay for lay in LAYOUTS if lay.name == "RepVGG block")
+    with pytest.raises(FusionError) as caught:
+        adopt_one(Block().eval(), layout)
+    text = str(caught.value)
+    assert "does not load into RepVGGBlock" in text, text
+    assert "size mismatch for se.down.weight" in text, text

@@ -165,8 +165,12 @@ def _loaded(foreign: nn.Module, layout: Layout, candidate: nn.Module) -> nn.Modu
     try:
         candidate.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        reason = f"its state dict does not load into {layout.target}: {summarize(error)}"
-        raise FusionError(reason) from error
+        # torch's first line is only "Error(s) in loading state_dict for X:"; the next one
+        # names the tensor and both shapes.
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        why = details[0] if details else summarize(error)
+        reason = f"its state dict does not load into {layout.target}: {why}"
+        raise FusionError(printable(reason, 320)) from error
     return candidate
 
 
