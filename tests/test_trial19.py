@@ -369,3 +369,14 @@ def test_adoption_refusal_names_the_tensor_whose_shape_differs() -> None:
     text = str(caught.value)
     assert "does not load into RepVGGBlock" in text, text
     assert "size mismatch for se.down.weight" in text, text
+
+
+def test_dynamic_hw_with_a_static_program_format_is_refused(tmp_path: Path) -> None:
+    # `--format pt2 --dynamic-hw` wrote a program fixed at the probe's size (a 40x40 input
+    # then failed its guard "x.size()[2] == 48"), saying nothing of the ignored flag.
+    out = tmp_path / "m.pt2"
+    result = invoke("export", "acnet_tiny", "--format", "pt2", "--dynamic-hw", "-o", out)
+    assert result.exit_code == 1, result.output
+    (line,) = error_lines(result)
+    assert "--dynamic-hw does not apply to --format pt2" in line, line
+    assert not out.exists()

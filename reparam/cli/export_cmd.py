@@ -174,7 +174,7 @@ def export(
     out = Output(as_json, report)
     with user_errors():
         kind, half = format.value, dtype is Dtype.float16
-        _check_options(kind, half, fp32_io, int8, int8_output, calibration)
+        _check_options(kind, half, fp32_io, int8, int8_output, calibration, dynamic_hw)
         # tolerances and batch sizes checked by the library, before any work
         options = VerifyOptions(rtol=rtol, atol=atol, batch_sizes=parse_batch_sizes(batch_sizes))
         model_file = Path(model) if model_arg_kind(model) == "file" else None
@@ -213,9 +213,15 @@ def export(
 
 def _check_options(
     kind: str, half: bool, fp32_io: bool, int8: bool, int8_output: Path | None,
-    calibration: Path | None,
+    calibration: Path | None, dynamic_hw: bool = False,
 ) -> None:  # fmt: skip
     """Option combinations that cannot work, refused before anything is read."""
+    if kind in ("pt2", "executorch") and dynamic_hw:  # it was ignored: a static program
+        raise UserInputError(
+            f"--dynamic-hw does not apply to --format {kind}: the program is exported for "
+            "the probe's height and width (-s); use --format onnx or openvino for symbolic "
+            "sizes"
+        )
     if kind in ("pt2", "executorch") and (half or int8 or fp32_io):
         raise UserInputError(
             f"--dtype float16, --fp32-io and --int8 do not apply to --format {kind}"
