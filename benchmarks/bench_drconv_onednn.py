@@ -1,8 +1,10 @@
 """DRConv with and without oneDNN's matmul for its dense products, interleaved (CPU).
 
 Compares :func:`reparam.ops.segment_mm.dense_mm` / ``segment_mm(..., onednn=True)``
-(oneDNN's matmul) against the same code with oneDNN switched off for the run, which is the
-previous code (``torch.mm`` / ``torch._grouped_mm``, MKL), and both against the blog post's
+(oneDNN's matmul) against the same code with oneDNN switched off for the run
+(``torch.mm`` / ``torch._grouped_mm``, MKL: the previous products; the training step's
+other change, RegionCorr keeping each sample's outputs uncopied, is in both), and both
+against the blog post's
 form (grouped-conv Corr over all r regions, then region assignment): eval forward under
 ``torch.no_grad()`` and the training step (forward + backward), B8 C64→64 32² K3 r = 8, at
 1 intra-op thread and at all threads. Medians of ``--repeats`` runs, the functions run in
