@@ -380,3 +380,56 @@ def test_dynamic_hw_with_a_static_program_format_is_refused(tmp_path: Path) -> N
     (line,) = error_lines(result)
     assert "--dynamic-hw does not apply to --format pt2" in line, line
     assert not out.exists()
+
+
+class _ACCopy:
+    """A pasted ACBlock (published attribute names) whose forward halves its output past a
+    size or batch no fixed probe reaches; built in the test (torch is imported lazily)."""
+
+    @staticmethod
+    def make(kind: str):
+        import torch
+        from torch import nn
+
+        class Copy(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.square_conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+                self.square_bn = nn.BatchNorm2d(6)
+                self.ver_conv = nn.Conv2d(3, 6, (3, 1), padding=(1, 0), bias=False)
+                self.ver_bn = nn.BatchNorm2d(6)
+                self.hor_conv = nn.Conv2d(3, 6, (1, 3), padding=(0, 1), bias=False)
+                self.hor_bn = nn.BatchNorm2d(6)
+
+            def forward(self, x):
+                y = self.square_bn(self.square_conv(x)) + self.ver_bn(self.ver_conv(x))
+                y = y + self.hor_bn(self.hor_conv(x))
+                big = x.shape[-1] > 40 if kind == "width" else x.shape[0] > 3
+                return y * 0.5 if big else y
+
+        torch.manual_seed(0)
+        model = nn.Sequential(Copy(), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 1.5)
+        return model
+
+
+@pytest.mark.parametrize(("kind", "shape"), [("width", (1, 3, 8, 64)), ("batch", (8, 3, 8, 8))])
+def test_copy_branching_past_every_fixed_probe_is_not_adopted(kind, shape) -> None:
+    # Adopted after probes at 12-32 px and batch <= 2 (and the 32x32 example): the fused
+    # model was 0.78 off at 64 px (0.84 at batch 8) and the report said "same outputs on
+    # every probe input". Now the copy's own size guard is probed on its other side.
+    import torch
+
+    from reparam.convert import fuse_with_report
+
+    model = _ACCopy.make(kind)
+    fused, report = fuse_with_report(model, example_inputs=torch.randn(2, 3, 32, 32))
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
+    (reason,) = [r for p, r in report.not_fused if p == "0"]
+    assert "the other side of" in reason and "shape[" in reason, reason

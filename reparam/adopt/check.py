@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from reparam.adopt.guard_probes import guard_probes
 from reparam.adopt.parts import Layout, Probe
 from reparam.errors import FusionError, printable, summarize
 
@@ -187,6 +188,7 @@ def adopt_one(
     candidates = _candidates(foreign, layout)
     try:
         probes = list(layout.probe(foreign)) + list(extra_probes)
+        probes += guard_probes(foreign, probes[0])  # both sides of its own size branches
     except FusionError:
         raise
     except Exception as error:
