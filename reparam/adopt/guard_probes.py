@@ -11,8 +11,13 @@ the first probe) is added: the copy is then compared with the block on both side
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,8 +44,6 @@ def guard_probes(foreign: nn.Module, first: Probe) -> list[Probe]:
     program = _export(foreign, example)
     if program is None:
         return []
-    from reparam.export.shape_ranges import _user_location
-
     placeholder = next(n for n in program.graph.nodes if n.op == "placeholder"
                        and n.name == program.graph_signature.user_inputs[0])  # fmt: skip
     value = placeholder.meta.get("val")
@@ -75,15 +78,40 @@ def guard_probes(foreign: nn.Module, first: Probe) -> list[Probe]:
 
 def _export(foreign: nn.Module, example: torch.Tensor) -> Any:
     """``torch.export`` of a float32 eval copy with symbolic batch and spatial axes."""
-    from reparam.export._torch_exporter import _quiet_exporter
-
     axes = {axis: torch.export.Dim.DYNAMIC for axis in range(example.dim()) if axis != 1}
     try:
         module = copy.deepcopy(foreign).to(torch.float32).eval()
-        with _quiet_exporter(), torch.no_grad():
+        with _quiet(), torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=(axes,))
     except Exception:  # a forward torch.export cannot take: only the fixed probes then
         return None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export's log lines (a failed trace is no news here: the fixed probes remain)."""
+    names = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
+             "torch._dynamo")  # fmt: skip
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _user_location(guard: Any) -> str | None:
+    """``file:line in fn`` of the copy's code that made ``guard``; None inside torch."""
+    frame = getattr(getattr(guard, "sloc", None), "framework_loc", None)
+    filename = str(getattr(frame, "filename", "") or "")
+    if not filename or Path(filename).resolve().is_relative_to(Path(torch.__file__).parent):
+        return None
+    return f"{filename}:{getattr(frame, 'lineno', '?')} in {getattr(frame, 'name', '?')}"
 
 
 def _flip(expression: Any, symbol: Any) -> int | None:
