@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "reparam.fold_undo": 4,
     "reparam.fuse_walk": 4,
     "reparam.fuse_probe": 4,
+    "reparam.size_guards": 4,
     "reparam.blocks": 5,
     "reparam.adopt": 5,
     "reparam.macs": 5,

@@ -433,3 +433,35 @@ def test_copy_branching_past_every_fixed_probe_is_not_adopted(kind, shape) -> No
     assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
     (reason,) = [r for p, r in report.not_fused if p == "0"]
     assert "the other side of" in reason and "shape[" in reason, reason
+
+
+def test_own_switch_to_deploy_checked_past_every_fixed_probe() -> None:
+    # A third-party block whose training form halves its output past 40 px and whose
+    # switch_to_deploy() drops that: "converted by switch_to_deploy(), checked equal on
+    # probe inputs", and the fused model was 0.86 off at 64 px.
+    import torch
+    from torch import nn
+
+    from reparam.convert import fuse_with_report
+
+    class Own(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.deployed = False
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * 0.5 if not self.deployed and x.shape[-1] > 40 else y
+
+        def switch_to_deploy(self) -> None:
+            self.deployed = True
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Own(), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+    fused, report = fuse_with_report(model, example_inputs=torch.randn(2, 3, 32, 32))
+    x = torch.randn(1, 3, 16, 64)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
+    assert any("changes what it computes" in r for p, r in report.not_fused if p == "0"), report
