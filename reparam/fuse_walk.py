@@ -21,7 +21,7 @@ from reparam.errors import FusionError
 from reparam.fuse_probe import checked_conversion, compare_modules, inferred_input
 from reparam.fuse_report import FuseReport
 from reparam.fusers import FuseOutcome, get_fuser, pre_fuse_passes
-from reparam.size_guards import flip_inputs
+from reparam.size_guards import ValueBranchError, flip_inputs
 
 __all__ = ["THIRD_PARTY_METHODS", "adopt", "checked_on_inputs", "fuse_blocks"]
 
@@ -179,7 +179,11 @@ def _fuse_one(
                 return module
             # Both sides of the module's own size branches (x.shape[-1] > 40): the probes'
             # fixed sizes may all lie on one.
-            bases = [*bases, *(flip for flip, _ in flip_inputs(module, bases[0]))]
+            try:
+                bases = [*bases, *(flip for flip, _ in flip_inputs(module, bases[0]))]
+            except ValueBranchError as refusal:
+                report.add_reason(where, f"{kind}: {name} not called: {refusal}")
+                return module
             outcome, why = checked_conversion(module, run_method, bases, name)
     except FusionError as error:
         raise FusionError(f"{where} ({kind}): {error}") from error

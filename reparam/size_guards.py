@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import re
 import warnings
@@ -23,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["flip_inputs"]
+from reparam.errors import FusionError, printable
+
+__all__ = ["ValueBranchError", "flip_inputs"]
+
+
+class ValueBranchError(FusionError):
+    """The module's forward branches on its input's values (``if x.mean() > 5``): no probe
+    can show every side, so a conversion of it cannot be checked."""
+
 
 # Sizes tried for each guard, smallest first (a flip at a small size keeps the probe cheap).
 _SIZES = (*range(1, 33), 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 512)
@@ -35,6 +44,10 @@ def flip_inputs(foreign: nn.Module, inputs: tuple) -> list[tuple[tuple, str]]:
     traced on ``inputs`` (one tensor, batch first, channels second).
 
     Empty when the module does not export (nothing known) or has no such guard.
+
+    Raises:
+        ValueBranchError: the forward branches on its input's values (torch.export cannot
+            guard on a data-dependent expression), with the line of the branch.
     """
     if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 3:
         return []
@@ -82,21 +95,41 @@ def _export(foreign: nn.Module, example: torch.Tensor) -> Any:
         module = copy.deepcopy(foreign).to(torch.float32).eval()
         with _quiet(), torch.no_grad():
             return torch.export.export(module, (example,), dynamic_shapes=(axes,))
-    except Exception:  # a forward torch.export cannot take: only the fixed probes then
+    except Exception as error:  # a forward torch.export cannot take: only the fixed probes
+        if type(error).__name__ == "GuardOnDataDependentSymNode":
+            raise ValueBranchError(
+                f"its forward branches on its input's values ({_code_line(error)}): no probe "
+                "can show every side of that branch, so a conversion of it cannot be checked"
+            ) from None
         return None
+
+
+def _code_line(error: BaseException) -> str:
+    """``file:line in fn`` of the innermost frame outside torch in ``error``'s message."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', str(error))
+    outside = [f for f in frames if not str(Path(f[0]).resolve()).startswith(torch_dir)]
+    if not outside:
+        return "a data-dependent expression"
+    filename, line, function = outside[-1]
+    return f"{printable(filename)}:{line} in {function}"
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """torch.export's log lines (a failed trace is no news here: the fixed probes remain)."""
     names = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
-             "torch._dynamo")  # fmt: skip
+             "torch._dynamo", "torch.__trace")  # fmt: skip
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),  # its graph dump on a failed guard
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -404,6 +404,8 @@ class _ACCopy:
             def forward(self, x):
                 y = self.square_bn(self.square_conv(x)) + self.ver_bn(self.ver_conv(x))
                 y = y + self.hor_bn(self.hor_conv(x))
+                if kind == "value":  # an input scaled 0..255 instead of normalised
+                    return y * 0.5 if float(x.mean()) > 5 else y
                 big = x.shape[-1] > 40 if kind == "width" else x.shape[0] > 3
                 return y * 0.5 if big else y
 
@@ -465,3 +467,20 @@ def test_own_switch_to_deploy_checked_past_every_fixed_probe() -> None:
         want, got = model(x), fused(x)
     assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
     assert any("changes what it computes" in r for p, r in report.not_fused if p == "0"), report
+
+
+def test_copy_branching_on_input_values_is_not_adopted() -> None:
+    # `y * 0.5 if float(x.mean()) > 5 else y`: every probe has mean ~0, so the copy was
+    # adopted and 1.00 off on 0..255 inputs. No probe can show both sides: refused.
+    import torch
+
+    from reparam.convert import fuse_with_report
+
+    model = _ACCopy.make("value")
+    fused, report = fuse_with_report(model, example_inputs=torch.randn(2, 3, 16, 16))
+    x = 255 * torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
+    (reason,) = [r for p, r in report.not_fused if p == "0"]
+    assert "branches on its input's values" in reason and "test_trial19.py:" in reason, reason
