@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from reparam.cli.app import app
+from reparam.errors import UserInputError
 
 runner = CliRunner()
 
@@ -484,3 +485,34 @@ def test_copy_branching_on_input_values_is_not_adopted() -> None:
     assert ((want - got).abs().max() / want.abs().max()).item() < 1e-5
     (reason,) = [r for p, r in report.not_fused if p == "0"]
     assert "branches on its input's values" in reason and "test_trial19.py:" in reason, reason
+
+
+def test_calibration_outside_the_recorded_range_names_the_calibration_data(tmp_path: Path) -> None:
+    # A graph valid for widths >= 33 (the model branches on it), calibrated with 24x24
+    # samples: the refusal read like the user's model input ("input 'input' axis 3 has
+    # size 24 ... re-export with static sizes"), never naming the calibration file.
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from reparam.export import export_onnx
+    from reparam.quantize import quantize_onnx
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.a(x) if x.shape[-1] > 32 else self.b(x)
+
+    graph = tmp_path / "g.onnx"
+    export_onnx(Net().eval(), graph, torch.randn(1, 3, 40, 40), dynamic_hw=True)
+    calibration = tmp_path / "cal24.npy"
+    np.save(calibration, np.random.default_rng(0).standard_normal((4, 3, 24, 24), np.float32))
+    with pytest.raises(UserInputError) as caught:
+        quantize_onnx(graph, tmp_path / "q.onnx", calibration=calibration)
+    text = str(caught.value)
+    assert text.startswith("calibration data") and "cal24.npy" in text and "33" in text, text
+    assert not (tmp_path / "q.onnx").exists()

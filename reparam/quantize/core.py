@@ -126,6 +126,14 @@ def quantize_onnx(
         random_shapes=one_sample_shapes(fp32) if calibration is None else None,
         seed=seed,
     )
+    if calibration is not None:  # sizes outside the graph's recorded ranges: name the data
+        from reparam.runtime import check_input_ranges
+
+        shapes = {name: (1, *array.shape[1:]) for name, array in data.arrays.items()}
+        try:
+            check_input_ranges(fp32.metadata, shapes)
+        except UserInputError as error:
+            raise UserInputError(f"calibration data {printable(data.source)}: {error}") from None
     fixed_batch = fixed_batch_size(fp32)
     calibrate_idx, held_idx, notes = split_samples(data.count, fixed_batch)
 
