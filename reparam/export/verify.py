@@ -119,7 +119,33 @@ def verify_onnx(
     dynamic_batch = bool(first.inputs) and all(
         spec.shape and not isinstance(spec.shape[0], int) for spec in first.inputs
     )
+    compare_sessions(
+        model, sessions, report, inputs, batch_sizes=sizes, seed=seed,
+        dynamic_batch=dynamic_batch, runtime="onnxruntime", say=say,
+    )  # fmt: skip
+    report.seconds = time.perf_counter() - started
+    return report
 
+
+def compare_sessions(
+    model: nn.Module,
+    sessions: dict[str, Any],
+    report: VerifyReport,
+    inputs: Any,
+    *,
+    batch_sizes: Sequence[int],
+    seed: int,
+    dynamic_batch: bool,
+    runtime: str,
+    say: Progress,
+) -> None:
+    """Add to ``report`` the comparison of each session (``{level: session}``, one graph)
+    with ``model``: on ``inputs`` when given, and, when the batch axis is dynamic, at every
+    other batch size of ``batch_sizes`` (random inputs of the given per-sample shape, or of
+    the graph's); on random inputs of the graph's shapes when neither applies. Every runtime
+    :mod:`reparam.runtime.verify_runtimes` checks goes through here, so all are judged alike.
+    """
+    first = next(iter(sessions.values()))
     given: list[np.ndarray] | None = None
     per_sample = None
     if inputs is not None:
@@ -140,17 +166,17 @@ def verify_onnx(
                 report.cases.append(_compare(session, level, given, reference))
         if dynamic_batch:
             done = {given[0].shape[0]} if given is not None else set()
-            batches = [b for b in sizes if b not in done]
+            batches = [b for b in batch_sizes if b not in done]
             if batches:
-                _check_batches(model, sessions, batches, per_sample, seed, rebuild, report, say)
+                _check_batches(
+                    model, sessions, batches, per_sample, seed, rebuild, report, say, runtime
+                )
         elif given is None:
             arrays = list(first.random_inputs(seed=seed).values())
             say(f"verify: inputs {_shapes(arrays)}")
             reference = _reference(model, arrays, rebuild)
             for level, session in sessions.items():
                 report.cases.append(_compare(session, level, arrays, reference))
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _check_batches(
@@ -162,9 +188,10 @@ def _check_batches(
     rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]],
     report: VerifyReport,
     say: Progress,
+    runtime: str,
 ) -> None:
     """Every batch size from one draw at the largest: leading slices of inputs and reference."""
-    first = sessions[OPTIMIZATIONS[0]]
+    first = next(iter(sessions.values()))
     largest = max(batches)
     shapes = (
         [(largest, *shape) for shape in per_sample]
@@ -181,7 +208,7 @@ def _check_batches(
     full = _reference(model, arrays, rebuild)
     sliceable = all(t.dim() and t.shape[0] == largest for t in _tensors(full))
     for batch in batches:
-        say(f"verify: onnxruntime at batch {batch}")
+        say(f"verify: {runtime} at batch {batch}")
         part = [array[:batch] for array in arrays]
         reference = _slice(full, batch) if sliceable else _reference(model, part, rebuild)
         for level, session in sessions.items():

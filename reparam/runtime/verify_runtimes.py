@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from reparam.errors import ReparamError, printable
@@ -105,27 +104,14 @@ def verify_openvino(
         RuntimeNotInstalledError: openvino is not installed.
         UserInputError: the graph cannot be converted or compiled; bad inputs or tolerances.
     """
-    # verify_onnx's steps, shared so that both runtimes are judged the same way
-    from reparam.export.verify import (
-        _as_arrays,
-        _check_tolerances,
-        _compare,
-        _rebuild,
-        _reference,
-        _shapes,
-        _slice,
-        _tensors,
-        eval_mode_of,
-    )
+    from reparam.export.verify import _check_tolerances, compare_sessions
     from reparam.runtime.openvino import OpenVinoModel
-    from reparam.runtime.safety import check_allocation
 
     started = time.perf_counter()
     sizes = _check_tolerances(rtol, atol, batch_sizes)
     say = progress or (lambda line: None)
     say("verify: converting the graph for OpenVINO")
     session = OpenVinoModel(path)
-    level = "openvino"
     report = OpenVinoReport(
         Path(path), rtol, atol, session.providers, session.output_names, reference=reference_name
     )
@@ -133,53 +119,10 @@ def verify_openvino(
         spec.declared and spec.shape and not isinstance(spec.shape[0], int)
         for spec in session.inputs
     )
-    rebuild = _rebuild(session)
-    with eval_mode_of(model):
-        given = None
-        if inputs is not None:
-            feeds = (
-                session.feeds(dict(inputs))
-                if isinstance(inputs, Mapping)
-                else session.feeds(*_as_arrays(inputs))
-            )
-            given = list(feeds.values())
-            say(f"verify: inputs {_shapes(given)}")
-            report.cases.append(_compare(session, level, given, _reference(model, given, rebuild)))
-        if dynamic_batch:
-            done = {given[0].shape[0]} if given is not None else set()
-            batches = [b for b in sizes if b not in done]
-            if batches:
-                largest = max(batches)
-                shapes = (
-                    [(largest, *a.shape[1:]) for a in given]
-                    if given is not None
-                    else session.concrete_shapes(largest)
-                )
-                check_allocation(shapes, [np.float64] * len(shapes), "the verification input")
-                rng = np.random.default_rng(seed)
-                arrays = [
-                    rng.standard_normal(shape).astype(spec.dtype)
-                    for spec, shape in zip(session.inputs, shapes, strict=True)
-                ]
-                say(f"verify: PyTorch reference at batch {largest}")
-                full = _reference(model, arrays, rebuild)
-                sliceable = all(t.dim() and t.shape[0] == largest for t in _tensors(full))
-                for batch in batches:
-                    say(f"verify: OpenVINO at batch {batch}")
-                    part = [array[:batch] for array in arrays]
-                    reference = (
-                        _slice(full, batch) if sliceable else _reference(model, part, rebuild)
-                    )
-                    case = _compare(session, level, part, reference)
-                    if sliceable and batch != largest and not case.ok(rtol, atol):
-                        case = _compare(session, level, part, _reference(model, part, rebuild))
-                    report.cases.append(case)
-        elif given is None:
-            arrays = list(session.random_inputs(seed=seed).values())
-            say(f"verify: inputs {_shapes(arrays)}")
-            report.cases.append(
-                _compare(session, level, arrays, _reference(model, arrays, rebuild))
-            )
+    compare_sessions(
+        model, {"openvino": session}, report, inputs, batch_sizes=sizes, seed=seed,
+        dynamic_batch=dynamic_batch, runtime="OpenVINO", say=say,
+    )  # fmt: skip
     report.seconds = time.perf_counter() - started
     return report
 
