@@ -17,16 +17,16 @@ elsewhere hits both.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# the same interleaving and thread setting as the eager benchmark beside this script
+from bench_dynamic import _threads, interleaved_medians
 
 import reparam
 from reparam.blocks.drconv import DRConv2d
@@ -47,31 +47,6 @@ def runtimes() -> list[tuple[str, Callable]]:
 
 
 TARGET = 1.25
-
-
-def interleaved_medians(functions: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds per call of each function, run in turn (order reversed every other
-    round) so that load drifts hit all alike."""
-    for fn in functions:
-        fn()
-    samples: list[list[float]] = [[] for _ in functions]
-    pairs = list(zip(functions, samples, strict=True))
-    for round_index in range(repeats):
-        for fn, times in pairs if round_index % 2 == 0 else reversed(pairs):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in samples]
-
-
-@contextmanager
-def _threads(count: int):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def cases(quick: bool):
