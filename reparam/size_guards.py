@@ -67,7 +67,7 @@ def flip_inputs(foreign: nn.Module, inputs: tuple) -> list[tuple[tuple, str]]:
     for guard in getattr(shape_env, "guards", []):
         expression = getattr(guard, "expr", None)
         symbols = [s for s in getattr(expression, "free_symbols", ()) if str(s) in axis_of]
-        location = _user_location(guard)
+        location = user_location(guard)
         if len(symbols) != 1 or location is None:
             continue
         (symbol,) = symbols
@@ -137,8 +137,9 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _user_location(guard: Any) -> str | None:
-    """``file:line in fn`` of the copy's code that made ``guard``; None inside torch."""
+def user_location(guard: Any) -> str | None:
+    """``file:line in fn`` of the user's code that made a torch.export ``guard``; None when
+    torch itself made it."""
     frame = getattr(getattr(guard, "sloc", None), "framework_loc", None)
     filename = str(getattr(frame, "filename", "") or "")
     if not filename or Path(filename).resolve().is_relative_to(Path(torch.__file__).parent):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,8 +25,8 @@ from reparam.adopt.parts import (
     child,
     has_se,
     image_probes,
+    kxk_probes,
     probe_generator,
-    single,
 )
 from reparam.adopt.parts import (
     geometry as conv_geometry,
@@ -112,22 +111,9 @@ def _build_mobileone(foreign: nn.Module) -> nn.Module:
     return block
 
 
-def _probe_kxk(conv_path: str) -> Callable[[nn.Module], list[Probe]]:
-    def probe(foreign: nn.Module) -> list[Probe]:
-        conv = foreign.get_submodule(conv_path)
-        return image_probes(
-            conv.in_channels,
-            single(conv.kernel_size, "kernel_size"),
-            single(conv.stride, "stride"),
-            single(conv.dilation, "dilation"),
-        )
-
-    return probe
-
-
 def _probe_mobileone(foreign: nn.Module) -> list[Probe]:
     path = "rbr_conv.0.conv" if len(foreign.rbr_conv) else "rbr_scale.conv"
-    return _probe_kxk(path)(foreign)
+    return kxk_probes(path)(foreign)
 
 
 def _involution_args(foreign: nn.Module, reduce_path: str, span_path: str) -> dict:
@@ -258,21 +244,21 @@ LAYOUTS: tuple[Layout, ...] = (
         "ACBlock",
         ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"),
         _build_acb,
-        _probe_kxk("square_conv"),
+        kxk_probes("square_conv"),
     ),
     Layout(
         "RepVGG block",
         "RepVGGBlock",
         ("rbr_dense", "rbr_1x1"),
         _build_repvgg,
-        _probe_kxk("rbr_dense.conv"),
+        kxk_probes("rbr_dense.conv"),
     ),
     Layout(
         "Diverse Branch Block",
         "DiverseBranchBlock",
         ("dbb_origin", "dbb_1x1_kxk", "dbb_avg"),
         _build_dbb,
-        _probe_kxk("dbb_origin.conv"),
+        kxk_probes("dbb_origin.conv"),
     ),
     Layout(
         "MobileOne block",
@@ -296,7 +282,7 @@ LAYOUTS: tuple[Layout, ...] = (
         _probe_involution,
     ),
     Layout(
-        "DRConv", "DRConv2d", ("conv_kernel", "conv_guide"), _build_drconv, _probe_kxk("conv_guide")
+        "DRConv", "DRConv2d", ("conv_kernel", "conv_guide"), _build_drconv, kxk_probes("conv_guide")
     ),
     Layout(
         "YOLOv5 ASFF",

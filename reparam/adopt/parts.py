@@ -30,6 +30,7 @@ __all__ = [
     "geometry",
     "has_se",
     "image_probes",
+    "kxk_probes",
     "probe_generator",
     "single",
 ]
@@ -192,6 +193,22 @@ def image_probes(channels: int, kernel: int = 3, stride: int = 1, dilation: int 
         x = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
         probes.append(Probe((x,), _label(shape, scale)))
     return probes
+
+
+def kxk_probes(conv_path: str) -> Callable[[nn.Module], list[Probe]]:
+    """A layout's probe maker: :func:`image_probes` for the geometry of the foreign block's
+    KxK conv at ``conv_path`` (its input channels, kernel, stride and dilation)."""
+
+    def probe(foreign: nn.Module) -> list[Probe]:
+        conv = foreign.get_submodule(conv_path)
+        return image_probes(
+            conv.in_channels,
+            single(conv.kernel_size, "kernel_size"),
+            single(conv.stride, "stride"),
+            single(conv.dilation, "dilation"),
+        )
+
+    return probe
 
 
 def scaled_probes(example: tuple, what: str) -> list[Probe]:

@@ -23,30 +23,15 @@ from torch import nn
 
 from reparam.adopt.parts import (
     Layout,
-    Probe,
     activation_of,
     child,
     geometry,
     has_se,
-    image_probes,
-    single,
+    kxk_probes,
 )
 from reparam.errors import FusionError
 
 __all__ = ["YOLO_LAYOUTS"]
-
-
-def _probes(conv_path: str):
-    def probe(foreign: nn.Module) -> list[Probe]:
-        conv = foreign.get_submodule(conv_path)
-        return image_probes(
-            conv.in_channels,
-            single(conv.kernel_size, "kernel_size"),
-            single(conv.stride, "stride"),
-            single(conv.dilation, "dilation"),
-        )
-
-    return probe
 
 
 def _check_1x1(conv: nn.Conv2d, dense: dict[str, int], name: str) -> None:
@@ -139,7 +124,7 @@ YOLO_LAYOUTS: tuple[Layout, ...] = (
         "QARepVGGBlock",
         ("rbr_dense", "rbr_1x1", "bn"),
         _build_qarepvgg,
-        _probes("rbr_dense.conv"),
+        kxk_probes("rbr_dense.conv"),
         accepts=_is_qarepvgg,
     ),
     Layout(
@@ -147,7 +132,7 @@ YOLO_LAYOUTS: tuple[Layout, ...] = (
         "RepVGGBlock",
         ("rbr_dense", "rbr_1x1", "act"),
         _build_yolov7,
-        _probes("rbr_dense.0"),
+        kxk_probes("rbr_dense.0"),
         renames=(
             ("rbr_dense.conv", "rbr_dense.0"),
             ("rbr_dense.bn", "rbr_dense.1"),
@@ -161,7 +146,7 @@ YOLO_LAYOUTS: tuple[Layout, ...] = (
         "RepVGGBlock",
         ("conv1", "conv2", "bn", "act"),
         _build_ultralytics,
-        _probes("conv1.conv"),
+        kxk_probes("conv1.conv"),
         renames=(("rbr_dense", "conv1"), ("rbr_1x1", "conv2"), ("rbr_identity", "bn")),
         accepts=_is_ultralytics,
     ),

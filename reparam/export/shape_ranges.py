@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from reparam.runtime.range_check import (
@@ -35,6 +34,7 @@ from reparam.runtime.range_check import (
     check_shapes,
     parse_ranges,
 )
+from reparam.size_guards import user_location
 
 __all__ = [
     "EQUALITIES_KEY",
@@ -147,7 +147,7 @@ def _attach_guards(
         for symbol in names & set(symbols):
             axis_range = symbols[symbol]
             if axis_range.narrowed:
-                where = _user_location(guard)
+                where = user_location(guard)
                 if where is None:  # torch's own guard, not the model's branch
                     continue
                 # the tracer's symbol (s87) means nothing to the user: name the axis instead
@@ -190,7 +190,7 @@ def relational_guards(program: Any, input_names: list[str]) -> list[str]:
     for guard in getattr(shape_env, "guards", []):
         expression = getattr(guard, "expr", None)
         symbols = sorted({str(s) for s in getattr(expression, "free_symbols", ())} & set(axes))
-        where = _user_location(guard)
+        where = user_location(guard)
         # torch's own guards (memory-format checks and the like) are not the model's code
         if len(symbols) < 2 or where is None:
             continue
@@ -199,17 +199,6 @@ def relational_guards(program: Any, input_names: list[str]) -> list[str]:
             condition = re.sub(rf"\b{symbol}\b", f"({axes[symbol]})", condition)
         found.append(f"{condition} at {where}")
     return found
-
-
-def _user_location(guard: Any) -> str | None:
-    """``file:line in fn`` of the model code that made the guard; None inside torch."""
-    import torch
-
-    frame = getattr(getattr(guard, "sloc", None), "framework_loc", None)
-    filename = str(getattr(frame, "filename", "") or "")
-    if not filename or Path(filename).resolve().is_relative_to(Path(torch.__file__).parent):
-        return None
-    return f"{filename}:{getattr(frame, 'lineno', '?')} in {getattr(frame, 'name', '?')}"
 
 
 @dataclass
@@ -253,7 +242,7 @@ def guard_flips(program: Any, input_names: list[str], ranges: list[AxisRange]) -
     for guard in getattr(shape_env, "guards", []):
         expression = getattr(guard, "expr", None)
         symbols = [s for s in getattr(expression, "free_symbols", ()) if str(s) in where_of]
-        location = _user_location(guard)
+        location = user_location(guard)
         if len(symbols) != 1 or location is None or str(symbols[0]) not in examples:
             continue
         (symbol,) = symbols
