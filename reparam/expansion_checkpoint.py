@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reparam._io import atomic_write
 from reparam._version import __version__
-from reparam.errors import UnsafeInputError, UserInputError, printable, summarize
+from reparam.errors import UnsafeInputError, UserInputError, printable
 from reparam.expansion_blocks import FAMILIES
-from reparam.safe_weights import check_path, check_tensors, read_checkpoint
+from reparam.safe_weights import check_path, check_tensors, read_checkpoint, write_checkpoint
 
 __all__ = ["FORMAT", "load_expanded", "save_expanded"]
 
@@ -71,13 +70,7 @@ def save_expanded(
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
 
-    def write(tmp: Path) -> None:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as error:  # torch reports a failed write (disk full) this way
-            raise OSError(f"torch.save failed ({summarize(error)})") from None
-
-    return atomic_write(path, write)
+    return write_checkpoint(payload, path)
 
 
 def _check_metadata(meta: Mapping, shown: str) -> None:

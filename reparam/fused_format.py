@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reparam._io import atomic_write
 from reparam._version import __version__
 from reparam.errors import (
     NotAFusedCheckpointError,
@@ -44,7 +43,13 @@ from reparam.errors import (
     summarize,
 )
 from reparam.resources import check_allocation
-from reparam.safe_weights import apply_state_dict, check_path, check_tensors, read_checkpoint
+from reparam.safe_weights import (
+    apply_state_dict,
+    check_path,
+    check_tensors,
+    read_checkpoint,
+    write_checkpoint,
+)
 from reparam.user_code import ModelSpec, build_model
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "is_fused_checkpoint", "load", "probe_inputs", "save_fused"]
@@ -107,13 +112,7 @@ def save_fused(
         "state_dict": {key: value.detach().cpu() for key, value in fused.state_dict().items()},
     }
 
-    def write(tmp: Path) -> None:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as error:  # torch reports a failed write (disk full) this way
-            raise OSError(f"torch.save failed ({printable(summarize(error))})") from None
-
-    return atomic_write(path, write)
+    return write_checkpoint(payload, path)
 
 
 def _float_dtype_name(model: nn.Module) -> str:

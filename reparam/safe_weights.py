@@ -1,4 +1,5 @@
-"""Reading training checkpoints without running code from them, and finding the weights inside.
+"""Reading training checkpoints without running code from them, and finding the weights inside;
+writing reparam's own checkpoints atomically (:func:`write_checkpoint`).
 
 Files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, no
 code runs. A file holding a pickled ``nn.Module`` is refused unless the caller says it trusts
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reparam._io import atomic_write
 from reparam.errors import UnsafeInputError, UserInputError, printable, summarize
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "load_state_dict_file",
     "read_checkpoint",
     "read_weights",
+    "write_checkpoint",
 ]
 
 # Exponential-moving-average weights are what YOLOv5's loader and timm deploy when a
@@ -48,6 +51,23 @@ def check_path(path: Any, what: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} expects a path (str or os.PathLike), got {type(path).__name__}")
     return Path(path)
+
+
+def write_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save(payload)`` to ``path`` through :func:`reparam._io.atomic_write` (a
+    temporary file renamed over the target: a failure or signal leaves the old file).
+
+    torch reports a failed write (a full disk) as a RuntimeError; it becomes the OSError
+    that ``atomic_write`` turns into one error line.
+    """
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as error:
+            raise OSError(f"torch.save failed ({printable(summarize(error))})") from None
+
+    return atomic_write(path, write)
 
 
 def read_checkpoint(path: Path, *, trust_pickle: bool) -> Any:
