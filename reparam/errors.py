@@ -52,6 +52,11 @@ class NotAFusedCheckpointError(UserInputError):
     """A file read as a fused checkpoint is a readable checkpoint, but not one reparam wrote."""
 
 
+class NotAnExpandedCheckpointError(UserInputError):
+    """A file read as an expanded checkpoint is a readable checkpoint, but not one
+    ``reparam expand`` wrote."""
+
+
 class ExportError(ReparamError):
     """The model cannot be exported as asked (unsupported operator, opset or dynamic axis)."""
 

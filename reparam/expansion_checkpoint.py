@@ -29,7 +29,12 @@ import torch
 from torch import nn
 
 from reparam._version import __version__
-from reparam.errors import UnsafeInputError, UserInputError, printable
+from reparam.errors import (
+    NotAnExpandedCheckpointError,
+    UnsafeInputError,
+    UserInputError,
+    printable,
+)
 from reparam.expansion_blocks import FAMILIES
 from reparam.safe_weights import check_path, check_tensors, read_checkpoint, write_checkpoint
 
@@ -163,7 +168,9 @@ def load_expanded(
     shown = printable(path)
     obj = read_checkpoint(path, trust_pickle=False)
     if not is_expanded_checkpoint(obj):
-        raise UserInputError(f"'{shown}' is not an expanded checkpoint written by reparam expand")
+        raise NotAnExpandedCheckpointError(
+            f"'{shown}' is not an expanded checkpoint written by reparam expand"
+        )
     meta = obj["reparam"]
     _check_metadata(meta, shown)
     state_dict = obj.get("state_dict")

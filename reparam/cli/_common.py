@@ -287,12 +287,13 @@ def _load_expanded_or_none(
     model: the file records the model and how it was expanded, never code to run.
     """
     from reparam.checkpoint import ModelSpec
-    from reparam.expansion_checkpoint import is_expanded_checkpoint, load_expanded
-    from reparam.safe_weights import read_checkpoint
+    from reparam.errors import NotAnExpandedCheckpointError
+    from reparam.expansion_checkpoint import load_expanded
 
-    if not is_expanded_checkpoint(read_checkpoint(path, trust_pickle=False)):
+    try:
+        model = load_expanded(path, model=model_override, trust_code=trust_code).eval()
+    except NotAnExpandedCheckpointError:
         return None
-    model = load_expanded(path, model=model_override, trust_code=trust_code).eval()
     meta = model.reparam_expand
     spec = ModelSpec(model_override or meta["model"], dict(meta["kwargs"]))
     recorded = [tuple(shape) for shape in meta.get("input_shapes") or []]
