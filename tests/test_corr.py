@@ -139,3 +139,25 @@ def test_errors():
         corr(x, torch.randn(2, 4, 6, 3, 3), stride=0)
     with pytest.raises(ValueError, match="kernel batch 3 differs"):
         corr(x, torch.randn(3, 4, 6, 3, 3))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("seed", range(6))
+def test_pointwise_fast_path_matches_reference(seed, dtype, tol):
+    """1×1, stride 1, no padding (DRConv's exported region products): one batched matmul
+    instead of the batch-folded grouped convolution; random groups and sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = int(torch.randint(1, 5, (1,), generator=generator))
+    batch, per_in, per_out, height, width = (
+        int(n) for n in torch.randint(1, 7, (5,), generator=generator)
+    )
+    x = torch.randn(batch, groups * per_in, height, width, generator=generator, dtype=dtype)
+    kernel = torch.randn(batch, groups * per_out, per_in, 1, 1, generator=generator, dtype=dtype)
+    expected = corr_reference(x, kernel, groups)
+    got = torch.ops.reparam.corr(x, kernel, groups)
+    assert got.shape == expected.shape
+    assert _rel(got, expected) <= tol
+    # dilation changes nothing for a 1×1 kernel; stride or padding leave the fast path
+    assert _rel(torch.ops.reparam.corr(x, kernel, groups, 1, 0, 3), expected) <= tol
+    padded = torch.ops.reparam.corr(x, kernel, groups, 2, 1)  # may read padding only: zeros
+    torch.testing.assert_close(padded, corr_reference(x, kernel, groups, 2, 1), rtol=tol, atol=tol)

@@ -92,3 +92,63 @@ def test_onnx_graph_runs_the_region_first_form_with_a_dynamic_batch(tmp_path):
         with torch.no_grad():
             want = block.forward_reference(x).numpy()
         assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_products_as_corr_equal_the_batched_matmul(dtype, tolerance):
+    from reparam.ops.drconv_graph import _products_as_corr
+
+    torch.manual_seed(3)
+    gathered = torch.randn(3, 5, 7, 18, dtype=dtype)  # (B, r, M, K²·C)
+    kernels = torch.randn(3, 5, 18, 4, dtype=dtype)  # (B, r, K²·C, O)
+    got = _products_as_corr(gathered, kernels)
+    assert got.shape == (3, 5 * 7, 4, 1)
+    assert _rel(got.view(3, 5, 7, 4), torch.matmul(gathered, kernels)) <= tolerance
+
+
+def _custom_graph(tmp_path, config):
+    import onnx
+
+    block = _block(config, torch.float32)
+    path = tmp_path / "drconv_custom.onnx"
+    reparam.export_onnx(block, path, torch.randn(2, config[0], *config[7:]), corr="custom")
+    return block, path, onnx.load(str(path))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_custom_graph_has_one_corr_node_doing_the_region_products(tmp_path, config):
+    """--corr custom: the 1/r form too, its products one Corr node of groups r whose
+    filters are the slots' im2col rows (1×1), not the all-regions correlation."""
+    _, _, proto = _custom_graph(tmp_path, config)
+    corr_nodes = [n for n in proto.graph.node if n.op_type == "Corr"]
+    assert len(corr_nodes) == 1
+    groups = {a.name: a.i for a in corr_nodes[0].attribute}.get("groups")
+    assert groups == config[3]
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    assert producers[corr_nodes[0].input[1]].op_type == "Unsqueeze"  # the (…, 1, 1) filters
+    assert "ScatterElements" in {n.op_type for n in proto.graph.node}
+
+
+@pytest.mark.parametrize("runtime", ["function", "python kernel", "openvino"])
+def test_custom_graph_runs_in_each_runtime_with_a_dynamic_batch(tmp_path, runtime):
+    from reparam.runtime.session import load
+
+    config = CONFIGS[1]  # stride 2, r = 8
+    block, path, proto = _custom_graph(tmp_path, config)
+    if runtime == "python kernel":  # no shipped function: onnxruntime-extensions runs Corr
+        del proto.functions[:]
+        import onnx
+
+        onnx.save(proto, str(path))
+    if runtime == "openvino":
+        from reparam.runtime.openvino import load_openvino
+
+        session = load_openvino(path)
+    else:
+        session = load(path)
+    for batch in (1, 4):
+        x = torch.randn(batch, config[0], *config[7:])
+        got = session.run_feeds({session.inputs[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            want = block.forward_reference(x).numpy()
+        assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5

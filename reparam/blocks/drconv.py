@@ -24,8 +24,10 @@ that region's kernels only: 1/r of the correlation work, same outputs up to roun
 (:func:`~reparam.ops.drconv_kernels.region_first_forward`). Under ``corr_mode("standard")``
 (which the ONNX and ``.pt2`` exporters set) it computes the same 1/r form in standard
 operators (:func:`~reparam.ops.drconv_graph.region_first_graph`), so the deployed graph
-does 1/r of the work too, with a dynamic batch. While tracing otherwise (``torch.compile``,
-``--corr custom`` exports: one Corr node) it uses the reference formulation.
+does 1/r of the work too, with a dynamic batch. ``--corr custom`` exports (mode ``"op"``)
+get the same form with its region products as one ``com.reparam::Corr`` node of groups r
+and 1×1 filters. While tracing otherwise (``torch.compile``) it uses the reference
+formulation.
 
 Training (an autograd graph is needed) computes all r region outputs, as the guide's
 softmax gradient needs them, but the correlation's backward only for the region each pixel
@@ -264,13 +266,16 @@ class DRConv2d(nn.Module):
     def uses_region_first_graph(self, x: Tensor) -> bool:
         """Whether :meth:`forward` computes the 1/r form in standard operators for this
         input now: under ``corr_mode("standard")``, in the graph ``torch.export`` and the
-        ONNX exporter write (inference only), or in eager without autograd. Not while the
+        ONNX exporter write (inference only), or in eager without autograd; in mode
+        ``"op"`` only in an exported graph (its products one Corr node). Not while the
         TorchScript tracer runs: it would record the data-dependent region size as a
         constant."""
+        standard = get_corr_mode() == "standard"
         return (
             self.fast_inference
             and self.region_num >= _FAST_MIN_REGIONS
-            and get_corr_mode() == "standard"
+            # mode "op": only in the exported graph (one Corr node of groups r, 1/r work)
+            and (standard or torch.compiler.is_exporting())
             and (torch.compiler.is_exporting() or not self._needs_grad(x))
             and not torch.jit.is_tracing()
             and graph_applies(x)

@@ -171,9 +171,23 @@ def _corr_op(
     _check_args(x, kernel, groups, stride, padding, dilation)
     if x.shape[0] == 0:
         return _empty_output(x, kernel, stride, padding, dilation)
+    if kernel.shape[3] == kernel.shape[4] == 1 and stride == 1 and padding == 0:
+        return _pointwise(x, kernel, groups)
     folded_x, folded_kernel, folded_groups = _grouped_geometry(x, kernel, groups)
     out = F.conv2d(folded_x, folded_kernel, None, stride, padding, dilation, folded_groups)
     return out.reshape(x.shape[0], kernel.shape[1], out.shape[2], out.shape[3])
+
+
+def _pointwise(x: Tensor, kernel: Tensor, groups: int) -> Tensor:
+    """A 1×1, stride-1, unpadded Corr as one batched matmul:
+    y[b, g, o, p] = Σ_c kernel[b, g, o, c] · x[b, g, c, p]. (The batch-folded grouped
+    convolution runs B·g tiny convolutions; DRConv's exported region products are this case.)
+    """
+    batch, channels, height, width = x.shape
+    out_channels = kernel.shape[1]
+    weights = kernel.reshape(batch, groups, out_channels // groups, channels // groups)
+    columns = x.reshape(batch, groups, channels // groups, height * width)
+    return torch.matmul(weights, columns).reshape(batch, out_channels, height, width)
 
 
 @_corr_op.register_fake

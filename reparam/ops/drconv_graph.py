@@ -16,7 +16,9 @@ its region ρ(p) = argmax_ρ guide[b, ρ, p] (the first largest)::
    (a window table gives, per pixel and tap, the row read; padding taps read the zero
    row): (B, r, M, K²·C), taps outer, channels inner.
 4. One batched MatMul with the sample's region kernels (B, r, K²·C, O), then each pixel's
-   row gathered back from its slot.
+   row gathered back from its slot. In mode ``"op"`` (``--corr custom`` exports, which ship
+   one ``com.reparam::Corr`` node) the same products are one Corr of groups r with 1×1
+   kernels (:func:`_products_as_corr`), so a runtime's own Corr kernel does the 1/r work.
 
 The work is B·r·M rows of K²·C × O: 1/r of the all-regions form when the regions are even
 (M ≈ H'W'/r), and at most the same when one region takes every pixel. M depends on the
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reparam.ops.corr import corr_output_size
+from reparam.ops.corr import corr, corr_output_size, get_corr_mode
 from reparam.ops.region_corr import first_max_index
 
 __all__ = ["graph_applies", "region_first_graph"]
@@ -67,6 +69,23 @@ def _window_rows(height: int, width: int, geometry, device) -> Tensor:
     inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
     rows = torch.where(inside, ys * width + xs + 1, 0).view(out_h * out_w, k * k)
     return torch.cat([rows, rows.new_zeros((1, k * k))])
+
+
+def _products_as_corr(gathered: Tensor, kernels: Tensor) -> Tensor:
+    """gathered (B, r, M, K²·C) @ kernels (B, r, K²·C, O) as one per-sample correlation.
+
+    Corr(x, k, groups=r) with 1×1 kernels computes y[b, f, o] = Σ_c k[b, f, c] · x[b, ρ·K²C
+    + c, o] for filter f = ρ·M + m of group ρ. Taking the slots' im2col rows as the r·M
+    filters (B, r·M, K²·C, 1, 1) and the region kernels as the "image" (B, r·K²·C, O, 1)
+    gives y[b, ρ·M + m, o] = Σ_c gathered[b, ρ, m, c] · kernels[b, ρ, c, o], the batched
+    MatMul, from two reshapes of contiguous tensors: no transposing copy of either.
+    """
+    batch, regions, largest, depth = gathered.shape
+    image = kernels.reshape(batch, regions * depth, kernels.shape[3], 1)
+    # Unsqueeze, not a reshape to (…, 1, 1): the 1×1 stays static in runtimes that convert
+    # Corr with a fixed window (OpenVINO's extension reads it from the partial shape).
+    filters = gathered.reshape(batch, regions * largest, depth)[:, :, :, None, None]
+    return corr(image, filters, regions)  # (B, r·M, O, 1)
 
 
 def region_first_graph(
@@ -107,8 +126,12 @@ def region_first_graph(
     read = windows[source] + first_rows  # (B, r·M, K²)
     gathered = rows.reshape(-1, channels).index_select(0, read.reshape(-1))
     gathered = gathered.view(batch, regions, largest, taps * channels)
-    # 4. one batched MatMul, then each pixel's row from its slot.
-    products = torch.matmul(gathered, kernels).reshape(-1, out_channels)  # (B·r·M, O)
+    # 4. one batched MatMul (or Corr), then each pixel's row from its slot.
+    if get_corr_mode() == "standard":
+        products = torch.matmul(gathered, kernels)
+    else:
+        products = _products_as_corr(gathered, kernels)
+    products = products.reshape(-1, out_channels)  # (B·r·M, O)
     first_slots = (torch.arange(batch, device=x.device) * (regions * largest)).view(batch, 1)
     out = products.index_select(0, (slot + first_slots).reshape(-1))
     return (
