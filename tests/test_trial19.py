@@ -516,3 +516,42 @@ def test_calibration_outside_the_recorded_range_names_the_calibration_data(tmp_p
     text = str(caught.value)
     assert text.startswith("calibration data") and "cal24.npy" in text and "33" in text, text
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "executorch"])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--corr", "custom"], "--corr custom"),
+        (["--opset", "17"], "--opset 17"),
+        (["--exporter", "legacy"], "--exporter legacy"),
+        (["--opset", "18", "--corr", "custom"], "--opset 18, --corr custom"),
+    ],
+)
+def test_onnx_only_options_with_a_program_format_are_refused(tmp_path, fmt, flags, named):
+    # `--format pt2 --corr custom` wrote a program with DRConv's correlation in standard ops
+    # and said nothing of the ignored flag (as --opset and --exporter).
+    out = tmp_path / ("m.pt2" if fmt == "pt2" else "m.pte")
+    result = invoke("export", "acnet_tiny", "--format", fmt, *flags, "-o", out)
+    assert result.exit_code == 1, result.output
+    (line,) = error_lines(result)
+    assert f"{named} appl" in line and f"not to --format {fmt}" in line, line
+    assert not out.exists()
+    # the defaults named explicitly change nothing, so they are accepted
+    if fmt == "pt2":
+        ok = invoke("export", "acnet_tiny", "--format", "pt2", "--corr", "standard", "-o", out)
+        assert ok.exit_code == 0, ok.output
+        assert out.exists()
+
+
+def test_verify_an_openvino_ir_with_runtime_all_runs_openvino_only(tmp_path):
+    # `verify model.xml --runtime all` failed on the onnxruntime side (it cannot read IR)
+    # instead of checking the IR where it runs.
+    xml = tmp_path / "m.xml"
+    assert invoke("export", "acnet_tiny", "--format", "openvino", "-o", xml).exit_code == 0
+    for runtime in ("all", "onnxruntime,openvino"):
+        result = invoke("verify", xml, "-m", "acnet_tiny", "--runtime", runtime, "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["ok"] and list(data["runtimes"]) == ["openvino"], data
+        assert "onnxruntime skipped" in result.stderr

@@ -175,6 +175,7 @@ def export(
     with user_errors():
         kind, half = format.value, dtype is Dtype.float16
         _check_options(kind, half, fp32_io, int8, int8_output, calibration, dynamic_hw)
+        _check_onnx_only(kind, opset, corr, exporter)
         # tolerances and batch sizes checked by the library, before any work
         options = VerifyOptions(rtol=rtol, atol=atol, batch_sizes=parse_batch_sizes(batch_sizes))
         model_file = Path(model) if model_arg_kind(model) == "file" else None
@@ -236,6 +237,29 @@ def _check_options(
         raise UserInputError(
             "--fp32-io and --int8-output do not apply to --format openvino (with --int8 the "
             "IR holds the INT8 graph)"
+        )
+
+
+def _check_onnx_only(kind: str, opset: int | None, corr: CorrMode, exporter: Exporter) -> None:
+    """--opset, --corr custom and --exporter legacy shape the ONNX graph only: refused with
+    --format pt2 / executorch rather than ignored (those programs always hold DRConv's
+    correlation in standard ops, and no ONNX exporter runs)."""
+    if kind not in ("pt2", "executorch"):
+        return
+    given = [
+        flag
+        for flag, set_ in (
+            (f"--opset {opset}", opset is not None),
+            ("--corr custom", corr is not CorrMode.standard),
+            (f"--exporter {exporter.value}", exporter is not Exporter.dynamo),
+        )
+        if set_
+    ]
+    if given:
+        raise UserInputError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to ONNX graphs "
+            f"only, not to --format {kind} (its program holds DRConv's correlation in "
+            "standard ops): drop it, or use --format onnx or openvino"
         )
 
 

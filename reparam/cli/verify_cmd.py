@@ -162,6 +162,11 @@ def verify(
     out = Output(as_json, report)
     with user_errors():
         runtimes = parse_runtimes(runtime)
+        if onnx_file.suffix.lower() == ".xml" and len(runtimes) > 1 and "openvino" in runtimes:
+            # an OpenVINO IR (reparam export --format openvino) runs in OpenVINO only; with
+            # onnxruntime alone the loader's one line says to use --runtime openvino
+            runtimes = ["openvino"]
+            out.echo("note: an OpenVINO IR (.xml) runs under OpenVINO only; onnxruntime skipped")
         sizes = parse_batch_sizes(batch_sizes)
         check_distinct_paths(
             {"--report": report},
