@@ -23,9 +23,12 @@ count that every thread's first torch op starts from, so a thread starting then 
 one intra-op thread for life. Instead each of the pool's own threads sets its own OpenMP
 and MKL thread counts to one, once, through the runtimes' per-thread calls
 (``omp_set_num_threads``, ``mkl_set_num_threads_local``: what torch's own per-thread
-setup calls), and the caller only waits: no other thread's count changes, during or after a
-call. Where those calls cannot be found (another OpenMP runtime, another platform), the
-chunks run inline in the caller's thread with its own thread count.
+setup calls). The caller takes chunks too (it is awake, where an idle pool thread first
+takes a wake-up), with the same per-thread calls setting its own counts to one for the call
+and back after: no other thread's count changes, during or after a call, and the caller's
+own is as before once the call returns. Where those calls cannot be found (another OpenMP
+runtime, another platform), the chunks run inline in the caller's thread with its own
+thread count.
 
 The chunks also run inline in the calling thread while anything per thread would miss the
 workers' ops: a torch dispatch or function mode (``FlopCounterMode``), the profiler, or a
@@ -68,8 +71,8 @@ _executor_size = 0
 
 
 @functools.lru_cache(maxsize=1)
-def _per_thread_setters() -> tuple[Callable[[], None], ...] | None:
-    """The calls that give the calling OS thread one OpenMP and one MKL thread, or None.
+def _per_thread_setters() -> _ThreadCounts | None:
+    """The calls that set the calling OS thread's own OpenMP and MKL counts, or None.
 
     torch's OpenMP runtime is the one loaded into the process (read from
     ``/proc/self/maps``); MKL's per-thread call is exported by ``libtorch_cpu`` in its
@@ -90,16 +93,38 @@ def _per_thread_setters() -> tuple[Callable[[], None], ...] | None:
         runtime = candidates[0] if candidates else None
         if runtime is None:
             return None
-        omp_set = ctypes.CDLL(runtime).omp_set_num_threads
-        setters: list[Callable[[], None]] = [lambda: omp_set(1)]
+        omp = ctypes.CDLL(runtime)
+        omp_set, omp_get = omp.omp_set_num_threads, omp.omp_get_max_threads
+        mkl_set = None
         if torch.backends.mkl.is_available():
             library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
             mkl_set = ctypes.CDLL(library).mkl_set_num_threads_local_
-            one = ctypes.c_int(1)
-            setters.append(lambda: mkl_set(ctypes.byref(one)))
+            mkl_set.restype = ctypes.c_int
     except (OSError, AttributeError):
         return None
-    return tuple(setters)
+    return _ThreadCounts(omp_set, omp_get, mkl_set)
+
+
+class _ThreadCounts:
+    """The calling OS thread's own OpenMP and MKL thread counts (per-thread calls only)."""
+
+    def __init__(self, omp_set, omp_get, mkl_set) -> None:
+        self._omp_set, self._omp_get, self._mkl_set = omp_set, omp_get, mkl_set
+
+    def pin(self) -> tuple[int, int]:
+        """One thread each, for this thread; returns what :meth:`restore` gives back (MKL's
+        previous local count, 0 meaning "the global one")."""
+        saved_omp = int(self._omp_get())
+        self._omp_set(1)
+        saved_mkl = 0
+        if self._mkl_set is not None:
+            saved_mkl = int(self._mkl_set(ctypes.byref(ctypes.c_int(1))))
+        return saved_omp, saved_mkl
+
+    def restore(self, saved: tuple[int, int]) -> None:
+        self._omp_set(saved[0])
+        if self._mkl_set is not None:
+            self._mkl_set(ctypes.byref(ctypes.c_int(saved[1])))
 
 
 def pool_available() -> bool:
@@ -110,8 +135,23 @@ def pool_available() -> bool:
 def _pin_to_one_thread() -> None:
     """Pool thread initialiser: one intra-op thread for this thread only, for good."""
     torch.get_num_threads()  # torch's own per-thread setup first, so it cannot undo ours
-    for setter in _per_thread_setters() or ():
-        setter()
+    counts = _per_thread_setters()
+    if counts is not None:
+        counts.pin()
+
+
+@contextmanager
+def _caller_pinned() -> Iterator[None]:
+    """One intra-op thread for the calling thread while it runs chunks beside the pool's,
+    its own counts given back after (no other thread's count is read or written)."""
+    counts = _per_thread_setters()
+    assert counts is not None  # chunks are shared out only where the calls exist
+    torch.get_num_threads()  # torch's per-thread setup done, so it cannot undo ours
+    saved = counts.pin()
+    try:
+        yield
+    finally:
+        counts.restore(saved)
 
 
 def worker_count(device: torch.device | str = "cpu") -> int:
@@ -166,8 +206,9 @@ def sample_ranges(batch: int, sample_cost: int, workers: int, min_cost: int = 1 
 
 
 def call_single_threaded(fn: Callable[[], Result], device: torch.device | str = "cpu") -> Result:
-    """``fn()`` with one intra-op thread: on a pool thread (the caller waits) when the
-    caller has several, else inline. For a few medium ops that must run as one call (a
+    """``fn()`` with one intra-op thread: in the calling thread, its own OpenMP and MKL
+    counts set to one for the call and given back after, when it has several; else as is.
+    For a few medium ops that must run as one call (a
     module whose BN needs the whole batch) but whose barriers would stall beside a busy
     process. Runs under ``torch.no_grad()`` with the caller's inference mode and autocast,
     as chunks do."""
@@ -187,9 +228,10 @@ def parallel_for(
     """Call ``work(chunk)`` for every chunk, on up to :func:`worker_count` threads.
 
     Chunks must not need autograd: chunks run under ``torch.no_grad()``, with the caller's
-    inference mode and CPU autocast state. Shared out, they run on the pool's threads
-    (one intra-op thread each) while the caller waits; else inline in the caller's thread,
-    with its own thread count. Threads pull chunks in order from a shared counter. The
+    inference mode and CPU autocast state. Shared out, they run on the calling thread and
+    on the pool's threads, one intra-op thread each (the caller's own counts are set to
+    one for the call and given back after); else inline in the caller's thread, with its
+    own thread count. Threads pull chunks in order from a shared counter. The
     first exception (Ctrl-C included) stops the others taking new chunks and is raised
     here once they have finished the chunk in hand.
 
@@ -220,7 +262,8 @@ def _share(
     workers: int,
     needs: Sequence[tuple[int, ...]] | None,
 ) -> None:
-    """Run the chunks on ``workers`` pool threads; the caller waits for all of them."""
+    """Run the chunks on the caller and ``workers`` − 1 pool threads; returns when all are
+    done."""
     next_index = itertools.count()
     stop = threading.Event()
     finished = [threading.Event() for _ in chunks] if needs is not None else []
@@ -255,7 +298,16 @@ def _share(
     # Any exception, a chunk's or Ctrl-C while waiting, stops the workers taking new
     # chunks; it is raised once they have all finished the chunk in hand (which may still
     # write results).
-    for future in _submit(drain, workers):
+    futures = _submit(drain, workers - 1)
+    try:
+        # The caller takes chunks too: it is awake, where a pool thread idle for a while
+        # takes a wake-up (B8 32² DRConv after 20 ms idle: ~1.5 ms) before its first chunk.
+        with _caller_pinned():
+            drain()
+    except BaseException as exc:
+        stop.set()
+        error = exc
+    for future in futures:
         while True:  # until the worker is done, even if Ctrl-C interrupts the wait
             try:
                 future.result()
@@ -308,6 +360,8 @@ def _submit(fn: Callable[[], None], count: int) -> list:
     ``count`` threads. Under the lock, so a concurrent caller growing the executor cannot
     shut it down between our lookup and our submissions."""
     global _executor, _executor_size
+    if count < 1:
+        return []
     with _executor_lock:
         if _executor is None or _executor_size < count:
             if _executor is not None:
