@@ -545,3 +545,34 @@ def test_involution_with_training_mode_batchnorm_and_no_autograd(threads):
     torch.testing.assert_close(block.conv1.bn.running_mean, twin.conv1.bn.running_mean)
     with torch.no_grad():  # one sample per chunk must not become a one-value BN batch
         assert block(torch.randn(2, 32, 1, 1)).shape == (2, 32, 1, 1)
+
+
+def test_caller_takes_chunks_with_one_thread_and_gets_its_count_back(threads):
+    """The calling thread runs chunks beside the pool's (one intra-op thread each) and has
+    its own count again afterwards, also when its chunk raises."""
+    import time
+
+    threads(2)
+    seen: list[tuple[bool, int]] = []
+
+    def work(_):
+        time.sleep(0.01)  # long enough that the caller surely takes one of the chunks
+        seen.append(
+            (threading.current_thread() is threading.main_thread(), torch.get_num_threads())
+        )
+
+    parallel_for(work, range(6))
+    assert len(seen) == 6 and {count for _, count in seen} == {1}
+    assert any(on_caller for on_caller, _ in seen) and not all(on_caller for on_caller, _ in seen)
+    assert torch.get_num_threads() == 2
+
+    def fail_on_caller(_):
+        time.sleep(0.01)
+        if threading.current_thread() is threading.main_thread():
+            raise KeyError("caller's chunk")
+
+    with pytest.raises(KeyError, match="caller's chunk"):
+        parallel_for(fail_on_caller, range(6))
+    assert torch.get_num_threads() == 2
+    threads(3)  # a later count is the caller's own again, not the pinned one
+    assert torch.get_num_threads() == 3
