@@ -306,6 +306,7 @@ class DRConv2d(nn.Module):
     def _tracing_or_standard() -> bool:
         return (
             torch.compiler.is_compiling()
+            or torch.jit.is_tracing()  # records the calling thread's ops only, no .tolist()
             or torch.onnx.is_in_onnx_export()
             or get_corr_mode() == "standard"
         )

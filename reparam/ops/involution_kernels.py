@@ -55,9 +55,15 @@ _WIDE_ACCUMULATOR = (torch.float16, torch.bfloat16)
 
 def whole_tensor_form() -> bool:
     """Whether the loop must run as plain ops on whole tensors (:func:`_traced`): while
-    tracing, and under a ``torch.func`` transform, whose wrapped tensors exist only in the
-    calling thread and take no strided views or ``out=`` arguments."""
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+    tracing (``torch.compile``/``torch.export``, and the TorchScript tracer behind
+    ``torch.jit.trace`` and the legacy ONNX exporter, which records only the calling
+    thread's ops), and under a ``torch.func`` transform, whose wrapped tensors exist only in
+    the calling thread and take no strided views or ``out=`` arguments."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 def _geometry(x: Tensor, weight: Tensor, kernel_size: int, stride: int, group_channels: int):

@@ -166,6 +166,7 @@ def worker_count(device: torch.device | str = "cpu") -> int:
     if (
         torch.device(device).type != "cpu"
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()  # the TorchScript tracer records the calling thread only
         or _observed_per_thread()
         or not pool_available()
     ):
