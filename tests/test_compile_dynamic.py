@@ -97,3 +97,36 @@ def test_legacy_onnx_export_of_the_detector_verifies(tmp_path):
     result = CliRunner().invoke(app, [*args, str(path), "--batch-sizes", "1,2"])
     assert result.exit_code == 0, result.output
     assert path.exists()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _involution_model,
+        lambda: (
+            nn.Sequential(nn.Conv2d(4, 16, 1), Involution(16, 5, stride=2, layout="yolov5")),
+            None,
+        ),
+        _drconv_model,
+        lambda: (nn.Sequential(DRConv2d(3, 5, 3, region_num=8, stride=2, padding=1)), None),
+    ],
+    ids=["inv", "inv-s2-yolov5", "dr", "dr-s2-r8"],
+)
+def test_fx_symbolic_trace_equals_eager(make):
+    """torch.fx.symbolic_trace (FX passes, FX quantization) of models holding the dynamic
+    blocks: it failed with TraceError (their input checks branch on sizes). Traced once,
+    run at other sizes and batches, in eval and with gradients in training."""
+    torch.manual_seed(0)
+    model, _ = make()
+    model = model.double().eval()
+    traced = torch.fx.symbolic_trace(model)
+    channels = next(model.parameters()).shape[1]
+    with torch.no_grad():
+        for shape in ((2, channels, 11, 9), (1, channels, 6, 13)):
+            x = torch.randn(*shape, dtype=torch.float64)
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-10, atol=1e-12)
+    model.train()
+    x = torch.randn(2, channels, 8, 7, dtype=torch.float64, requires_grad=True)
+    (grad_traced,) = torch.autograd.grad(traced(x).square().sum(), x)
+    (grad_eager,) = torch.autograd.grad(model(x).square().sum(), x)
+    torch.testing.assert_close(grad_traced, grad_eager, rtol=1e-9, atol=1e-10)

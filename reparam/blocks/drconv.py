@@ -73,6 +73,10 @@ from reparam.ops.region_corr import RegionCorr
 
 __all__ = ["DRConv2d", "assign_region", "assign_region_reference"]
 
+# torch.fx.symbolic_trace records a call of assign_region (an autograd Function it cannot
+# trace into); the traced module runs it as is.
+torch.fx.wrap("assign_region")
+
 # Below 3 regions the 1/r path saves too little to pay for its im2col gather (measured on
 # 2 CPU cores: equal speed at r = 2, B8 C64→64 32² K3).
 _FAST_MIN_REGIONS = 3
@@ -218,12 +222,16 @@ class DRConv2d(nn.Module):
         return torch.bmm(flat, generator).view(shape)  # (r, B·K², C·O) viewed
 
     def _check_input(self, x: Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            return
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise UserInputError(
                 f"DRConv2d expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}"
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: the reference form
+            return self.forward_reference(x)
         self._check_input(x)
         if autocasting(x) and not self._tracing_or_standard():
             # The 1/r and chosen-region paths multiply the input with the weights directly,

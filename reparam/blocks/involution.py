@@ -48,6 +48,10 @@ from reparam.ops.involution_kernels import (
 )
 from reparam.ops.threads import call_single_threaded
 
+# torch.fx.symbolic_trace records a call of involution (its checks and paths branch on
+# sizes and data, which a symbolic trace cannot follow); the traced module runs it as is.
+torch.fx.wrap("involution")
+
 __all__ = [
     "LAYOUTS",
     "Involution",
@@ -77,7 +81,8 @@ class _CeilAvgPool2d(nn.Module):
         # involution's output size, so symbolic shapes match without a guard.
         pad_h = s * ((x.shape[2] - 1) // s + 1) - x.shape[2]
         pad_w = s * ((x.shape[3] - 1) // s + 1) - x.shape[3]
-        if not torch.compiler.is_compiling() and pad_h == 0 and pad_w == 0:
+        traced = torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
+        if not traced and pad_h == 0 and pad_w == 0:
             return F.avg_pool2d(x, s, s)
         sums = F.avg_pool2d(F.pad(x, (0, pad_w, 0, pad_h)), s, s)
         ones = x.new_ones((1, 1, x.shape[2], x.shape[3]))
@@ -183,6 +188,9 @@ class Involution(ReparamBlock):
         return self._span()(self._reduce(x))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: one involution node
+            weight = self.kernels(x)
+            return involution(x, weight, self.kernel_size, self.stride, self.group_channels)
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise UserInputError(
                 f"Involution expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
