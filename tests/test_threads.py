@@ -576,3 +576,66 @@ def test_caller_takes_chunks_with_one_thread_and_gets_its_count_back(threads):
     assert torch.get_num_threads() == 2
     threads(3)  # a later count is the caller's own again, not the pinned one
     assert torch.get_num_threads() == 3
+
+
+def _dynamic_blocks():
+    torch.manual_seed(0)
+    return [
+        Involution(32, 7, group_channels=8).eval(),
+        DRConv2d(32, 16, 3, region_num=8, padding=1).eval(),
+    ]
+
+
+def _reference(block, x):
+    if isinstance(block, Involution):
+        return block.forward_unfold(x.contiguous())
+    return block.forward_reference(x.contiguous())
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_any_input_layout_gives_the_reference_result(threads, count):
+    """Channels-last, strided, transposed-storage and expanded (stride-0 batch) inputs: the
+    chunked paths read through views, so each layout must give the contiguous result."""
+    threads(count)
+    x = torch.randn(3, 32, 17, 13)
+    layouts = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": torch.randn(3, 32, 34, 13)[:, :, ::2],
+        "transposed storage": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "expanded batch": x[:1].expand(3, -1, -1, -1),
+    }
+    with torch.no_grad():
+        for block in _dynamic_blocks():
+            for name, view in layouts.items():
+                got, want = block(view), _reference(block, view)
+                rel = ((got - want).abs().max() / want.abs().max()).item()
+                assert rel <= 1e-5, (type(block).__name__, name, rel)
+
+
+def test_concurrent_callers_get_the_sequential_results_bit_for_bit(threads):
+    """Three Python threads calling the same blocks at once share the pool (and the caller
+    now takes chunks itself): every output equals the one computed alone, bit for bit."""
+    threads(2)
+    blocks = _dynamic_blocks()
+    inputs = [torch.randn(4, 32, 15, 11) for _ in range(3)]
+    with torch.no_grad():
+        alone = [[block(x) for x in inputs] for block in blocks]
+    mismatches: list[tuple[int, int]] = []
+    finished: list[bool] = []  # an exception in a caller thread would otherwise go unseen
+
+    def caller() -> None:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            for _ in range(5):
+                for i, block in enumerate(blocks):
+                    for j, x in enumerate(inputs):
+                        if not torch.equal(block(x), alone[i][j]):
+                            mismatches.append((i, j))
+        finished.append(True)
+
+    callers = [threading.Thread(target=caller) for _ in range(3)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    assert mismatches == [] and len(finished) == 3
