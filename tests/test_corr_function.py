@@ -31,6 +31,12 @@ CONFIGS = [
     (2, 1, 1, 1, 1, 3),
     (1, 2, 0, 1, 2, 2),
     (8, 1, 2, 2, 5, 5),
+    # 1×1 windows: the function's MatMul-only branch (stride 1, no padding; dilation does
+    # not matter), and beside it the im2col branch (stride 2, padding 1)
+    (1, 1, 0, 1, 1, 1),
+    (4, 1, 0, 3, 1, 1),
+    (2, 2, 0, 1, 1, 1),
+    (2, 1, 1, 1, 1, 1),
 ]
 IDS = [f"g{g}-s{s}-p{p}-d{d}-k{kh}x{kw}" for g, s, p, d, kh, kw in CONFIGS]
 CHANNELS, OUT_CHANNELS = 8, 8
@@ -130,7 +136,9 @@ def test_function_matches_torch_with_stride_dilation_and_non_square_inputs(confi
     check_against_torch(config, NON_SQUARE)
 
 
-@pytest.mark.parametrize("config", [(1, 1, 1, 1, 3, 3), (2, 2, 2, 2, 3, 5), (4, 3, 0, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "config", [(1, 1, 1, 1, 3, 3), (2, 2, 2, 2, 3, 5), (4, 3, 0, 1, 1, 1), (2, 1, 0, 1, 1, 1)]
+)
 def test_function_at_opset_13_without_castlike(config):
     # Below opset 15 the body takes the one-hot weight's type from an EyeLike instead.
     check_against_torch(config, NON_SQUARE, opset=13)
@@ -138,7 +146,7 @@ def test_function_at_opset_13_without_castlike(config):
     assert "CastLike" not in body and "EyeLike" in body
 
 
-@pytest.mark.parametrize("config", [(1, 1, 1, 1, 3, 3), (2, 2, 2, 2, 5, 3)])
+@pytest.mark.parametrize("config", [(1, 1, 1, 1, 3, 3), (2, 2, 2, 2, 5, 3), (2, 1, 0, 1, 1, 1)])
 def test_function_in_float16(config):
     check_against_torch(config, NON_SQUARE, dtype=np.float16, tolerance=(2e-2, 2e-2))
 

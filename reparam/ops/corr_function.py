@@ -19,6 +19,10 @@ axis)::
     im2col = Conv(grid, weight)                         (B·C, kh·kw, H', W')
     y      = MatMul(kernel as (B, g, O/g, C/g·kh·kw), im2col as (B, g, C/g·kh·kw, H'·W'))
 
+A 1×1 window at stride 1 without padding (DRConv's region products in ``--corr custom``
+graphs) takes an ``If`` branch that is the MatMul alone, on ``x`` as (B, g, C/g, H·W): the
+pad, phase split and one-hot Conv would only copy the input there.
+
 A negative end pad crops rows no output reads; a stride beyond the padded input is capped
 there (one output pixel either way). Every scalar (s, p, d, g) comes from a ``Constant``
 whose ``value_int`` references the node's attribute (onnxscript writes an attribute
@@ -89,19 +93,10 @@ def _script() -> Any:
         phase_h, shift_h = op.Mod(offsets_h, s), op.Div(offsets_h, s)
         phase_w, shift_w = op.Mod(offsets_w, s), op.Div(offsets_w, s)
 
-        # Phase grid: pad (cropping with a negative end pad where the last rows are never
-        # read) to grid·s rows and columns, fold the channels into the batch and split each
-        # axis as (grid, s): channel (a, b) holds xp[.., s·u + a, s·v + b] at (u, v).
-        pads = op.Concat(zero2, p, p, zero2, end, axis=0)
-        xp = op.Pad(x, pads, mode="constant")
-        split = op.Reshape(xp, op.Concat(minus_one, grid_h, s, grid_w, s, axis=0))
-        phases = op.Transpose(split, perm=[0, 2, 4, 1, 3])  # (B·C, s, s, Hg, Wg)
-        phase_count = op.Mul(s, s)
-        grid = op.Reshape(phases, op.Concat(minus_one, phase_count, grid_h, grid_w, axis=0))
-
         # One-hot weight (kh·kw, s², Qh, Qw): tap (i, j) reads padded row s·oh + d·i, i.e.
         # phase (d·i mod s) at grid row oh + d·i div s (columns likewise), so a stride-1
         # convolution of the grid with it is the strided, dilated im2col (B·C, kh·kw, H', W').
+        phase_count = op.Mul(s, s)
         area = op.Mul(q_h, q_w)
         row_at = op.Add(op.Mul(op.Mul(phase_h, s), area), op.Mul(shift_h, q_w))
         col_at = op.Add(op.Mul(phase_w, area), shift_w)
@@ -114,18 +109,38 @@ def _script() -> Any:
         on = op.CastLike(one, x)
         one_hot = op.Where(hits, on, off)  # (kh·kw, s²·Qh·Qw) of x's type
         weight = op.Reshape(one_hot, op.Concat(minus_one, phase_count, q_h, q_w, axis=0))
-        patches = op.Conv(grid, weight)  # (B·C, kh·kw, H', W')
-
-        pixels = op.Mul(out_h, out_w)
-        columns = op.Reshape(patches, op.Concat(batch, g, minus_one, pixels, axis=0))
         # Row length C/g·kh·kw from the kernel's own shape (its O/g is the -1).
         row = op.ReduceProd(
             op.Slice(k_shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[5])),
             keepdims=1,
         )
-        weights = op.Reshape(kernel, op.Concat(batch, g, minus_one, row, axis=0))
-        product = op.MatMul(weights, columns)  # (B, g, O/g, H'W')
-        y = op.Reshape(product, op.Concat(batch, out_channels, out_h, out_w, axis=0))
+
+        # A 1×1 window at stride 1 without padding (DRConv's region products in --corr
+        # custom graphs) is one MatMul: skip the pad, phase split and one-hot Conv copies.
+        unit = op.Concat(k, s_attr, op.Add(p, one), axis=0)  # all ≥ 1; all 1 iff pointwise
+        if op.Equal(op.ReduceMax(unit, keepdims=0), one_0d):
+            pixels_in = op.ReduceProd(size, keepdims=1)
+            columns = op.Reshape(x, op.Concat(batch, g, minus_one, pixels_in, axis=0))
+            weights = op.Reshape(kernel, op.Concat(batch, g, minus_one, row, axis=0))
+            product = op.MatMul(weights, columns)  # (B, g, O/g, H·W)
+            y = op.Reshape(product, op.Concat(batch, out_channels, size, axis=0))
+        else:
+            # Phase grid: pad (cropping with a negative end pad where the last rows are never
+            # read) to grid·s rows and columns, fold the channels into the batch and split each
+            # axis as (grid, s): channel (a, b) holds xp[.., s·u + a, s·v + b] at (u, v).
+            pads = op.Concat(zero2, p, p, zero2, end, axis=0)
+            xp = op.Pad(x, pads, mode="constant")
+            split = op.Reshape(xp, op.Concat(minus_one, grid_h, s, grid_w, s, axis=0))
+            phases = op.Transpose(split, perm=[0, 2, 4, 1, 3])  # (B·C, s, s, Hg, Wg)
+            phase_shape = op.Concat(minus_one, phase_count, grid_h, grid_w, axis=0)
+            phase_grid = op.Reshape(phases, phase_shape)
+            patches = op.Conv(phase_grid, weight)  # (B·C, kh·kw, H', W')
+
+            pixels = op.Mul(out_h, out_w)
+            columns = op.Reshape(patches, op.Concat(batch, g, minus_one, pixels, axis=0))
+            weights = op.Reshape(kernel, op.Concat(batch, g, minus_one, row, axis=0))
+            product = op.MatMul(weights, columns)  # (B, g, O/g, H'W')
+            y = op.Reshape(product, op.Concat(batch, out_channels, out_h, out_w, axis=0))
         return y
 
     return Corr
