@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from reparam.errors import ReparamError, printable
+from reparam.export.verify import DEFAULT_BATCH_SIZES
 from reparam.export.verify_report import VerifyReport
 
 __all__ = [
@@ -92,7 +93,7 @@ def verify_openvino(
     *,
     rtol: float = 1e-4,
     atol: float = 1e-5,
-    batch_sizes: Sequence[int] = (1, 2, 3),
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     seed: int = 0,
     progress: Progress | None = None,
     reference_name: str = "",
