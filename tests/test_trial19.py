@@ -493,22 +493,13 @@ def test_calibration_outside_the_recorded_range_names_the_calibration_data(tmp_p
     # size 24 ... re-export with static sizes"), never naming the calibration file.
     import numpy as np
     import torch
-    from torch import nn
+    from test_export_issue19 import WidthBranch
 
     from reparam.export import export_onnx
     from reparam.quantize import quantize_onnx
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 4, 3, padding=1)
-            self.b = nn.Conv2d(3, 4, 1)
-
-        def forward(self, x):
-            return self.a(x) if x.shape[-1] > 32 else self.b(x)
-
     graph = tmp_path / "g.onnx"
-    export_onnx(Net().eval(), graph, torch.randn(1, 3, 40, 40), dynamic_hw=True)
+    export_onnx(WidthBranch().eval(), graph, torch.randn(1, 3, 40, 40), dynamic_hw=True)
     calibration = tmp_path / "cal24.npy"
     np.save(calibration, np.random.default_rng(0).standard_normal((4, 3, 24, 24), np.float32))
     with pytest.raises(UserInputError) as caught:
