@@ -31,7 +31,9 @@ from reparam.runtime.verify_runtimes import parse_runtimes, verify_openvino, ver
 from reparam.testing import randomize_batchnorm
 
 
-def bare_corr_graph(path: Path, groups: int, stride: int, padding: int, dilation: int) -> Path:
+def bare_corr_graph(
+    path: Path, groups: int, stride: int, padding: int, dilation: int, window: int = 3
+) -> Path:
     """One com.reparam::Corr node with symbolic shapes and no function (as older files)."""
     corr_onnx.register_schema()
     node = helper.make_node(
@@ -43,7 +45,9 @@ def bare_corr_graph(path: Path, groups: int, stride: int, padding: int, dilation
         "corr",
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "C", "H", "W"]),
-            helper.make_tensor_value_info("kernel", TensorProto.FLOAT, ["B", "O", "G", 3, 3]),
+            helper.make_tensor_value_info(
+                "kernel", TensorProto.FLOAT, ["B", "O", "G", window, window]
+            ),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "O", "Ho", "Wo"])],
     )
@@ -56,23 +60,30 @@ def bare_corr_graph(path: Path, groups: int, stride: int, padding: int, dilation
 
 
 @pytest.mark.parametrize(
-    ("groups", "stride", "padding", "dilation"),
-    [(1, 1, 1, 1), (2, 2, 0, 1), (4, 1, 2, 2), (1, 3, 1, 2)],
-)
+    ("groups", "stride", "padding", "dilation", "window"),
+    [
+        (1, 1, 1, 1, 3), (2, 2, 0, 1, 3), (4, 1, 2, 2, 3), (1, 3, 1, 2, 3),
+        # 1×1 windows (DRConv's custom-mode region products are the first): at stride 1 the
+        # input is its own patches, padded or not; at stride 2 patches are extracted
+        (2, 1, 0, 3, 1), (1, 1, 1, 1, 1), (2, 2, 0, 1, 1),
+    ],
+)  # fmt: skip
 def test_bare_corr_node_runs_exactly_in_openvino(
-    tmp_path: Path, groups: int, stride: int, padding: int, dilation: int
+    tmp_path: Path, groups: int, stride: int, padding: int, dilation: int, window: int
 ) -> None:
-    """OpenVINO has no Corr conversion rule: the standard-op function is attached and
-    inlined, and the result equals the float64 reference to float32 rounding."""
-    path = bare_corr_graph(tmp_path / "corr.onnx", groups, stride, padding, dilation)
+    """The Corr conversion extension, with symbolic input sizes: the result equals the
+    float64 reference to float32 rounding."""
+    path = bare_corr_graph(tmp_path / "corr.onnx", groups, stride, padding, dilation, window)
     session = OpenVinoModel(path)
     generator = torch.Generator().manual_seed(groups * 10 + stride)
     x = torch.randn(2, 4, 11, 9, generator=generator, dtype=torch.float64)
-    kernel = torch.randn(2, 8, 4 // groups, 3, 3, generator=generator, dtype=torch.float64)
+    kernel = torch.randn(
+        2, 8, 4 // groups, window, window, generator=generator, dtype=torch.float64
+    )
     got = session.run(x.float().numpy(), kernel.float().numpy())["y"]
     want = corr_reference(x, kernel, groups, stride, padding, dilation).numpy()
-    assert got.shape == (2, 8, corr_output_size(11, 3, stride, padding, dilation),
-                         corr_output_size(9, 3, stride, padding, dilation))  # fmt: skip
+    assert got.shape == (2, 8, corr_output_size(11, window, stride, padding, dilation),
+                         corr_output_size(9, window, stride, padding, dilation))  # fmt: skip
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
 
 

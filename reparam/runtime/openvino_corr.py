@@ -15,6 +15,7 @@ same im2col product from operations that take dynamic shapes::
     weights = kernel as (B, g, O/g, C/g, K) → (B, g, O/g, K, C/g) → (B, g, O/g, K·C/g)
     y       = MatMul(weights, columns) as (B, O, H', W')
 
+(a 1×1 window at stride 1 skips ExtractImagePatches: the padded input is its own patches),
 with K = kh·kw and P = H'·W', H' = floor((Hp − d(kh − 1) − 1)/s) + 1 (the Corr output size;
 a stride beyond the padded input gives one output pixel, as in the function). Every value
 is copied or multiplied once, as in the function's im2col, so the result matches onnxruntime
@@ -55,13 +56,14 @@ def _convert_corr(node: Any) -> list[Any]:
     def dims(tensor: Any, *axes: int) -> Any:
         return ops.gather(ops.shape_of(tensor), const(list(axes)), const([0]))
 
-    if taps == 1 and stride == 1 and padding == 0:
-        return [_pointwise(ops, x, kernel, groups, const, dims)]
     if padding:
         x = ops.pad(x, const([0, 0, padding, padding]), const([0, 0, padding, padding]), "constant")
-    patches = ops.extract_image_patches(
-        x, [kh, kw], [stride, stride], [dilation, dilation], "valid"
-    )
+    if taps == 1 and stride == 1:  # the input is its own patches (no copy)
+        patches = x
+    else:
+        patches = ops.extract_image_patches(
+            x, [kh, kw], [stride, stride], [dilation, dilation], "valid"
+        )
     batch, out_h, out_w = dims(patches, 0), dims(patches, 2), dims(patches, 3)
     pixels = ops.multiply(out_h, out_w)
     g = const([groups])
@@ -84,24 +86,6 @@ def _convert_corr(node: Any) -> list[Any]:
     product = ops.matmul(weights, columns, False, False)
     y = ops.reshape(product, ops.concat([batch, out_channels, out_h, out_w], 0), False)
     return [y.output(0)]
-
-
-def _pointwise(ops: Any, x: Any, kernel: Any, groups: int, const, dims) -> Any:
-    """A 1×1, stride-1, unpadded Corr (DRConv's region products in ``--corr custom`` graphs)
-    as one MatMul, without the patch extraction's copy and transposes:
-    y[b, g, o, p] = Σ_c kernel[b, g, o, c] · x[b, g, c, p]."""
-    g = const([groups])
-    batch, out_channels = dims(x, 0), dims(kernel, 1)
-    out_h, out_w = dims(x, 2), dims(x, 3)
-    columns = ops.reshape(
-        x, ops.concat([batch, g, const([-1]), ops.multiply(out_h, out_w)], 0), False
-    )
-    weights = ops.reshape(
-        kernel, ops.concat([dims(kernel, 0), g, ops.divide(out_channels, g), const([-1])], 0),
-        False,
-    )  # fmt: skip
-    product = ops.matmul(weights, columns, False, False)
-    return ops.reshape(product, ops.concat([batch, out_channels, out_h, out_w], 0), False).output(0)
 
 
 def corr_extension() -> Any:
